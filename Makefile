@@ -1,0 +1,39 @@
+# labelling — `make sweep EXP=golgi_asym` and `make test` set everything up themselves.
+SHELL := /bin/bash
+PY    ?= python3
+VENV  := .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXP   ?= golgi_asym
+ARGS  ?=
+export WANDB_SILENT ?= true
+
+.PHONY: help install train sweep test test-all bench app clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: EXP=<experiment> ARGS='key=value ...' (e.g. ARGS='optim.lr=1e-3 --storage postgresql://...')"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned ==2.13.0 so pip takes the CPU wheel on disk (find-links) instead of a CUDA build
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install labelling with all extras (idempotent)
+
+train: $(STAMP)  ## train one experiment: make train EXP=nuclei_pearson ARGS='trainer.max_epochs=5'
+	$(BIN)/python -m labelling train $(EXP) $(ARGS)
+
+sweep: $(STAMP)  ## run or resume the Optuna sweep of EXP (default golgi_asym)
+	$(BIN)/python -m labelling sweep $(EXP) $(ARGS)
+
+test: $(STAMP)  ## fast test suite (no slow/real-data tests)
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+test-all: $(STAMP)  ## every test, including slow training and ../shared/data real-data tests
+	WANDB_MODE=offline $(BIN)/python -m pytest -q $(ARGS)
+
+clean:  ## remove runs and caches (keeps .venv)
+	rm -rf runs .pytest_cache wandb

@@ -1,0 +1,3 @@
+from labelling.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""Run-end prediction panels (brightfield | real | predicted) saved as PNG and logged to W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+
+def to_uint8(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Percentile-stretch to uint8 (W&B renders float images in [0, 1] black; uint8 is safe)."""
+    lo, hi = np.percentile(image, (low, high))
+    return (np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1) * 255).astype(np.uint8)
+
+
+def panel_figure(bf: np.ndarray, real: np.ndarray, pred: np.ndarray, names: list[str]):
+    """Figure with one row per target channel: brightfield, real, predicted (shared contrast)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = real.shape[0]
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
+    for r in range(rows):
+        lo, hi = np.percentile(real[r], (0.5, 99.5))
+        for c, (img, title) in enumerate([(bf, "brightfield"), (real[r], f"real {names[r]}"),
+                                          (pred[r], f"predicted {names[r]}")]):
+            ax = axes[r, c]
+            kw = {"cmap": "gray"} if c == 0 else {"cmap": "magma", "vmin": lo, "vmax": hi}
+            ax.imshow(img, **kw)
+            ax.set_title(title)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+class PredictionPanels(L.Callback):
+    """At the end of fit, predict `n` validation images and save/log panels.
+
+    Args:
+        n: number of panels.
+        dirpath: output folder (default: ``<run>/panels``).
+    """
+
+    def __init__(self, n: int = 4, dirpath: str | None = None):
+        self.n, self.dirpath = n, dirpath
+        self.paths: list[Path] = []
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.n == 0 or trainer.sanity_checking:
+            return
+        dm = trainer.datamodule
+        images = (dm.splits.get("val") or dm.splits.get("train"))[: self.n]
+        out = Path(self.dirpath or Path(trainer.default_root_dir) / "panels")
+        out.mkdir(parents=True, exist_ok=True)
+        import matplotlib.pyplot as plt
+
+        module.eval()
+        logged = []
+        for img in images:
+            H, W = img.input.shape[1:]
+            m = 2 ** getattr(module.net, "depth", 0)
+            x = torch.from_numpy(img.input[:, : H - H % m, : W - W % m][None]).to(module.device)
+            pred = module.predict(x)[0].float().cpu().numpy()
+            real = img.target[:, : pred.shape[1], : pred.shape[2]]
+            fig = panel_figure(img.input[0, : pred.shape[1], : pred.shape[2]], real, pred,
+                               getattr(dm, "organelles", [f"ch{i}" for i in range(len(real))]))
+            path = out / f"{img.key.replace('/', '_').replace(':', '_')}.png"
+            fig.savefig(path, dpi=80)
+            plt.close(fig)
+            self.paths.append(path)
+            logged.append(np.concatenate([to_uint8(img.input[0, : pred.shape[1], : pred.shape[2]]),
+                                          to_uint8(real[0]), to_uint8(pred[0])], 1))
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("val/panels", logged, caption=[i.key for i in images])

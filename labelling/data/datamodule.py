@@ -1,0 +1,208 @@
+"""Paired transmitted-light -> fluorescence DataModule with grouped splits and invertible normalization.
+
+A batch is a dict: ``input`` (B, Cin, h, w), ``target`` (B, Cout, h, w), ``target_stats`` (B, Cout, 2)
+to invert the target normalization, ``input_stats`` likewise, and ``index`` of the source image.
+
+Splits are drawn over *groups* (wells by default), never over crops, so neighbouring tiles of a field can
+never end up on both sides of a split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from labelling.config import unknown
+from labelling.data import preprocess
+from labelling.data.simulate import CHANNELS, simulate_plate
+from labelling.data.transforms import PairedAugment, norm_stats, normalize
+
+
+@dataclass
+class Image:
+    """One normalized field: input (Cin,H,W), target (Cout,H,W), their stats and split group."""
+
+    input: np.ndarray
+    target: np.ndarray
+    input_stats: np.ndarray
+    target_stats: np.ndarray
+    group: str
+    key: str
+    extra: dict | None = None
+
+
+def split_groups(groups: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Assign each unique group to train/val/test with a seeded shuffle; each split gets >= 1 group if possible."""
+    unique = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n = len(unique)
+    n_test = max(1 if test_fraction > 0 and n >= 3 else 0, int(round(test_fraction * n)))
+    n_val = max(1 if val_fraction > 0 and n >= 2 else 0, int(round(val_fraction * n)))
+    if n_test + n_val >= n:
+        raise ValueError(f"only {n} split groups; cannot hold out val={val_fraction} and test={test_fraction}. "
+                         "Use more wells/fields, smaller fractions, or spatial_blocks > 1")
+    out = {}
+    for rank, i in enumerate(order):
+        out[unique[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out
+
+
+def to_batch(x, y, xs, ys, index) -> dict:
+    return {"input": torch.from_numpy(x), "target": torch.from_numpy(y), "input_stats": torch.from_numpy(xs),
+            "target_stats": torch.from_numpy(ys), "index": index}
+
+
+class RandomCrops(Dataset):
+    """`length` random crops per epoch from a list of images, augmented with :class:`PairedAugment`."""
+
+    def __init__(self, images: list[Image], length: int, augment: PairedAugment, seed: int = 0):
+        self.images, self.length, self.augment, self.seed = images, length, augment, seed
+        self.rng = np.random.default_rng(seed)
+        self._worker = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        info = get_worker_info()
+        if info is not None and self._worker != info.id:  # independent streams per worker and epoch
+            self._worker = info.id
+            s = int(torch.initial_seed() % 2**31)
+            self.rng, _ = np.random.default_rng(s), self.augment.reseed(s)
+        k = int(self.rng.integers(len(self.images)))
+        img = self.images[k]
+        s = self.augment.source
+        H, W = img.input.shape[1:]
+        x, y = img.input, img.target
+        if H < s or W < s:  # small images: reflect-pad up to the source crop
+            pad = ((0, 0), (0, max(0, s - H)), (0, max(0, s - W)))
+            x, y = np.pad(x, pad, mode="reflect"), np.pad(y, pad, mode="reflect")
+            H, W = x.shape[1:]
+        top, left = int(self.rng.integers(H - s + 1)), int(self.rng.integers(W - s + 1))
+        xc, yc = self.augment(x[:, top:top + s, left:left + s], y[:, top:top + s, left:left + s])
+        xc = self.augment.corrupt_input(xc)
+        return to_batch(xc, yc, img.input_stats, img.target_stats, k)
+
+
+class GridCrops(Dataset):
+    """Deterministic non-overlapping crops (val/test); `crop=None` yields whole images cut to a multiple."""
+
+    def __init__(self, images: list[Image], crop: int | None, multiple: int = 16):
+        self.images, self.items = images, []
+        for k, img in enumerate(images):
+            H, W = img.input.shape[1:]
+            if crop is None:
+                self.items.append((k, 0, 0, H - H % multiple, W - W % multiple))
+            else:
+                self.items += [(k, t, l, crop, crop) for t in range(0, H - crop + 1, crop)
+                               for l in range(0, W - crop + 1, crop)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        k, t, l, h, w = self.items[i]
+        img = self.images[k]
+        return to_batch(np.ascontiguousarray(img.input[:, t:t + h, l:l + w]),
+                        np.ascontiguousarray(img.target[:, t:t + h, l:l + w]), img.input_stats, img.target_stats, k)
+
+
+class FluorescenceDataModule(L.LightningDataModule):
+    """Brightfield -> fluorescence data from the built-in plate simulator (base class of every source).
+
+    Args:
+        organelle: target channel(s): one of ``nuclei, er, golgi, actin, gfp, nucleoli`` or a list.
+        crop: training/validation crop side (multiple of 2**net depth).
+        batch_size: crops per batch.
+        crops_per_epoch: random training crops per epoch.
+        val_fraction, test_fraction: fraction of split groups held out.
+        split_by: ``well`` or ``field`` (simulator) - the unit that never straddles splits.
+        normalize: per-image normalization of input and target (``percentile``, ``zscore``, ``minmax``).
+        target_transform: ``none``, ``rolling_ball``, ``golgi_enhance`` or ``gfp_mask`` (binary, not normalized).
+        augment: dict for :class:`PairedAugment` (flip, rotate, scale, corrupt_p, max_severity).
+        num_workers: DataLoader workers.
+        seed: seed of splits, crops and augmentation.
+        n_wells, fields_per_well, field_size: simulated plate geometry.
+    """
+
+    def __init__(self, organelle: str | list[str] = "nuclei", crop: int = 64, batch_size: int = 16,
+                 crops_per_epoch: int = 512, val_fraction: float = 0.25, test_fraction: float = 0.25,
+                 split_by: str = "well", normalize: str = "percentile", target_transform: str = "none",
+                 augment: dict | None = None, num_workers: int = 0, seed: int = 0,
+                 n_wells: int = 8, fields_per_well: int = 4, field_size: int = 256):
+        super().__init__()
+        self.organelles = [organelle] if isinstance(organelle, str) else list(organelle)
+        for o in self.organelles:
+            if o not in CHANNELS:
+                raise unknown("organelle", o, CHANNELS)
+        if target_transform not in preprocess.TARGET_TRANSFORMS:
+            raise unknown("target_transform", target_transform, preprocess.TARGET_TRANSFORMS)
+        if split_by not in ("well", "field"):
+            raise ValueError(f"split_by must be 'well' or 'field', got {split_by!r}")
+        self.crop, self.batch_size, self.crops_per_epoch = crop, batch_size, crops_per_epoch
+        self.val_fraction, self.test_fraction, self.split_by = val_fraction, test_fraction, split_by
+        self.norm, self.target_transform, self.num_workers, self.seed = normalize, target_transform, num_workers, seed
+        self.augment_args = {"flip": True, **(augment or {})}
+        PairedAugment(crop, **self.augment_args)  # fail fast on bad augmentation arguments
+        self.plate = dict(n_wells=n_wells, fields_per_well=fields_per_well, size=field_size)
+        self.splits: dict[str, list[Image]] = {}
+
+    # -- properties the task needs -------------------------------------------------------------
+    in_channels = 1
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.organelles)
+
+    @property
+    def binary_target(self) -> bool:
+        return self.target_transform == "gfp_mask"
+
+    # -- sources -------------------------------------------------------------------------------
+    def load_pairs(self) -> list[tuple[np.ndarray, np.ndarray, str, str, dict]]:
+        """Raw (input (Cin,H,W), target (Cout,H,W), group, key, extra) per field. Subclasses override."""
+        idx = [CHANNELS.index(o) for o in self.organelles]
+        out = []
+        for f in simulate_plate(self.seed, **self.plate):
+            key = f"{f.plate}_{f.well}_f{f.field}"
+            group = f.well if self.split_by == "well" else key
+            extra = {"nuclei": f.nuclei, "cells": f.cells, "masks": f.masks[idx], "phenotype": f.phenotype,
+                     "well": f.well, "field": f.field}
+            out.append((f.brightfield[None], f.fluorescence[idx], group, key, extra))
+        return out
+
+    def prepare_image(self, x: np.ndarray, y: np.ndarray, group: str, key: str, extra=None) -> Image:
+        tt = preprocess.TARGET_TRANSFORMS[self.target_transform]
+        y = np.stack([tt(c) for c in y]).astype(np.float32)
+        xs = norm_stats(x, self.norm)
+        ys = norm_stats(y, "none" if self.binary_target else self.norm)
+        return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        pairs = self.load_pairs()
+        where = split_groups([p[2] for p in pairs], self.val_fraction, self.test_fraction, self.seed)
+        self.splits = {"train": [], "val": [], "test": []}
+        for p in pairs:
+            self.splits[where[p[2]]].append(self.prepare_image(*p))
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _loader(self, ds, shuffle=False, batch_size=None) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        aug = PairedAugment(self.crop, seed=self.seed, **self.augment_args)
+        return self._loader(RandomCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(GridCrops(self.splits["val"] or self.splits["train"][:1], self.crop))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(GridCrops(self.splits["test"] or self.splits["val"], None), batch_size=1)

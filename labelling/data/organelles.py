@@ -1,0 +1,107 @@
+"""Thin per-organelle DataModules and the folder (real data) DataModule.
+
+Each organelle class only fixes the target channel and its usual preprocessing, so an experiment reads
+``data: {name: golgi, crop: 64}``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from labelling.data.datamodule import FluorescenceDataModule
+from labelling.data.readers import find_pairs
+
+
+class NucleiDataModule(FluorescenceDataModule):
+    """Nuclear stain (DAPI/Hoechst-like, textured chromatin) from brightfield."""
+
+    def __init__(self, **kw):
+        super().__init__(organelle="nuclei", **kw)
+
+
+class ERDataModule(FluorescenceDataModule):
+    """Endoplasmic reticulum network from brightfield."""
+
+    def __init__(self, **kw):
+        super().__init__(organelle="er", **kw)
+
+
+class GolgiDataModule(FluorescenceDataModule):
+    """Golgi puncta from brightfield; targets are Golgi-enhanced (diffuse low signal clipped) by default."""
+
+    def __init__(self, target_transform: str = "golgi_enhance", **kw):
+        super().__init__(organelle="golgi", target_transform=target_transform, **kw)
+
+
+class ActinDataModule(FluorescenceDataModule):
+    """Cortical actin and stress fibres from brightfield."""
+
+    def __init__(self, **kw):
+        super().__init__(organelle="actin", **kw)
+
+
+class GFPDataModule(FluorescenceDataModule):
+    """GFP reporter expression; binarized to an expression mask by default (train with BCE)."""
+
+    def __init__(self, target_transform: str = "gfp_mask", **kw):
+        super().__init__(organelle="gfp", target_transform=target_transform, **kw)
+
+
+class NucleoliDataModule(FluorescenceDataModule):
+    """Nucleoli from brightfield."""
+
+    def __init__(self, **kw):
+        super().__init__(organelle="nucleoli", **kw)
+
+
+class FolderDataModule(FluorescenceDataModule):
+    """Paired image folders (TIFF/PNG/OME-Zarr, one file per channel) matched by a filename regex.
+
+    Args:
+        root: data folder (e.g. ``../shared/data/isl_condB_phase``).
+        pattern: regex with named groups ``key`` and ``channel`` (and optionally ``well``).
+        inputs: channel values used as input; several become input channels.
+        targets: channel values used as target.
+        spatial_blocks: cut every field into k x k blocks that are split independently - a spatial
+            hold-out for data sets with a single field.
+        max_size: downsample fields whose longer side exceeds this (area averaging), 0 to keep.
+        **kw: everything :class:`FluorescenceDataModule` takes (crop, batch_size, normalize, ...).
+    """
+
+    def __init__(self, root: str, pattern: str, inputs: list[str], targets: list[str],
+                 spatial_blocks: int = 1, max_size: int = 0, **kw):
+        super().__init__(organelle=kw.pop("organelle", "nuclei"), **kw)
+        self.root, self.pattern, self.inputs, self.targets = root, pattern, list(inputs), list(targets)
+        self.spatial_blocks, self.max_size = spatial_blocks, max_size
+        find_pairs(root, pattern, self.inputs, self.targets)  # fail at construction, not mid-training
+
+    @property
+    def in_channels(self) -> int:  # type: ignore[override]
+        return len(self.inputs)
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.targets)
+
+    def load_pairs(self):
+        out = []
+        for pair in find_pairs(self.root, self.pattern, self.inputs, self.targets, self.split_by):
+            x, y = pair.load()
+            if self.max_size and max(x.shape[1:]) > self.max_size:
+                f = int(np.ceil(max(x.shape[1:]) / self.max_size))
+                x, y = _bin(x, f), _bin(y, f)
+            k = self.spatial_blocks
+            H, W = x.shape[1] // k, x.shape[2] // k
+            for i in range(k):
+                for j in range(k):
+                    sl = (slice(None), slice(i * H, (i + 1) * H), slice(j * W, (j + 1) * W))
+                    key = f"{pair.key}" if k == 1 else f"{pair.key}:b{i}{j}"
+                    group = pair.group if k == 1 else f"{pair.group}:b{i}{j}"
+                    out.append((x[sl], y[sl], group, key, {"files": [str(p) for p in pair.inputs + pair.targets]}))
+        return out
+
+
+def _bin(a: np.ndarray, f: int) -> np.ndarray:
+    C, H, W = a.shape
+    a = a[:, : H - H % f, : W - W % f]
+    return a.reshape(C, H // f, f, W // f, f).mean((2, 4)).astype(np.float32)

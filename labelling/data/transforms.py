@@ -1,0 +1,110 @@
+"""Invertible intensity normalization and paired augmentation (albumentations).
+
+Geometry is drawn once per sample and applied to input and target alike (the target is registered as an
+extra *image*, so it is interpolated bilinearly, not nearest-neighbour). Rotation/scale work on a larger
+source crop that is centre-cropped afterwards, so no empty corners ever reach the network. Corruption
+augmentations (blur, contrast, brightness) touch the input only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from labelling.analysis.corruptions import corrupt
+
+NORMALIZATIONS = ("percentile", "zscore", "minmax", "none")
+
+
+def norm_stats(image: np.ndarray, method: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    """Per-channel ``(offset, scale)`` for a (C, H, W) image such that ``(x - offset) / scale`` is normalized."""
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization '{method}'; valid: {list(NORMALIZATIONS)}")
+    flat = image.reshape(image.shape[0], -1).astype(np.float64)
+    if method == "percentile":
+        lo, hi = np.percentile(flat, (low, high), axis=1)
+        off, scale = lo, hi - lo
+    elif method == "zscore":
+        off, scale = flat.mean(1), flat.std(1)
+    elif method == "minmax":
+        off, scale = flat.min(1), flat.max(1) - flat.min(1)
+    else:
+        off, scale = np.zeros(len(flat)), np.ones(len(flat))
+    return np.stack([off, np.maximum(scale, 1e-6)], 1).astype(np.float32)  # (C, 2)
+
+
+def normalize(image: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """Apply ``(x - offset) / scale`` per channel; `stats` is (C, 2) from :func:`norm_stats`."""
+    return ((image - stats[:, :1, None]) / stats[:, 1:, None]).astype(np.float32)
+
+
+def denormalize(image, stats):
+    """Exact inverse of :func:`normalize`; works on numpy arrays and torch tensors, (C,H,W) or (B,C,H,W)."""
+    off, scale = stats[..., 0], stats[..., 1]
+    return image * scale[..., None, None] + off[..., None, None]
+
+
+class PairedAugment:
+    """Random geometric augmentation shared by input and target, plus input-only corruptions.
+
+    Args:
+        crop: output side length.
+        flip: random horizontal/vertical flips and 90-degree rotations.
+        rotate: maximum free rotation in degrees (0 disables).
+        scale: (min, max) zoom factor.
+        corrupt_p: probability of one random corruption of the input.
+        max_severity: largest |severity| drawn for corruptions (1..5).
+        seed: seed of the augmentation random stream.
+    """
+
+    def __init__(self, crop: int, flip: bool = True, rotate: float = 0.0, scale=(1.0, 1.0),
+                 corrupt_p: float = 0.0, max_severity: int = 3, seed: int = 0):
+        self.crop = crop
+        self.corrupt_p, self.max_severity = corrupt_p, max_severity
+        self.rng = np.random.default_rng(seed)
+        angle = math.radians(min(abs(rotate), 45.0))
+        grow = (math.cos(angle) + math.sin(angle)) / min(scale[0], 1.0) if (rotate or scale[0] < 1) else 1.0
+        self.source = int(math.ceil(crop * grow)) + (2 if grow > 1 else 0)
+        ops = []
+        if flip:
+            ops += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+        if rotate or tuple(scale) != (1.0, 1.0):
+            ops.append(A.Affine(rotate=(-rotate, rotate), scale=tuple(scale), interpolation=cv2.INTER_LINEAR,
+                                border_mode=cv2.BORDER_REFLECT_101, p=1.0))
+        ops.append(A.CenterCrop(crop, crop))
+        self.geometry = A.Compose(ops, seed=seed)
+        self._targets = 1
+
+    def reseed(self, seed: int) -> None:
+        """Give each DataLoader worker its own stream."""
+        self.rng = np.random.default_rng(seed)
+        self.geometry.set_random_seed(seed)
+
+    def corrupt_input(self, x: np.ndarray) -> np.ndarray:
+        if self.corrupt_p <= 0 or self.rng.uniform() >= self.corrupt_p:
+            return x
+        kind = self.rng.choice(["blur", "contrast", "brightness"])
+        sev = int(self.rng.integers(1, self.max_severity + 1))
+        if kind != "blur" and self.rng.uniform() < 0.5:
+            sev = -sev
+        return np.stack([corrupt(c, kind, sev) for c in x])
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(C, S, S) source crops -> (C, crop, crop) augmented crops.
+
+        Every channel of input and target goes through OpenCV as its own single-channel image: OpenCV
+        interpolates 1- and n-channel images slightly differently, so this is what makes the geometry
+        bit-identical across input and target.
+        """
+        planes = [*x, *y]
+        if len(planes) > self._targets:
+            self.geometry.add_targets({f"c{i}": "image" for i in range(self._targets, len(planes))})
+            self._targets = len(planes)
+        out = self.geometry(image=np.ascontiguousarray(planes[0]),
+                            **{f"c{i}": np.ascontiguousarray(p) for i, p in enumerate(planes[1:], 1)})
+        res = [out["image"]] + [out[f"c{i}"] for i in range(1, len(planes))]
+        res = [r[..., 0] if r.ndim == 3 else r for r in res]
+        return np.stack(res[: len(x)]), np.stack(res[len(x):])

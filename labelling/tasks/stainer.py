@@ -1,0 +1,100 @@
+"""Virtual staining LightningModule: brightfield in, fluorescence out. Net and loss are injected."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+from labelling import registry
+from labelling.losses.basic import pearson_per_image
+
+
+class Stainer(L.LightningModule):
+    """Train `net` with `loss`; logs ``train/loss``, ``val/loss``, ``val/pcc``, ``val/ssim`` (and ``test/*``).
+
+    Args:
+        net: image-to-image module, (B, Cin, H, W) -> (B, Cout, H, W); may accept ``return_embedding``.
+        loss: ``loss(pred, target)``; its ``activation`` ("sigmoid" or None) maps raw output to an image.
+        optim: ``{name, lr, weight_decay, scheduler}``.
+        config: the resolved experiment config, stored inside every checkpoint.
+    """
+
+    def __init__(self, net: nn.Module, loss: nn.Module, optim: dict | None = None, config: dict | None = None):
+        super().__init__()
+        self.net, self.loss = net, loss
+        self.optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "cosine", **(optim or {})}
+        self.config = config or {}
+        self.save_hyperparameters(ignore=["net", "loss"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Cin, H, W) -> raw output (B, Cout, H, W)."""
+        return self.net(x)
+
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw output -> fluorescence image (sigmoid for logit losses)."""
+        return torch.sigmoid(raw) if getattr(self.loss, "activation", None) == "sigmoid" else raw
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Image-space prediction of normalized inputs."""
+        return self.activate(self(x))
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, return_embedding=True)[1]
+
+    def _check(self, batch: dict) -> None:
+        if not torch.isfinite(batch["input"]).all():
+            raise FloatingPointError(f"non-finite values in input batch (images {batch['index'].tolist()})")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        raw = self(batch["input"])
+        loss = self.loss(raw, batch["target"])
+        if not torch.isfinite(loss):
+            self._check(batch)
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}; lower optim.lr?")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(raw))
+        return loss
+
+    def _evaluate(self, batch: dict, stage: str) -> dict:
+        raw = self(batch["input"])
+        target = batch["target"]
+        pred = self.activate(raw)
+        span = (target.amax() - target.amin()).clamp_min(1e-6)
+        metrics = {
+            f"{stage}/loss": self.loss(raw, target),
+            f"{stage}/pcc": pearson_per_image(pred, target).mean(),
+            f"{stage}/mse": torch.mean((pred - target) ** 2),
+            f"{stage}/ssim": ssim(pred.float(), target.float(), data_range=float(span)),
+        }
+        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True, batch_size=len(raw))
+        return metrics
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.predict(batch["input"])
+
+    def configure_optimizers(self):
+        o = self.optim
+        opt = registry.build("optim", o["name"], params=self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        sched = o.get("scheduler")
+        if not sched:
+            return opt
+        if sched == "cosine":
+            epochs = max(1, int(self.trainer.max_epochs or 1)) if self._trainer else 1
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)}
+        if sched == "plateau":
+            return {"optimizer": opt, "lr_scheduler": {
+                "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2),
+                "monitor": "val/loss"}}
+        raise ValueError(f"unknown scheduler '{sched}'; valid: cosine, plateau, null")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["labelling_config"] = self.config

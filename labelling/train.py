@@ -1,0 +1,142 @@
+"""`fit(cfg) -> metrics`: the one function the CLI, the tests and the sweeps call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from labelling import config as C
+from labelling import registry
+from labelling.callbacks.panels import PredictionPanels
+from labelling.tasks.stainer import Stainer
+
+
+def git_commit() -> str:
+    """Current commit (with ``-dirty`` when the tree has changes), or ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=C.ROOT, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=C.ROOT, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty and sha else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def wandb_mode() -> str:
+    """Respect WANDB_MODE; otherwise online only when the user is logged in, else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    return "online" if netrc.exists() and "api.wandb.ai" in netrc.read_text() else "offline"
+
+
+def make_loggers(cfg: C.Experiment, run_dir: Path) -> list:
+    loggers: list = [CSVLogger(run_dir, name="csv", version="")]
+    if cfg.logger.wandb:
+        try:
+            import wandb  # noqa: F401
+            from lightning.pytorch.loggers import WandbLogger
+        except ImportError:
+            print("wandb is not installed; logging to CSV only (pip install 'labelling[tracking]')")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity,
+                                       group=cfg.logger.group, name=run_dir.name, save_dir=str(run_dir),
+                                       mode=wandb_mode(), config=C.to_dict(cfg), job_type="train"))
+    if cfg.logger.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(run_dir, name="tb", version=""))
+    return loggers
+
+
+def build(cfg: C.Experiment):
+    """Build (datamodule, task) from a validated config."""
+    data_args = {"seed": cfg.seed, **cfg.data.args}
+    dm = registry.build("data", cfg.data.name, **data_args)
+    net = registry.build("net", cfg.net.name, in_channels=dm.in_channels, out_channels=dm.out_channels,
+                         **cfg.net.args)
+    loss = registry.build("loss", cfg.loss.name, **cfg.loss.args)
+    task = Stainer(net, loss, optim=cfg.optim.model_dump(), config=C.to_dict(cfg))
+    return dm, task
+
+
+def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_dir: str | Path | None = None,
+        callbacks: list | None = None) -> dict[str, float]:
+    """Train (and test) one experiment; returns its metrics.
+
+    The run folder (``<run_dir>/<name>`` unless given) receives ``config.yaml``, ``git.txt``,
+    ``metrics.json``, ``checkpoints/{best,last}.ckpt``, ``panels/*.png`` and the logger files. When
+    ``resume`` is on and ``checkpoints/last.ckpt`` exists, training continues from it.
+    """
+    if not isinstance(cfg, C.Experiment):
+        cfg = C.load(cfg, overrides)
+    elif overrides:
+        cfg = C.validate(C.apply_overrides(C.to_dict(cfg), overrides))
+    run_dir = Path(run_dir or Path(cfg.run_dir) / cfg.name)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    dm, task = build(cfg)
+
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
+                                 save_last=True, save_top_k=1, enable_version_counter=False)
+    cbs = [checkpoint, PredictionPanels(cfg.logger.panels)]
+    cbs += [registry.build("callback", c.name, **c.args) for c in cfg.callbacks]
+    cbs += list(callbacks or [])
+    trainer_args = {k: v for k, v in cfg.trainer.model_dump().items() if v is not None}
+    trainer = L.Trainer(default_root_dir=str(run_dir), logger=make_loggers(cfg, run_dir), callbacks=cbs,
+                        **trainer_args)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.save(cfg, run_dir / "config.yaml")
+        (run_dir / "git.txt").write_text(git_commit() + "\n")
+
+    resume = ckpt_dir / "last.ckpt"
+    ckpt_path = str(resume) if cfg.resume and resume.exists() and not cfg.trainer.fast_dev_run else None
+    if ckpt_path:
+        from labelling.checkpoints import check_checkpoint
+
+        check_checkpoint(resume)
+        print(f"resuming from {resume}")
+    start = time.time()
+    trainer.fit(task, dm, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if checkpoint.best_model_score is not None:
+        metrics[f"best/{cfg.monitor}"] = float(checkpoint.best_model_score)
+    metrics["fit_seconds"] = time.time() - start
+    if cfg.test and not cfg.trainer.fast_dev_run and dm.splits.get("test"):
+        best = checkpoint.best_model_path or None
+        for row in trainer.test(task, dm, ckpt_path=best, verbose=False):
+            metrics.update({k: float(v) for k, v in row.items()})
+    metrics["global_step"] = float(trainer.global_step)
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.summary.update(metrics)
+                wandb.finish()
+    return metrics
+
+
+def load_metrics(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def load_config(run_dir: str | Path) -> dict:
+    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())

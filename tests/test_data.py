@@ -1,0 +1,158 @@
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image as PILImage
+
+from labelling.data.datamodule import FluorescenceDataModule, split_groups
+from labelling.data.organelles import FolderDataModule, GFPDataModule
+from labelling.data.readers import ImageError, find_pairs, read_image, write_ome_zarr
+from labelling.data.transforms import PairedAugment, denormalize, norm_stats, normalize
+
+
+def small_dm(**kw):
+    args = dict(n_wells=6, fields_per_well=2, field_size=64, crop=32, batch_size=4, crops_per_epoch=8,
+                val_fraction=0.34, test_fraction=0.17)
+    args.update(kw)
+    dm = FluorescenceDataModule(**args)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("split_by", ["well", "field"])
+def test_splits_never_share_a_group(split_by):
+    dm = small_dm(split_by=split_by)
+    groups = {s: {im.group for im in dm.splits[s]} for s in ("train", "val", "test")}
+    assert groups["train"] and groups["val"] and groups["test"]
+    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"])
+    assert not (groups["val"] & groups["test"])
+    if split_by == "well":  # both fields of a well are on the same side
+        wells = {s: {im.extra["well"] for im in dm.splits[s]} for s in groups}
+        assert not (wells["train"] & wells["val"]) and not (wells["train"] & wells["test"])
+
+
+def test_split_groups_refuses_too_few_groups():
+    with pytest.raises(ValueError, match="split groups"):
+        split_groups(["a", "b"], 0.5, 0.5, 0)
+
+
+def test_normalization_is_exactly_invertible():
+    rng = np.random.default_rng(0)
+    img = rng.gamma(2, 300, (2, 40, 50)).astype(np.float32) + 100
+    for method in ("percentile", "zscore", "minmax"):
+        stats = norm_stats(img, method)
+        back = denormalize(normalize(img, stats), stats)
+        assert np.allclose(back, img, rtol=1e-5, atol=1e-2)
+        t = denormalize(torch.from_numpy(normalize(img, stats))[None], torch.from_numpy(stats)[None])[0]
+        assert np.allclose(t.numpy(), img, rtol=1e-5, atol=1e-2)
+
+
+def test_augmentation_applies_identical_geometry_to_input_and_target():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 80, 80)).astype(np.float32)
+    aug = PairedAugment(32, flip=True, rotate=30, scale=(0.9, 1.1), seed=1)
+    for _ in range(10):
+        s = aug.source
+        xa, ya = aug(x[:, :s, :s], np.concatenate([x, 2 * x])[:, :s, :s])
+        assert xa.shape == (1, 32, 32) and ya.shape == (2, 32, 32)
+        assert np.allclose(ya[0], xa[0], atol=1e-5) and np.allclose(ya[1], 2 * xa[0], atol=1e-4)
+
+
+def test_rotation_and_scale_leave_no_empty_corners():
+    import cv2
+
+    aug = PairedAugment(32, flip=True, rotate=45, scale=(0.8, 1.2), seed=3)
+    for op in aug.geometry.transforms:  # make any out-of-source pixel visible as 0
+        if hasattr(op, "border_mode"):
+            op.border_mode, op.fill = cv2.BORDER_CONSTANT, 0
+    ones = np.ones((1, aug.source, aug.source), np.float32)
+    for _ in range(30):
+        xa, _ = aug(ones, ones)
+        assert xa.min() > 0.99
+
+
+def test_corruption_augmentation_changes_only_the_input():
+    aug = PairedAugment(16, flip=False, corrupt_p=1.0, max_severity=5, seed=0)
+    x = np.random.default_rng(1).normal(size=(1, 16, 16)).astype(np.float32)
+    changed = [not np.allclose(aug.corrupt_input(x), x) for _ in range(10)]
+    assert sum(changed) >= 8
+
+
+def test_batches_have_typed_keys_and_inverse_stats():
+    dm = small_dm()
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input", "target", "input_stats", "target_stats", "index"}
+    assert batch["input"].shape == (4, 1, 32, 32) and batch["target"].shape == (4, 1, 32, 32)
+    assert batch["target_stats"].shape == (4, 1, 2)
+    test = next(iter(dm.test_dataloader()))
+    assert test["input"].shape == (1, 1, 64, 64)
+    img = dm.splits["test"][0]
+    raw = denormalize(test["target"][0].numpy(), test["target_stats"][0].numpy())
+    assert np.allclose(raw, denormalize(img.target, img.target_stats), atol=1e-2)
+
+
+def test_gfp_target_is_binary_and_not_normalized():
+    dm = GFPDataModule(n_wells=4, fields_per_well=1, field_size=64, crop=32, val_fraction=0.25, test_fraction=0.25)
+    dm.setup()
+    t = np.concatenate([im.target.ravel() for im in dm.splits["train"]])
+    assert set(np.unique(t)) <= {0.0, 1.0} and t.max() == 1.0
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+    with pytest.raises(ImageError, match="missing.tif.*not found"):
+        read_image(tmp_path / "missing.tif")
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
+    with pytest.raises(ImageError, match="junk.tif.*cannot read"):
+        read_image(tmp_path / "junk.tif")
+    nan = np.ones((8, 8), np.float32)
+    nan[2, 2] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    with pytest.raises(ImageError, match="nan.tif.*NaN"):
+        read_image(tmp_path / "nan.tif")
+    tifffile.imwrite(tmp_path / "flat.tif", np.zeros((8, 8), np.uint16))
+    with pytest.raises(ImageError, match="flat.tif.*constant"):
+        read_image(tmp_path / "flat.tif")
+
+
+def _write_folder(root, n=4, size=48, mismatch=False):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        well = f"A{i // 2 + 1}"
+        bf = (rng.random((size, size)) * 4000).astype(np.uint16)
+        fl = (rng.random((size, size - (8 if mismatch and i == 1 else 0))) * 255).astype(np.uint8)
+        tifffile.imwrite(root / f"plate_{well}_s{i}_w2.tif", bf)
+        PILImage.fromarray(fl).save(root / f"plate_{well}_s{i}_w1.png")
+
+
+PATTERN = r"plate_(?P<well>[A-H]\d+)_(?P<key>s\d+)_(?P<channel>w\d)\.(tif|png)"
+
+
+def test_folder_pairs_and_datamodule(tmp_path):
+    _write_folder(tmp_path)
+    pairs = find_pairs(tmp_path, PATTERN, ["w2"], ["w1"])
+    assert len(pairs) == 4 and pairs[0].inputs[0].suffix == ".tif" and pairs[0].targets[0].suffix == ".png"
+    assert {p.group for p in pairs} == {"A1", "A2"}
+    dm = FolderDataModule(root=str(tmp_path), pattern=PATTERN, inputs=["w2"], targets=["w1"], crop=16,
+                          batch_size=2, crops_per_epoch=4, spatial_blocks=2, val_fraction=0.25, test_fraction=0.25)
+    dm.setup()
+    assert sum(len(v) for v in dm.splits.values()) == 16  # 4 fields x 2x2 blocks
+    assert next(iter(dm.train_dataloader()))["input"].shape == (2, 1, 16, 16)
+
+
+def test_folder_shape_mismatch_and_missing_channel(tmp_path):
+    _write_folder(tmp_path, mismatch=True)
+    pairs = find_pairs(tmp_path, PATTERN, ["w2"], ["w1"])
+    with pytest.raises(ImageError, match="s1.*same shape"):
+        pairs[1].load()
+    with pytest.raises(ImageError, match="missing channel"):
+        find_pairs(tmp_path, PATTERN, ["w2"], ["w3"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        find_pairs(tmp_path / "nope", PATTERN, ["w2"], ["w1"])
+
+
+def test_ome_zarr_and_ome_tiff_round_trip(tmp_path):
+    img = np.random.default_rng(0).random((2, 20, 30)).astype(np.float32)
+    write_ome_zarr(tmp_path / "x.zarr", img)
+    assert np.allclose(read_image(tmp_path / "x.zarr"), img[0])
+    tifffile.imwrite(tmp_path / "x.ome.tif", img, metadata={"axes": "CYX"}, ome=True)
+    assert np.allclose(read_image(tmp_path / "x.ome.tif"), img[0])

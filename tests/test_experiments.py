@@ -1,0 +1,76 @@
+"""Every experiment file runs for one batch; runs write their artifacts; resume and bad checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from labelling import config as C
+from labelling.checkpoints import CheckpointError, check_checkpoint, load_task
+from labelling.train import fit
+
+
+@pytest.mark.parametrize("name", C.list_experiments())
+def test_experiment_runs_one_batch(name, tiny, tmp_path):
+    metrics = fit(name, tiny + ["trainer.fast_dev_run=1"], run_dir=tmp_path / name)
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/pcc"])
+    assert -1.0 <= metrics["val/pcc"] <= 1.0
+    assert (tmp_path / name / "config.yaml").exists() and (tmp_path / name / "metrics.json").exists()
+
+
+def test_run_folder_has_config_commit_metrics_panels_and_checkpoint(tiny, tmp_path):
+    run = tmp_path / "run"
+    metrics = fit("nuclei_mse", tiny + ["trainer.max_epochs=2", "trainer.limit_val_batches=2"], run_dir=run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["name"] == "nuclei" and saved["trainer"]["max_epochs"] == 2
+    assert (run / "git.txt").read_text().strip()
+    assert json.loads((run / "metrics.json").read_text())["best/val/pcc"] == pytest.approx(metrics["best/val/pcc"])
+    assert "test/pcc" in metrics
+    assert list((run / "panels").glob("*.png"))
+    assert (run / "csv" / "metrics.csv").exists()
+    task, cfg = load_task(run)
+    assert cfg.data.name == "nuclei" and not task.training
+
+
+def test_wandb_offline_run_is_written(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tiny = [t for t in tiny if not t.startswith("logger.wandb")]
+    fit("golgi_asym", tiny + ["trainer.max_epochs=1", "trainer.limit_val_batches=1", "logger.wandb=true"], run_dir=tmp_path / "wb")
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run folder"
+
+
+def test_resume_continues_from_last_checkpoint(tiny, tmp_path):
+    run = tmp_path / "resume"
+    first = fit("nuclei_mse", tiny + ["trainer.max_epochs=1", "test=false"], run_dir=run)
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    second = fit("nuclei_mse", tiny + ["trainer.max_epochs=2", "test=false"], run_dir=run)
+    # one more epoch of steps, not two: the first epoch was restored, not redone
+    assert second["global_step"] == pytest.approx(2 * first["global_step"])
+
+
+def test_corrupted_and_missing_checkpoints_give_clear_errors(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        check_checkpoint(tmp_path / "none.ckpt")
+    run = tmp_path / "bad"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        fit("nuclei_mse", tiny + ["trainer.max_epochs=1"], run_dir=run)
+
+
+def test_cli_reports_config_errors(capsys):
+    from labelling.cli import main
+
+    assert main(["train", "golgi_asym", "optim.lrr=1"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert main(["show", "golgi_asym", "optim.lr=0.01"]) == 0
+    assert "lr: 0.01" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_simulator_is_learnable_nuclei_pcc_above_0_7(tmp_path):
+    m = fit("nuclei_mse", ["logger.wandb=false", "trainer.max_epochs=20", "trainer.enable_progress_bar=false"],
+            run_dir=tmp_path / "learn")
+    assert m["best/val/pcc"] > 0.7
