@@ -42,6 +42,7 @@ TABLES: dict[str, dict[str, str]] = {
     },
     "callback": {
         "panels": "labelling.callbacks.panels:PredictionPanels",
+        "downstream": "labelling.callbacks.downstream:DownstreamEvaluation",
         "early_stopping": "lightning.pytorch.callbacks:EarlyStopping",
     },
 }

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -73,6 +74,14 @@ def build(cfg: C.Experiment):
     return dm, task
 
 
+def attach_target_stats(dm, task) -> None:
+    """Store the training targets' mean normalization in the task (saved with every checkpoint)."""
+    dm.setup("fit")
+    stats = [im.target_stats for im in dm.splits["train"]]
+    if stats:
+        task.target_stats.copy_(torch.from_numpy(np.mean(stats, 0)))
+
+
 def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_dir: str | Path | None = None,
         callbacks: list | None = None) -> dict[str, float]:
     """Train (and test) one experiment; returns its metrics.
@@ -89,6 +98,7 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     dm, task = build(cfg)
+    attach_target_stats(dm, task)
 
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
@@ -112,26 +122,42 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
         check_checkpoint(resume)
         print(f"resuming from {resume}")
     start = time.time()
+    try:
+        metrics = _fit_and_test(cfg, trainer, task, dm, checkpoint, ckpt_path)
+    except BaseException:
+        _finish_wandb(trainer, None, exit_code=1)  # a pruned or crashed trial must not leak its W&B run
+        raise
+    metrics["fit_seconds"] = time.time() - start
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    _finish_wandb(trainer, metrics)
+    return metrics
+
+
+def _fit_and_test(cfg, trainer, task, dm, checkpoint, ckpt_path) -> dict[str, float]:
     trainer.fit(task, dm, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if checkpoint.best_model_score is not None:
         metrics[f"best/{cfg.monitor}"] = float(checkpoint.best_model_score)
-    metrics["fit_seconds"] = time.time() - start
     if cfg.test and not cfg.trainer.fast_dev_run and dm.splits.get("test"):
         best = checkpoint.best_model_path or None
         for row in trainer.test(task, dm, ckpt_path=best, verbose=False):
             metrics.update({k: float(v) for k, v in row.items()})
+        for cb in trainer.callbacks:
+            metrics.update(getattr(cb, "results", {}))
     metrics["global_step"] = float(trainer.global_step)
-    if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            if wandb.run is not None:
-                wandb.run.summary.update(metrics)
-                wandb.finish()
     return metrics
+
+
+def _finish_wandb(trainer, metrics: dict | None, exit_code: int = 0) -> None:
+    if not any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        if metrics:
+            wandb.run.summary.update(metrics)
+        wandb.finish(exit_code=exit_code)
 
 
 def load_metrics(run_dir: str | Path) -> dict:

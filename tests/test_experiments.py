@@ -13,6 +13,12 @@ from labelling.train import fit
 
 @pytest.mark.parametrize("name", C.list_experiments())
 def test_experiment_runs_one_batch(name, tiny, tmp_path):
+    data = C.load_raw(name)["data"]
+    if data["name"] == "folder":
+        from labelling.data.organelles import resolve_root
+
+        if not resolve_root(data["root"]).exists():
+            pytest.skip(f"real data {data['root']} is absent")
     metrics = fit(name, tiny + ["trainer.fast_dev_run=1"], run_dir=tmp_path / name)
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/pcc"])
     assert -1.0 <= metrics["val/pcc"] <= 1.0
@@ -74,3 +80,32 @@ def test_simulator_is_learnable_nuclei_pcc_above_0_7(tmp_path):
     m = fit("nuclei_mse", ["logger.wandb=false", "trainer.max_epochs=20", "trainer.enable_progress_bar=false"],
             run_dir=tmp_path / "learn")
     assert m["best/val/pcc"] > 0.7
+
+
+def test_downstream_callback_evaluate_and_predict_commands(tiny, tmp_path):
+    import tifffile
+
+    from labelling.cli import main
+    from labelling.evaluate import evaluate_run
+
+    run = tmp_path / "ds"
+    tiny = [t for t in tiny if not t.startswith("data.n_wells") and not t.startswith("data.fields")]
+    metrics = fit("nuclei_mse", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1"],
+                  run_dir=run)
+    assert "test/downstream/count_pearson" in metrics or "test/downstream/total_area_pearson" in metrics
+    report = (run / "downstream" / "report.md").read_text()
+    assert "count" in report and (run / "downstream" / "scatter_total_area.png").exists()
+    summary = evaluate_run(run, scales=(0.7, 1.0))
+    assert set(summary) >= {"pixel_pearson", "scaling/x0.7/pixel_pearson", "scaling/x1/pixel_pearson"}
+    assert len(pd_read(run / "evaluate" / "scaling.csv")) == 2
+    img = tmp_path / "bf.tif"
+    tifffile.imwrite(img, np.random.default_rng(0).gamma(2, 300, (70, 90)).astype(np.float32))
+    assert main(["predict", str(run), str(img), "--out", str(tmp_path / "pred"), "--tile", "32"]) == 0
+    out = tifffile.imread(tmp_path / "pred" / "bf_nuclei.ome.tif")
+    assert out.shape == (70, 90) and np.isfinite(out).all()
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_csv(path)

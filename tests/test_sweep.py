@@ -10,7 +10,8 @@ from labelling.sweep import load_space, run_sweep
 def sweep_file(tmp_path, tiny):
     spec = {
         "experiment": "golgi_asym", "metric": "val/pcc", "direction": "maximize", "n_trials": 2,
-        "overrides": tiny + ["trainer.max_epochs=2", "trainer.limit_val_batches=1", "test=false"],
+        "overrides": [t for t in tiny if not t.startswith("logger.wandb")]
+        + ["trainer.max_epochs=2", "trainer.limit_val_batches=1", "test=false", "logger.wandb=true"],
         "space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                   "loss.under_weight": {"type": "float", "low": 1.0, "high": 8.0},
                   "net.width": {"type": "categorical", "choices": [4, 8]}},
@@ -35,6 +36,8 @@ def test_two_trial_sweep_resumes(sweep_file, tmp_path):
     assert best["config"]["loss"]["under_weight"] == pytest.approx(study.best_params["loss.under_weight"])
     assert (root / "golgi_asym" / "study.db").exists() and (root / "golgi_asym" / "trials.csv").exists()
     assert (root / "golgi_asym" / "trial_001" / "metrics.json").exists()
+    for t in ("trial_000", "trial_001"):  # each trial is its own (offline) W&B run
+        assert len(list((root / "golgi_asym" / t / "wandb").glob("offline-run-*"))) == 1
 
 
 def test_sweep_space_errors(tmp_path):

@@ -6,6 +6,8 @@ Each organelle class only fixes the target channel and its usual preprocessing, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from labelling.data.datamodule import FluorescenceDataModule
@@ -71,6 +73,7 @@ class FolderDataModule(FluorescenceDataModule):
     def __init__(self, root: str, pattern: str, inputs: list[str], targets: list[str],
                  spatial_blocks: int = 1, max_size: int = 0, **kw):
         super().__init__(organelle=kw.pop("organelle", "nuclei"), **kw)
+        root = str(resolve_root(root))
         self.root, self.pattern, self.inputs, self.targets = root, pattern, list(inputs), list(targets)
         self.spatial_blocks, self.max_size = spatial_blocks, max_size
         find_pairs(root, pattern, self.inputs, self.targets)  # fail at construction, not mid-training
@@ -99,6 +102,16 @@ class FolderDataModule(FluorescenceDataModule):
                     group = pair.group if k == 1 else f"{pair.group}:b{i}{j}"
                     out.append((x[sl], y[sl], group, key, {"files": [str(p) for p in pair.inputs + pair.targets]}))
         return out
+
+
+def resolve_root(root: str | Path) -> Path:
+    """A relative data root is looked up from the working directory, then from the project root."""
+    from labelling.config import ROOT
+
+    path = Path(root)
+    if path.is_absolute() or path.exists():
+        return path
+    return ROOT / path if (ROOT / path).exists() else path
 
 
 def _bin(a: np.ndarray, f: int) -> np.ndarray:

@@ -131,7 +131,8 @@ def find_pairs(
     Args:
         root: folder searched recursively.
         pattern: regex matched against the path relative to root, with named groups ``channel`` and
-            ``key`` (what identifies a field) and optionally the ``group`` name (e.g. ``well``).
+            optionally ``key`` (what identifies a field; default: the path without the channel part) and
+            the ``group`` name (e.g. ``well``).
         inputs: channel values used as input (e.g. ``["w2"]``).
         targets: channel values used as target (e.g. ``["w1"]``).
         group: regex group used to keep fields apart in splits; falls back to ``key``.
@@ -144,18 +145,21 @@ def find_pairs(
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
     rx = re.compile(pattern)
-    if "channel" not in rx.groupindex or "key" not in rx.groupindex:
-        raise ValueError(f"pattern {pattern!r} needs named groups (?P<key>...) and (?P<channel>...)")
+    if "channel" not in rx.groupindex:
+        raise ValueError(f"pattern {pattern!r} needs a named group (?P<channel>...) (and usually (?P<key>...))")
     found: dict[str, dict[str, Path]] = defaultdict(dict)
     groups: dict[str, str] = {}
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        m = rx.search(path.relative_to(root).as_posix())
+        rel = path.relative_to(root).as_posix()
+        m = rx.search(rel)
         if not m:
             continue
-        found[m["key"]][m["channel"]] = path
-        groups[m["key"]] = m.groupdict().get(group) or m["key"]
+        # without a `key` group, a field is its path with the channel part cut out
+        key = m["key"] if "key" in rx.groupindex else rel[: m.start("channel")] + "*" + rel[m.end("channel"):]
+        found[key][m["channel"]] = path
+        groups[key] = m.groupdict().get(group) or key
     if not found:
         raise FileNotFoundError(f"no file under {root} matches pattern {pattern!r}")
     pairs = []

@@ -27,6 +27,8 @@ class Stainer(L.LightningModule):
         self.optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "cosine", **(optim or {})}
         self.config = config or {}
         self.save_hyperparameters(ignore=["net", "loss"])
+        # Mean (offset, scale) of the training targets: de-normalizes predictions of new images.
+        self.register_buffer("target_stats", torch.tensor([[0.0, 1.0]] * getattr(net, "out_channels", 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Cin, H, W) -> raw output (B, Cout, H, W)."""
