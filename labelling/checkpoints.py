@@ -31,8 +31,6 @@ def check_checkpoint(path: str | Path) -> dict:
 def load_task(path: str | Path):
     """Rebuild the Stainer (net + loss from the embedded config) and load its weights, in eval mode."""
     from labelling import config as C
-    from labelling import registry
-    from labelling.tasks.stainer import Stainer
 
     path = Path(path)
     if path.is_dir():  # a run folder
@@ -44,11 +42,9 @@ def load_task(path: str | Path):
             raise CheckpointError(f"no checkpoints/best.ckpt or last.ckpt under run folder {path}")
     ckpt = check_checkpoint(path)
     cfg = C.validate(ckpt["labelling_config"])
-    state = ckpt["state_dict"]
-    out_ch = state["net.head.weight"].shape[0] if "net.head.weight" in state else 1
-    in_ch = state["net.down.0.0.weight"].shape[1] if "net.down.0.0.weight" in state else 1
-    net = registry.build("net", cfg.net.name, in_channels=in_ch, out_channels=out_ch, **cfg.net.args)
-    loss = registry.build("loss", cfg.loss.name, **cfg.loss.args)
-    task = Stainer(net, loss, optim=cfg.optim.model_dump(), config=ckpt["labelling_config"])
-    task.load_state_dict(state)
+    io = ckpt.get("labelling_io", {"in": 1, "out": 1})
+    from labelling.train import build_task
+
+    task = build_task(cfg, io["in"], io["out"])
+    task.load_state_dict(ckpt["state_dict"])
     return task.eval(), cfg

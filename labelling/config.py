@@ -96,6 +96,7 @@ class Experiment(BaseModel):
     monitor_mode: str = "max"
     test: bool = True
     resume: bool = True  # continue from run_dir/checkpoints/last.ckpt when it exists
+    task: Component = Component(name="stainer")
     data: Component
     net: Component = Component(name="unet")
     loss: Component = Component(name="mse")
@@ -109,7 +110,7 @@ class Experiment(BaseModel):
         # CAREamics-style: catch crop/depth mismatches before any data is built.
         crop = self.data.args.get("crop", 64)
         depth = self.net.args.get("depth", 3)
-        if self.net.name in ("unet",) and isinstance(crop, int) and crop % (2**depth):
+        if self.net.name in ("unet", "conv_ae", "vae") and isinstance(crop, int) and crop % (2**depth):
             raise ValueError(
                 f"data.crop={crop} is not divisible by 2**net.depth={2 ** depth}; "
                 f"use a crop that is a multiple of {2 ** depth} or a smaller depth"

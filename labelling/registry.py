@@ -23,8 +23,14 @@ TABLES: dict[str, dict[str, str]] = {
         "gfp": "labelling.data.organelles:GFPDataModule",
         "nucleoli": "labelling.data.organelles:NucleoliDataModule",
     },
+    "task": {
+        "stainer": "labelling.tasks.stainer:Stainer",
+        "autoencoder": "labelling.tasks.autoencoding:Autoencoding",
+    },
     "net": {
         "unet": "labelling.nets.unet:UNet",
+        "conv_ae": "labelling.nets.autoencoder:ConvAutoencoder",
+        "vae": "labelling.nets.autoencoder:VariationalAutoencoder",
     },
     "loss": {
         "mse": "labelling.losses.basic:MSELoss",
@@ -43,6 +49,10 @@ TABLES: dict[str, dict[str, str]] = {
     "callback": {
         "panels": "labelling.callbacks.panels:PredictionPanels",
         "downstream": "labelling.callbacks.downstream:DownstreamEvaluation",
+        "ae_samples": "labelling.callbacks.panels:AutoencoderSamples",
+        "stability": "labelling.callbacks.analyses:StabilityAnalysis",
+        "embeddings": "labelling.callbacks.analyses:EmbeddingAnalysis",
+        "drift": "labelling.callbacks.analyses:DriftAnalysis",
         "early_stopping": "lightning.pytorch.callbacks:EarlyStopping",
     },
 }

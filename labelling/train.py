@@ -18,7 +18,6 @@ from lightning.pytorch.loggers import CSVLogger
 from labelling import config as C
 from labelling import registry
 from labelling.callbacks.panels import PredictionPanels
-from labelling.tasks.stainer import Stainer
 
 
 def git_commit() -> str:
@@ -63,22 +62,30 @@ def make_loggers(cfg: C.Experiment, run_dir: Path) -> list:
     return loggers
 
 
+def build_task(cfg: C.Experiment, in_channels: int, out_channels: int):
+    """Net + loss + LightningModule of a config (the net's channel counts come from the data)."""
+    net_args = dict(cfg.net.args)
+    if "size" in (registry.accepted_args(registry.get("net", cfg.net.name)) or []):
+        net_args.setdefault("size", cfg.data.args.get("crop", 64))  # fixed-size autoencoders
+    net = registry.build("net", cfg.net.name, in_channels=in_channels, out_channels=out_channels, **net_args)
+    loss = registry.build("loss", cfg.loss.name, **cfg.loss.args)
+    return registry.build("task", cfg.task.name, net=net, loss=loss, optim=cfg.optim.model_dump(),
+                          config=C.to_dict(cfg), **cfg.task.args)
+
+
 def build(cfg: C.Experiment):
     """Build (datamodule, task) from a validated config."""
     data_args = {"seed": cfg.seed, **cfg.data.args}
     dm = registry.build("data", cfg.data.name, **data_args)
-    net = registry.build("net", cfg.net.name, in_channels=dm.in_channels, out_channels=dm.out_channels,
-                         **cfg.net.args)
-    loss = registry.build("loss", cfg.loss.name, **cfg.loss.args)
-    task = Stainer(net, loss, optim=cfg.optim.model_dump(), config=C.to_dict(cfg))
-    return dm, task
+    out = dm.in_channels if cfg.task.name == "autoencoder" else dm.out_channels
+    return dm, build_task(cfg, dm.in_channels, out)
 
 
 def attach_target_stats(dm, task) -> None:
     """Store the training targets' mean normalization in the task (saved with every checkpoint)."""
     dm.setup("fit")
     stats = [im.target_stats for im in dm.splits["train"]]
-    if stats:
+    if stats and hasattr(task, "target_stats"):
         task.target_stats.copy_(torch.from_numpy(np.mean(stats, 0)))
 
 
@@ -103,7 +110,7 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
                                  save_last=True, save_top_k=1, enable_version_counter=False)
-    cbs = [checkpoint, PredictionPanels(cfg.logger.panels)]
+    cbs = [checkpoint] + ([PredictionPanels(cfg.logger.panels)] if cfg.task.name == "stainer" else [])
     cbs += [registry.build("callback", c.name, **c.args) for c in cfg.callbacks]
     cbs += list(callbacks or [])
     trainer_args = {k: v for k, v in cfg.trainer.model_dump().items() if v is not None}

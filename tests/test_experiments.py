@@ -109,3 +109,35 @@ def pd_read(path):
     import pandas as pd
 
     return pd.read_csv(path)
+
+
+def test_run_end_analyses_and_evaluate_all(tiny, tmp_path):
+    from labelling.evaluate import evaluate_run
+
+    run = tmp_path / "robust"
+    tiny = [t for t in tiny if not t.startswith("data.n_wells") and not t.startswith("data.fields")]
+    cbs = ("callbacks=[{name: stability, max_images: 2}, {name: embeddings, max_images: 4, reducers: [pca], "
+           "clusterers: [kmeans, dbscan]}, {name: drift, max_images: 4}]")
+    metrics = fit("nuclei_robust", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1", cbs],
+                  run_dir=run)
+    assert "test/stability/blur_+5_pcc" in metrics and "test/embeddings/best_f1" in metrics
+    assert 0 <= metrics["test/drift/mean_auc"] <= 1
+    for name in ("stability.csv", "stability.md", "stability.png", "embeddings_f1.md", "embeddings.png",
+                 "drift_fnr.csv", "drift_online_auc.md"):
+        assert (run / "analysis" / name).exists(), name
+    stab = pd_read(run / "analysis" / "stability.csv")
+    assert len(stab) == 6 + 11 + 11  # blur 0..5, contrast and brightness -5..5
+    summary = evaluate_run(run, scales=(), stability=True, drift=True, max_images=4)
+    assert "drift/mean_auc" in summary and (run / "evaluate" / "drift_auc_by_window.md").exists()
+
+
+def test_autoencoders_train_and_embed(tiny, tmp_path):
+    import torch
+
+    for name in ("ae_conv", "ae_vae"):
+        run = tmp_path / name
+        metrics = fit(name, tiny + ["trainer.max_epochs=2", "net.latent_dim=8"], run_dir=run)
+        assert np.isfinite(metrics["val/loss"]) and metrics["best/val/loss"] <= metrics["val/loss"] + 1e-6
+        assert (run / "panels" / "samples.png").exists() and (run / "panels" / "convergence.png").exists()
+        task, _ = load_task(run)
+        assert task.embed(torch.zeros(3, 1, 32, 32)).shape == (3, 8)

@@ -77,3 +77,54 @@ class PredictionPanels(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image("val/panels", logged, caption=[i.key for i in images])
+
+
+class AutoencoderSamples(L.Callback):
+    """At the end of fit: a grid of validation crops and their reconstructions, and the convergence curve.
+
+    Args:
+        n: number of samples.
+    """
+
+    def __init__(self, n: int = 8):
+        self.n = n
+        self.paths: list[Path] = []
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = Path(trainer.default_root_dir) / "panels"
+        out.mkdir(parents=True, exist_ok=True)
+        batch = next(iter(trainer.datamodule.val_dataloader()))
+        x = batch["input"][: self.n].to(module.device)
+        module.eval()
+        y = module.predict(x).float().cpu().numpy()
+        x = x.cpu().numpy()
+        fig, axes = plt.subplots(2, len(x), figsize=(1.6 * len(x), 3.4), squeeze=False)
+        for i in range(len(x)):
+            for r, img in enumerate((x[i, 0], y[i, 0])):
+                axes[r, i].imshow(img, cmap="gray", vmin=x[i, 0].min(), vmax=x[i, 0].max())
+                axes[r, i].axis("off")
+        axes[0, 0].set_title("input", fontsize=8, loc="left")
+        axes[1, 0].set_title("reconstruction", fontsize=8, loc="left")
+        fig.tight_layout()
+        fig.savefig(out / "samples.png", dpi=80)
+        plt.close(fig)
+        hist = getattr(module, "history", [])
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        ax.plot([h["epoch"] for h in hist], [h["val/loss"] for h in hist], "o-", label="val/loss")
+        ax.plot([h["epoch"] for h in hist], [h["train/loss"] for h in hist], "s-", label="train/loss")
+        ax.set(xlabel="epoch", ylabel="loss", yscale="log", title="autoencoder convergence")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "convergence.png", dpi=80)
+        plt.close(fig)
+        self.paths = [out / "samples.png", out / "convergence.png"]
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("val/autoencoder", [str(p) for p in self.paths])

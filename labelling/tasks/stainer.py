@@ -100,3 +100,4 @@ class Stainer(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["labelling_config"] = self.config
+        checkpoint["labelling_io"] = {"in": self.net.in_channels, "out": self.net.out_channels}
