@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     sim.set_defaults(fn=_simulate)
 
     _extend(sub)
-    args = p.parse_args(argv)
+    # overrides may come after options too (`train EXP --run-dir X key=val`): collect the leftovers
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if "=" not in r or r.startswith("-")]
+    if bad or (rest and not hasattr(args, "overrides")):
+        p.error(f"unrecognized arguments: {' '.join(bad or rest)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
     from labelling.config import ConfigError
 
     try:

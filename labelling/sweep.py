@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,16 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
     pr = spec.get("pruner", {})
     pruner = optuna.pruners.MedianPruner(n_startup_trials=pr.get("n_startup_trials", 3),
                                          n_warmup_steps=pr.get("n_warmup_steps", 3))
-    study = optuna.create_study(study_name=study_name, storage=make_storage(storage_url, spec.get("heartbeat", 30)),
-                                sampler=sampler, pruner=pruner, direction=spec["direction"], load_if_exists=True)
+    storage_obj = make_storage(storage_url, spec.get("heartbeat", 30))
+    for attempt in range(5):  # workers starting together race to create the study: the loser loads it
+        try:
+            study = optuna.create_study(study_name=study_name, storage=storage_obj, sampler=sampler, pruner=pruner,
+                                        direction=spec["direction"], load_if_exists=True)
+            break
+        except Exception:  # IntegrityError / DuplicatedStudyError from the race
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
     base = C.load_raw(exp)
     base_overrides = list(spec.get("overrides", [])) + list(overrides or [])
 
@@ -166,11 +175,17 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
             trial.set_user_attr(f"metric:{k}", v)
         return value
 
-    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    remaining = (n_trials or spec["n_trials"]) - len(done)
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    total = n_trials or spec["n_trials"]
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    remaining = total - len(done)
     if remaining > 0:
         print(f"study '{study_name}' at {storage_url}: {len(done)} trials done, running {remaining} more")
-        study.optimize(objective, n_trials=remaining, catch=(FloatingPointError,))
+        # other workers may share the study: every worker stops once the study as a whole has `total`
+        stop = MaxTrialsCallback(total, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        study.optimize(objective, n_trials=remaining, catch=(FloatingPointError,), callbacks=[stop])
     else:
         print(f"study '{study_name}': all {len(done)} trials done; nothing to run")
     write_summary(study, out_dir, spec)

@@ -43,7 +43,7 @@ def wandb_mode() -> str:
 
 
 def make_loggers(cfg: C.Experiment, run_dir: Path) -> list:
-    loggers: list = [CSVLogger(run_dir, name="csv", version="")]
+    loggers: list = [CSVLogger(run_dir, name="csv")]  # version_N per (re)start: a resume keeps old logs
     if cfg.logger.wandb:
         try:
             import wandb  # noqa: F401
@@ -110,7 +110,11 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
                                  save_last=True, save_top_k=1, enable_version_counter=False)
-    cbs = [checkpoint] + ([PredictionPanels(cfg.logger.panels)] if cfg.task.name == "stainer" else [])
+    cbs = [checkpoint]
+    if cfg.checkpoint_every:  # a killed run loses at most this many steps
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=cfg.checkpoint_every,
+                                   save_top_k=1, enable_version_counter=False))
+    cbs += ([PredictionPanels(cfg.logger.panels)] if cfg.task.name == "stainer" else [])
     cbs += [registry.build("callback", c.name, **c.args) for c in cfg.callbacks]
     cbs += list(callbacks or [])
     trainer_args = {k: v for k, v in cfg.trainer.model_dump().items() if v is not None}

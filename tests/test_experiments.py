@@ -34,7 +34,7 @@ def test_run_folder_has_config_commit_metrics_panels_and_checkpoint(tiny, tmp_pa
     assert json.loads((run / "metrics.json").read_text())["best/val/pcc"] == pytest.approx(metrics["best/val/pcc"])
     assert "test/pcc" in metrics
     assert list((run / "panels").glob("*.png"))
-    assert (run / "csv" / "metrics.csv").exists()
+    assert list((run / "csv").glob("version_*/metrics.csv"))
     task, cfg = load_task(run)
     assert cfg.data.name == "nuclei" and not task.training
 

@@ -68,11 +68,15 @@ class RandomCrops(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
+        # One random stream per (DDP rank, worker): ranks and workers draw different crops, reproducibly.
         info = get_worker_info()
-        if info is not None and self._worker != info.id:  # independent streams per worker and epoch
-            self._worker = info.id
-            s = int(torch.initial_seed() % 2**31)
-            self.rng, _ = np.random.default_rng(s), self.augment.reseed(s)
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        key = (rank, info.id if info else -1, info.seed if info else 0)
+        if key != self._worker:
+            self._worker = key
+            seed = [self.seed, rank, (info.seed % 2**31) if info else 0]
+            self.rng = np.random.default_rng(seed)
+            self.augment.reseed(int(np.random.default_rng(seed).integers(2**31)))
         k = int(self.rng.integers(len(self.images)))
         img = self.images[k]
         s = self.augment.source
