@@ -35,5 +35,11 @@ test: $(STAMP)  ## fast test suite (no slow/real-data tests)
 test-all: $(STAMP)  ## every test, including slow training and ../shared/data real-data tests
 	WANDB_MODE=offline $(BIN)/python -m pytest -q $(ARGS)
 
+bench: $(STAMP)  ## speed figures -> bench/report.md (+ report.json)
+	$(BIN)/python bench/run.py $(ARGS)
+
+app: $(STAMP)  ## Streamlit page: upload a brightfield image, see predictions, metrics, drift warning
+	$(BIN)/streamlit run labelling/app/main.py --server.headless true $(ARGS)
+
 clean:  ## remove runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache wandb
