@@ -196,11 +196,13 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
         if embeddings:
             from labelling.analysis.embeddings import plot_projections
 
-            write_table(f1, out, "embeddings_f1")
+            from labelling.analysis.embeddings import f1_summary
+
+            write_table(f1_summary(f1), out, "embeddings_f1")
             plot_projections(proj, meta, out / "embeddings.png")
             plots.append(out / "embeddings.png")
             tables["embeddings_f1"] = f1
-            summary["embeddings/best_f1"] = float(f1["f1_all"].max())
+            summary["embeddings/best_mean_f1"] = float(f1[f1["corruption"] == "mean"]["f1"].max())
         if drift:
             fnr, online = drift_study(emb, meta)
             write_table(fnr, out, "drift_fnr")

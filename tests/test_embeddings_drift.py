@@ -94,3 +94,22 @@ def test_corrupted_set_labels():
     assert not np.allclose(allc[3], allc[0])
     with pytest.raises(ValueError, match="kmeans"):
         E.cluster(np.zeros((4, 2)), "spectral")
+
+
+def test_f1_table_is_balanced_and_separates_only_real_shifts():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 40
+    emb = np.concatenate([rng.normal(size=(n, 6)), rng.normal(size=(n, 6)) + 5, rng.normal(size=(n, 6))])
+    meta = pd.DataFrame({"corruption": ["clean"] * n + ["brightness"] * n + ["blur"] * n,
+                         "severity": [0] * n + [5] * n + [1] * n})
+    meta["corrupted"] = meta["corruption"] != "clean"
+    t, proj = E.f1_table(emb, meta, reducers=("pca",), clusterers=("kmeans",))
+    f1 = t.set_index("corruption")["f1"]
+    assert f1["brightness"] > 0.95  # a real shift is found
+    assert f1["blur"] < 0.8  # no shift: near chance, not the 0.95 an imbalanced count would give
+    assert f1["mean"] == pytest.approx((f1["brightness"] + f1["blur"]) / 2)
+    wide = E.f1_summary(t)
+    assert {"brightness+5", "blur+1", "mean"} <= set(wide.columns) and len(wide) == 1
+    assert proj["pca"].shape == (3 * n, 2)

@@ -120,7 +120,7 @@ def test_run_end_analyses_and_evaluate_all(tiny, tmp_path):
            "clusterers: [kmeans, dbscan]}, {name: drift, max_images: 4}]")
     metrics = fit("nuclei_robust", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1", cbs],
                   run_dir=run)
-    assert "test/stability/blur_+5_pcc" in metrics and "test/embeddings/best_f1" in metrics
+    assert "test/stability/blur_+5_pcc" in metrics and "test/embeddings/best_mean_f1" in metrics
     assert 0 <= metrics["test/drift/mean_auc"] <= 1
     for name in ("stability.csv", "stability.md", "stability.png", "embeddings_f1.md", "embeddings.png",
                  "drift_fnr.csv", "drift_online_auc.md"):

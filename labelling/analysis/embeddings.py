@@ -3,7 +3,8 @@
 Reducers: ``pca``, ``umap``, ``pca_umap`` (PCA to 50 dims first), ``pacmap``. Clusterers: ``dbscan``,
 ``hdbscan``, ``kmeans``. A clustering separates clean from corrupted when its clusters are pure: each
 cluster is labelled by majority vote and noise points (DBSCAN/HDBSCAN label -1) count as "corrupted"
-(outliers), then F1 is computed for the corrupted class.
+(outliers), then F1 is computed for the corrupted class. Every comparison is balanced (clean vs one
+corruption at one severity, equal counts), so the trivial "all corrupted" answer scores 0.67.
 """
 
 from __future__ import annotations
@@ -109,26 +110,38 @@ def detection_f1(labels: np.ndarray, corrupted: np.ndarray) -> float:
     return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
-def f1_table(emb: np.ndarray, meta: pd.DataFrame, reducers=REDUCERS, clusterers=CLUSTERERS, seed: int = 0,
-             per_corruption: bool = True) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """F1 of clean-vs-corrupted for every reducer x clusterer (overall and per corruption kind).
+def f1_table(emb: np.ndarray, meta: pd.DataFrame, reducers=REDUCERS, clusterers=CLUSTERERS,
+             seed: int = 0) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """F1 of telling corrupted from clean crops, per reducer x clusterer x (corruption, severity).
 
-    Per corruption kind, the clustering is run on the clean points plus that kind only, with k = 2.
-    Returns the table and the 2D projections (for plots).
+    Each comparison is balanced: the clean crops against one (corruption, severity) group of the same
+    size, clustered in the 2D projection (k-means with k = 2). A clustering that learns nothing scores
+    about 0.67 (everything called corrupted) or less, a perfect one 1.0. Returns a long table (one row per
+    comparison, with ``f1_mean`` rows per reducer x clusterer) and the 2D projections for plots.
     """
     rows, projections = [], {}
+    clean = (meta["corruption"] == "clean").to_numpy()
+    groups = meta.loc[~clean, ["corruption", "severity"]].drop_duplicates().itertuples(index=False)
+    groups = list(groups)
     for r in reducers:
         z = reduce(emb, r, seed=seed)
         projections[r] = z
         for c in clusterers:
-            row = {"reducer": r, "clusterer": c,
-                   "f1_all": detection_f1(cluster(z, c, seed=seed), meta["corrupted"].to_numpy())}
-            if per_corruption:
-                for kind in sorted(set(meta["corruption"]) - {"clean"}):
-                    sel = meta["corruption"].isin(["clean", kind]).to_numpy()
-                    row[f"f1_{kind}"] = detection_f1(cluster(z[sel], c, seed=seed), meta["corrupted"].to_numpy()[sel])
-            rows.append(row)
+            scores = []
+            for kind, sev in groups:
+                sel = clean | ((meta["corruption"] == kind) & (meta["severity"] == sev)).to_numpy()
+                f1 = detection_f1(cluster(z[sel], c, seed=seed), meta["corrupted"].to_numpy()[sel])
+                rows.append({"reducer": r, "clusterer": c, "corruption": kind, "severity": sev, "f1": f1})
+                scores.append(f1)
+            rows.append({"reducer": r, "clusterer": c, "corruption": "mean", "severity": 0,
+                         "f1": float(np.mean(scores))})
     return pd.DataFrame(rows), projections
+
+
+def f1_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Wide view: reducer x clusterer rows, one column per corruption/severity, plus the mean."""
+    t = table.assign(group=table["corruption"] + table["severity"].map(lambda s: f"{s:+d}" if s else ""))
+    return t.pivot_table(index=["reducer", "clusterer"], columns="group", values="f1").reset_index()
 
 
 def plot_projections(projections: dict[str, np.ndarray], meta: pd.DataFrame, path) -> None:

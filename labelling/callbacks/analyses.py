@@ -59,12 +59,12 @@ class EmbeddingAnalysis(_RunEndAnalysis):
         self.reducers, self.clusterers = reducers, clusterers
 
     def analyse(self, module, images, out, crop):
-        from labelling.analysis.embeddings import plot_projections
+        from labelling.analysis.embeddings import f1_summary, plot_projections
 
         f1, proj, meta, _ = EV.embedding_study(module, images, crop, reducers=self.reducers, clusterers=self.clusterers)
         plot_projections(proj, meta, out / "embeddings.png")
-        self.results["test/embeddings/best_f1"] = float(f1["f1_all"].max())
-        return {"embeddings_f1": f1}, [out / "embeddings.png"]
+        self.results["test/embeddings/best_mean_f1"] = float(f1[f1["corruption"] == "mean"]["f1"].max())
+        return {"embeddings_f1": f1_summary(f1)}, [out / "embeddings.png"]
 
 
 class DriftAnalysis(_RunEndAnalysis):

@@ -193,7 +193,7 @@ def simulate_field(
     masks = np.stack([nuclei > 0, er > 0.15, golgi > 0.25, actin > 0.3, gfp_img > 0.1, nucleoli > 0.25])
 
     # Brightfield: optical thickness -> defocused phase contrast + weak absorption, uneven illumination.
-    thickness = 1.0 * cell_h + 0.8 * nuc_h + 0.6 * nucleoli + 0.35 * golgi + 0.15 * er
+    thickness = 1.0 * cell_h + 0.8 * nuc_h + 0.6 * nucleoli + 0.35 * golgi + 0.45 * er
     phase = ndi.gaussian_filter(thickness, 1.0)
     bf = 1.0 - 0.9 * ndi.laplace(phase) - 0.08 * phase
     illum = 1 + 0.12 * (xx / W - 0.5) * rng.uniform(-1, 1) + 0.12 * (yy / H - 0.5) * rng.uniform(-1, 1)
