@@ -141,3 +141,7 @@ def test_autoencoders_train_and_embed(tiny, tmp_path):
         assert (run / "panels" / "samples.png").exists() and (run / "panels" / "convergence.png").exists()
         task, _ = load_task(run)
         assert task.embed(torch.zeros(3, 1, 32, 32)).shape == (3, 8)
+    from labelling.evaluate import evaluate_run
+
+    summary = evaluate_run(tmp_path / "ae_vae", split="train", embeddings=True, max_images=3, log_wandb=False)
+    assert 0 <= summary["embeddings/best_mean_f1"] <= 1 and "pixel_pearson" not in summary
