@@ -48,7 +48,7 @@ TABLES: dict[str, dict[str, str]] = {
     },
     "callback": {
         "panels": "labelling.callbacks.panels:PredictionPanels",
-        "downstream": "labelling.callbacks.downstream:DownstreamEvaluation",
+        "downstream": "labelling.callbacks.analyses:DownstreamEvaluation",
         "ae_samples": "labelling.callbacks.panels:AutoencoderSamples",
         "stability": "labelling.callbacks.analyses:StabilityAnalysis",
         "embeddings": "labelling.callbacks.analyses:EmbeddingAnalysis",
