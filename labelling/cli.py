@@ -106,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(bad or rest)}")
     if rest:
         args.overrides = list(args.overrides) + rest
+    from labelling.checkpoints import CheckpointError
     from labelling.config import ConfigError
+    from labelling.data.readers import ImageError
 
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ImageError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
