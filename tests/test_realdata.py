@@ -19,9 +19,8 @@ def _need(exp):
 @pytest.mark.realdata
 def test_isl_phase_to_dapi_learns_on_spatial_holdout(tmp_path):
     _need("isl_dapi")
-    m = fit("isl_dapi", ["logger.wandb=false", "trainer.enable_progress_bar=false", "trainer.max_epochs=10"],
-            run_dir=tmp_path / "isl")
-    assert m["test/pcc"] > 0.5
+    m = fit("isl_dapi", ["logger.wandb=false", "trainer.enable_progress_bar=false"], run_dir=tmp_path / "isl")
+    assert m["test/pcc"] > 0.55  # 30 epochs, ~2.5 min on 2 CPU cores; 0.69 measured
     assert (tmp_path / "isl" / "downstream" / "report.md").exists()
 
 
