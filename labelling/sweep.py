@@ -144,13 +144,13 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
     pr = spec.get("pruner", {})
     pruner = optuna.pruners.MedianPruner(n_startup_trials=pr.get("n_startup_trials", 3),
                                          n_warmup_steps=pr.get("n_warmup_steps", 3))
-    storage_obj = make_storage(storage_url, spec.get("heartbeat", 30))
-    for attempt in range(5):  # workers starting together race to create the study: the loser loads it
+    for attempt in range(5):  # workers starting together race to create the tables and the study
         try:
+            storage_obj = make_storage(storage_url, spec.get("heartbeat", 30))
             study = optuna.create_study(study_name=study_name, storage=storage_obj, sampler=sampler, pruner=pruner,
                                         direction=spec["direction"], load_if_exists=True)
             break
-        except Exception:  # IntegrityError / DuplicatedStudyError from the race
+        except Exception:  # IntegrityError / DuplicatedStudyError / ProgrammingError from the race
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)

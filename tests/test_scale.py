@@ -90,13 +90,19 @@ def _sweep_file(tmp_path, n_trials):
 def test_many_workers_share_one_postgres_study(tmp_path):
     import optuna
 
-    url = os.environ["LABELLING_TEST_PG_URL"]
-    name = f"pg-{os.getpid()}-{int(time.time())}"
+    import sqlalchemy
+
+    server = os.environ["LABELLING_TEST_PG_URL"]
+    db = f"labelling_{os.getpid()}_{int(time.time())}"
+    with sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT").connect() as con:
+        con.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))  # empty: the workers race to create the schema
+    url = server.rsplit("/", 1)[0] + f"/{db}"
+    name = "pg-study"
     sweep = _sweep_file(tmp_path, 4)
     workers = [cli("sweep", str(sweep), "--storage", url, "--study-name", name, "--run-root", str(tmp_path / "r"))
                for _ in range(2)]
     outs = [w.communicate(timeout=600)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), outs
+    assert all(w.returncode == 0 for w in workers), [o[-3000:] for w, o in zip(workers, outs) if w.returncode]
     study = optuna.load_study(study_name=name, storage=url)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     # 4 wanted; a worker that was mid-trial when the 4th finished may add one more
