@@ -100,16 +100,22 @@ def plot_stability(df: pd.DataFrame, path: Path, columns=("pixel_pearson", "coun
     return path
 
 
+def corrupted_embeddings(task, images, crop: int = 64, max_crops: int = 60, seed: int = 0):
+    """Embeddings of clean crops and of every corruption of them -> (embeddings (N, D), meta table)."""
+    from labelling.analysis import embeddings as E
+
+    crops = E.grid_crops([im.input for im in images], crop)
+    crops = crops[np.random.default_rng(seed).permutation(len(crops))[:max_crops]]
+    allc, meta = E.corrupted_set(crops)
+    return E.embed_crops(task.embed, allc), meta
+
+
 def embedding_study(task, images, crop: int = 64, max_crops: int = 60, reducers=None, clusterers=None,
                     seed: int = 0):
     """Embeddings of clean and corrupted crops -> (F1 table, projections, meta, embeddings)."""
     from labelling.analysis import embeddings as E
 
-    crops = E.grid_crops([im.input for im in images], crop)
-    rng = np.random.default_rng(seed)
-    crops = crops[rng.permutation(len(crops))[:max_crops]]
-    allc, meta = E.corrupted_set(crops)
-    emb = E.embed_crops(task.embed, allc)
+    emb, meta = corrupted_embeddings(task, images, crop, max_crops, seed)
     table, proj = E.f1_table(emb, meta, reducers or E.REDUCERS, clusterers or E.CLUSTERERS, seed)
     return table, proj, meta, emb
 
@@ -190,16 +196,13 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
             worst = stab.loc[stab["pixel_pearson"].idxmin()]
             summary[f"stability/worst_pixel_pearson({worst['corruption']},{worst['severity']})"] = worst["pixel_pearson"]
     if embeddings or drift:
-        crop = cfg.data.args.get("crop", 64)
-        f1, proj, meta, emb = embedding_study(task, images, crop=crop,
-                                              reducers=None if embeddings else ("pca",), clusterers=None)
+        from labelling.analysis import embeddings as E
+
+        emb, meta = corrupted_embeddings(task, images, crop=cfg.data.args.get("crop", 64))
         if embeddings:
-            from labelling.analysis.embeddings import plot_projections
-
-            from labelling.analysis.embeddings import f1_summary
-
-            write_table(f1_summary(f1), out, "embeddings_f1")
-            plot_projections(proj, meta, out / "embeddings.png")
+            f1, proj = E.f1_table(emb, meta)
+            write_table(E.f1_summary(f1), out, "embeddings_f1")
+            E.plot_projections(proj, meta, out / "embeddings.png")
             plots.append(out / "embeddings.png")
             tables["embeddings_f1"] = f1
             summary["embeddings/best_mean_f1"] = float(f1[f1["corruption"] == "mean"]["f1"].max())

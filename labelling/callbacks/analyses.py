@@ -112,7 +112,7 @@ class DriftAnalysis(_RunEndAnalysis):
     """MMD two-sample test miss rates and online-MMD AUC-ROC tables on bottleneck embeddings."""
 
     def analyse(self, module, images, out, trainer):
-        _, _, meta, emb = EV.embedding_study(module, images, trainer.datamodule.crop, reducers=("pca",), clusterers=("kmeans",))
+        emb, meta = EV.corrupted_embeddings(module, images, trainer.datamodule.crop)
         fnr, online = EV.drift_study(emb, meta)
         self.results["test/drift/mean_auc"] = float(online["auc"].mean())
         self.results["test/drift/mean_fnr"] = float(fnr["false_negative_rate"].mean())
