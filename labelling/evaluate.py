@@ -175,9 +175,11 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
     summary, tables, plots = {}, {}, []
     if cfg.task.name == "stainer":
         pairs = [predict_at_scale(task, im) for im in images]
-        table, corr = D.evaluate_pairs([p[0] for p in pairs], [p[1] for p in pairs], [im.key for im in images], seg)
+        table, corr, objects = D.evaluate_pairs([p[0] for p in pairs], [p[1] for p in pairs],
+                                                [im.key for im in images], seg, return_objects=True)
         plots += D.scatter_plots(table, out)
-        D.write_report(table, corr, out, title=f"Downstream evaluation - {cfg.name} ({split})", images=plots)
+        D.write_report(table, corr, out, title=f"Downstream evaluation - {cfg.name} ({split})", images=plots,
+                       objects=objects)
         summary.update({f"downstream/{r['metric']}_pearson": r["pearson"] for _, r in corr.iterrows()})
         summary["pixel_pearson"] = float(table["pixel_pearson"].mean())
         tables["downstream"] = corr

@@ -95,11 +95,15 @@ def test_correlate_matches_scipy():
 
 def test_evaluate_pairs_report(tmp_path):
     reals, preds = zip(*[(blobs(n=k, seed=k)[0], blobs(n=k, seed=k)[0] * 1.1) for k in range(2, 8)])
-    table, corr = D.evaluate_pairs(reals, preds)
+    table, corr, objects = D.evaluate_pairs(reals, preds, return_objects=True)
     c = corr.set_index("metric")
+    real_objects = objects[objects["source"] == "real"]
+    assert len(real_objects) == table["real_count"].sum()  # one row per segmented object
+    assert real_objects.groupby("image")["area"].sum().tolist() == table["real_total_area"].tolist()
     assert c.loc["count", "pearson"] == pytest.approx(1.0) and c.loc["total_intensity", "pearson"] > 0.99
     plots = D.scatter_plots(table, tmp_path)
-    md = D.write_report(table, corr, tmp_path, images=plots)
+    md = D.write_report(table, corr, tmp_path, images=plots, objects=objects)
+    assert (tmp_path / "objects.csv").exists()
     assert len(plots) == 4 and all(p.exists() for p in plots)
     assert "count" in md.read_text() and (tmp_path / "report.html").exists()
 

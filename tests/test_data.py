@@ -156,3 +156,9 @@ def test_ome_zarr_and_ome_tiff_round_trip(tmp_path):
     assert np.allclose(read_image(tmp_path / "x.zarr"), img[0])
     tifffile.imwrite(tmp_path / "x.ome.tif", img, metadata={"axes": "CYX"}, ome=True)
     assert np.allclose(read_image(tmp_path / "x.ome.tif"), img[0])
+
+
+def test_val_crop_sets_validation_tile_size():
+    dm = small_dm(val_crop=64)
+    assert next(iter(dm.val_dataloader()))["input"].shape[-2:] == (64, 64)
+    assert next(iter(dm.train_dataloader()))["input"].shape[-2:] == (32, 32)

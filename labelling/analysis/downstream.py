@@ -50,7 +50,7 @@ def correlate(real: pd.DataFrame, pred: pd.DataFrame, metrics=IMAGE_METRICS) -> 
 
 
 def evaluate_pairs(real_images, pred_images, names=None, seg_args: dict | None = None,
-                   true_labels=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   true_labels=None, return_objects: bool = False):
     """Segment every real and predicted image, measure both, correlate.
 
     Args:
@@ -59,15 +59,20 @@ def evaluate_pairs(real_images, pred_images, names=None, seg_args: dict | None =
         seg_args: arguments of :func:`segment`.
         true_labels: optional true instance masks; adds object F1 of real and predicted segmentations.
 
+        return_objects: also return the per-object table (image, source real/pred, label, area, intensities).
+
     Returns:
-        (per-image table with ``real_*``/``pred_*`` columns, correlation table).
+        (per-image table with ``real_*``/``pred_*`` columns, correlation table[, per-object table]).
     """
     from labelling.analysis.segmentation import match
 
     seg_args = seg_args or {}
-    rows, real_rows, pred_rows = [], [], []
+    rows, real_rows, pred_rows, objects = [], [], [], []
     for i, (r, p) in enumerate(zip(real_images, pred_images)):
         lr, lp = segment(r, **seg_args), segment(p, **seg_args)
+        if return_objects:
+            for source, labels, img in (("real", lr, r), ("pred", lp, p)):
+                objects.append(object_table(labels, img).assign(image=names[i] if names else i, source=source))
         mr, mp = image_metrics(r, lr), image_metrics(p, lp)
         row = {"image": names[i] if names else i, **{f"real_{k}": v for k, v in mr.items()},
                **{f"pred_{k}": v for k, v in mp.items()}}
@@ -79,7 +84,10 @@ def evaluate_pairs(real_images, pred_images, names=None, seg_args: dict | None =
         real_rows.append(mr)
         pred_rows.append(mp)
     table = pd.DataFrame(rows)
-    return table, correlate(pd.DataFrame(real_rows), pd.DataFrame(pred_rows))
+    corr = correlate(pd.DataFrame(real_rows), pd.DataFrame(pred_rows))
+    if return_objects:
+        return table, corr, pd.concat(objects, ignore_index=True) if objects else pd.DataFrame()
+    return table, corr
 
 
 def scatter_plots(table: pd.DataFrame, out_dir: str | Path, prefix: str = "") -> list[Path]:
@@ -109,11 +117,13 @@ def scatter_plots(table: pd.DataFrame, out_dir: str | Path, prefix: str = "") ->
 
 
 def write_report(table: pd.DataFrame, corr: pd.DataFrame, out_dir: str | Path, title: str = "Downstream",
-                 images: list[Path] | None = None) -> Path:
-    """CSV tables plus a Markdown and an HTML report embedding the plots."""
+                 images: list[Path] | None = None, objects: pd.DataFrame | None = None) -> Path:
+    """CSV tables (per image, correlations, per object) plus a Markdown and an HTML report with the plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "per_image.csv", index=False)
+    if objects is not None:
+        objects.to_csv(out_dir / "objects.csv", index=False)
     corr.to_csv(out_dir / "correlations.csv", index=False)
     md = [f"# {title}", "", "## Correlation of predicted vs real (across images)", "",
           corr.to_markdown(index=False, floatfmt=".3f"), "", "## Per image", "",

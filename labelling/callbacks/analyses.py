@@ -68,10 +68,11 @@ class DownstreamEvaluation(_RunEndAnalysis):
         truth = None
         if all(i.extra and "nuclei" in i.extra for i in images) and trainer.datamodule.organelles == ["nuclei"]:
             truth = [i.extra["nuclei"][: r.shape[0], : r.shape[1]] for i, r in zip(images, real)]
-        table, corr = D.evaluate_pairs(real, pred, [i.key for i in images], self.seg, truth)
+        table, corr, objects = D.evaluate_pairs(real, pred, [i.key for i in images], self.seg, truth,
+                                                return_objects=True)
         plots = D.scatter_plots(table, out)
         D.write_report(table, corr, out, title=f"Downstream evaluation - {module.config.get('name', '')}",
-                       images=plots)
+                       images=plots, objects=objects)
         for _, row in corr.iterrows():
             for k in ("pearson", "spearman"):
                 if np.isfinite(row[k]):
