@@ -29,7 +29,8 @@ train: $(STAMP)  ## train one experiment: make train EXP=nuclei_pearson ARGS='tr
 sweep: $(STAMP)  ## run or resume the Optuna sweep of EXP (default golgi_asym)
 	$(BIN)/python -m labelling sweep $(EXP) $(ARGS)
 
-test: $(STAMP)  ## fast test suite (no slow/real-data tests)
+test: $(STAMP)  ## lint + fast test suite (no slow tests)
+	$(BIN)/ruff check labelling tests bench
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 test-all: $(STAMP)  ## every test, including slow training and ../shared/data real-data tests

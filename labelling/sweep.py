@@ -110,7 +110,6 @@ def default_storage(exp: str, run_root: str | Path = "runs") -> str:
 
 def make_storage(url: str, heartbeat: int = 30):
     """RDB storage with a heartbeat; trials whose worker died are failed and retried (up to 3 times)."""
-    import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}

@@ -1,6 +1,5 @@
 """Training and evaluation on the real images in ../shared/data (slow; skipped when the data is absent)."""
 
-from pathlib import Path
 
 import pytest
 

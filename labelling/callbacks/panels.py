@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 
 
 def to_uint8(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -58,22 +57,20 @@ class PredictionPanels(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         import matplotlib.pyplot as plt
 
+        from labelling.inference import predict_tiled  # late: inference imports the data stack
+
         module.eval()
         logged = []
         for img in images:
-            H, W = img.input.shape[1:]
-            m = 2 ** getattr(module.net, "depth", 0)
-            x = torch.from_numpy(img.input[:, : H - H % m, : W - W % m][None]).to(module.device)
-            pred = module.predict(x)[0].float().cpu().numpy()
-            real = img.target[:, : pred.shape[1], : pred.shape[2]]
-            fig = panel_figure(img.input[0, : pred.shape[1], : pred.shape[2]], real, pred,
+            pred = predict_tiled(module.predict, img.input, tile=min(256, *img.input.shape[1:]) // 16 * 16 or 16)
+            real = img.target
+            fig = panel_figure(img.input[0], real, pred,
                                getattr(dm, "organelles", [f"ch{i}" for i in range(len(real))]))
             path = out / f"{img.key.replace('/', '_').replace(':', '_')}.png"
             fig.savefig(path, dpi=80)
             plt.close(fig)
             self.paths.append(path)
-            logged.append(np.concatenate([to_uint8(img.input[0, : pred.shape[1], : pred.shape[2]]),
-                                          to_uint8(real[0]), to_uint8(pred[0])], 1))
+            logged.append(np.concatenate([to_uint8(img.input[0]), to_uint8(real[0]), to_uint8(pred[0])], 1))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image("val/panels", logged, caption=[i.key for i in images])
