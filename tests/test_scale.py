@@ -50,7 +50,7 @@ def test_killed_run_resumes_from_last_checkpoint_without_lost_progress(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = ckpt_step(last)
-    assert 0 < killed_at < 96 and killed_at % 32 != 0 or killed_at > 32  # mid-epoch or later epoch
+    assert 40 <= killed_at < 96  # killed in the second or third epoch, before the end
     out, _ = cli(*args).communicate(timeout=300)
     assert "resuming from" in out
     metrics = json.loads((run / "metrics.json").read_text())
