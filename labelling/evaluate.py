@@ -19,7 +19,7 @@ import pandas as pd
 from labelling.analysis import downstream as D
 from labelling.analysis.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from labelling.data.transforms import denormalize
-from labelling.inference import predict_tiled, rescale
+from labelling.inference import fit_tile, predict_tiled, rescale
 
 
 def load_run(run: str | Path):
@@ -43,26 +43,26 @@ def predict_at_scale(task, img, scale: float = 1.0, tile: int = 256, channel: in
     if corruption is not None:
         x = np.stack([corrupt(c, *corruption) for c in x])
     x = rescale(x, scale)
-    m = 2 ** getattr(task.net, "depth", 0)
-    t = max(m, min(tile, *x.shape[1:]) // m * m)
-    y = predict_tiled(task.predict, x, tile=t, overlap=0.25)
+    y = predict_tiled(task.predict, x, tile=fit_tile(task.net, tile, min(x.shape[1:])), overlap=0.25)
     y = rescale(y, 1.0, shape=img.input.shape[1:]) if scale != 1.0 else y
     return denormalize(img.target, img.target_stats)[channel], denormalize(y, img.target_stats)[channel]
 
 
+def _correlation_row(task, images, seg: dict | None, spearman: bool = True, **predict) -> dict:
+    """Mean pixel Pearson and per-metric downstream correlations of `images` predicted with `predict` args."""
+    pairs = [predict_at_scale(task, im, **predict) for im in images]
+    table, corr = D.evaluate_pairs([p[0] for p in pairs], [p[1] for p in pairs], seg_args=seg)
+    row = {"pixel_pearson": float(table["pixel_pearson"].mean())}
+    for _, c in corr.iterrows():
+        row[f"{c['metric']}_pearson"] = c["pearson"]
+        if spearman:
+            row[f"{c['metric']}_spearman"] = c["spearman"]
+    return row
+
+
 def scaling_study(task, images, scales=(0.7, 1.0, 1.3), seg: dict | None = None) -> pd.DataFrame:
     """Pixel Pearson and downstream correlations per prediction scale."""
-    rows = []
-    for s in scales:
-        pairs = [predict_at_scale(task, im, s) for im in images]
-        real, pred = [p[0] for p in pairs], [p[1] for p in pairs]
-        table, corr = D.evaluate_pairs(real, pred, seg_args=seg)
-        row = {"scale": s, "pixel_pearson": float(table["pixel_pearson"].mean())}
-        for _, c in corr.iterrows():
-            row[f"{c['metric']}_pearson"] = c["pearson"]
-            row[f"{c['metric']}_spearman"] = c["spearman"]
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"scale": s, **_correlation_row(task, images, seg, scale=s)} for s in scales])
 
 
 def stability_study(task, images, kinds=tuple(CORRUPTIONS), severities=SEVERITIES, seg: dict | None = None,
@@ -71,14 +71,9 @@ def stability_study(task, images, kinds=tuple(CORRUPTIONS), severities=SEVERITIE
     from tqdm.auto import tqdm
 
     grid = [(k, s) for k in kinds for s in severities if not (k == "blur" and s < 0)]
-    rows = []
-    for kind, sev in tqdm(grid, desc="stability", disable=not progress):
-        pairs = [predict_at_scale(task, im, corruption=(kind, sev)) for im in images]
-        table, corr = D.evaluate_pairs([p[0] for p in pairs], [p[1] for p in pairs], seg_args=seg)
-        row = {"corruption": kind, "severity": sev, "pixel_pearson": float(table["pixel_pearson"].mean())}
-        row.update({f"{c['metric']}_pearson": c["pearson"] for _, c in corr.iterrows()})
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"corruption": kind, "severity": sev,
+                          **_correlation_row(task, images, seg, spearman=False, corruption=(kind, sev))}
+                         for kind, sev in tqdm(grid, desc="stability", disable=not progress)])
 
 
 def plot_stability(df: pd.DataFrame, path: Path, columns=("pixel_pearson", "count_pearson", "total_area_pearson")):

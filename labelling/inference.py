@@ -83,6 +83,12 @@ def predict_tiled(model, image: np.ndarray, tile: int = 256, overlap: float = 0.
     return (out / acc)[:, :H, :W]
 
 
+def fit_tile(net, tile: int, side: int) -> int:
+    """Largest multiple of the net's 2**depth that is <= min(tile, side) (at least one multiple)."""
+    m = 2 ** getattr(net, "depth", 0)
+    return max(m, min(tile, side) // m * m)
+
+
 def _device(model):
     try:
         return next(model.__self__.parameters()).device  # bound method of a module
@@ -121,8 +127,7 @@ def predict_image(task, image: np.ndarray, tile: int = 256, overlap: float = 0.2
     H, W = image.shape[1:]
     x = normalize(image.astype(np.float32), norm_stats(image, normalization))
     x = rescale(x, scale)
-    depth = 2 ** getattr(task.net, "depth", 0)
-    tile = max(depth, min(tile, max(x.shape[1:])) // depth * depth)
+    tile = fit_tile(task.net, tile, max(x.shape[1:]))
     y = predict_tiled(task.predict, x, tile=tile, overlap=overlap, blend=blend, batch_size=batch_size)
     y = rescale(y, 1.0, shape=(H, W)) if scale != 1.0 else y
     stats = target_stats if target_stats is not None else getattr(task, "target_stats", None)

@@ -11,7 +11,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -169,11 +168,3 @@ def _finish_wandb(trainer, metrics: dict | None, exit_code: int = 0) -> None:
         if metrics:
             wandb.run.summary.update(metrics)
         wandb.finish(exit_code=exit_code)
-
-
-def load_metrics(run_dir: str | Path) -> dict:
-    return json.loads((Path(run_dir) / "metrics.json").read_text())
-
-
-def load_config(run_dir: str | Path) -> dict:
-    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())

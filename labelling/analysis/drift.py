@@ -29,18 +29,20 @@ def kernel(x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
     return np.exp(-sq_dists(x, y) / (2 * sigma**2))
 
 
+def offdiag_mean(k: np.ndarray) -> float:
+    """Mean of a square kernel matrix without its diagonal (the unbiased within-sample term)."""
+    n = len(k)
+    return float((k.sum() - np.trace(k)) / (n * (n - 1)))
+
+
 def mmd2_from_kernel(k: np.ndarray, n: int) -> float:
     """Unbiased MMD^2 from the pooled kernel matrix of [x (n rows); y (rest)]."""
-    m = len(k) - n
-    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
-    sxx = (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
-    syy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-    return float(sxx + syy - 2 * kxy.mean())
+    return offdiag_mean(k[:n, :n]) + offdiag_mean(k[n:, n:]) - 2 * float(k[:n, n:].mean())
 
 
 def mmd2(x: np.ndarray, y: np.ndarray, sigma: float | None = None) -> float:
-    sigma = sigma or median_sigma(np.concatenate([x, y]))
     z = np.concatenate([x, y])
+    sigma = sigma or median_sigma(z)
     return mmd2_from_kernel(kernel(z, z, sigma), len(x))
 
 
@@ -109,17 +111,14 @@ class OnlineMMD:
             raise ValueError(f"need at least {2 * window} reference samples for window={window}")
         self.window, self.ert = window, ert
         self.sigma = sigma or median_sigma(self.ref)
-        k_rr = kernel(self.ref, self.ref, self.sigma)
-        self.k_rr = (k_rr.sum() - np.trace(k_rr)) / (half * (half - 1))
+        self.k_rr = offdiag_mean(kernel(self.ref, self.ref, self.sigma))
         stats = [self.statistic(held[rng.choice(len(held), window, replace=False)]) for _ in range(n_bootstrap)]
         self.threshold = float(np.quantile(stats, 1 - 1 / ert))
         self.reset()
 
     def statistic(self, w: np.ndarray) -> float:
         """MMD^2 of a whole window against the reference (batch form, for calibration and checks)."""
-        k_ww = kernel(w, w, self.sigma)
-        s_ww = (k_ww.sum() - np.trace(k_ww)) / (len(w) * (len(w) - 1))
-        return float(s_ww + self.k_rr - 2 * kernel(w, self.ref, self.sigma).mean())
+        return float(offdiag_mean(kernel(w, w, self.sigma)) + self.k_rr - 2 * kernel(w, self.ref, self.sigma).mean())
 
     def reset(self) -> None:
         self.buf: deque = deque()

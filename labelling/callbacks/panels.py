@@ -57,12 +57,12 @@ class PredictionPanels(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         import matplotlib.pyplot as plt
 
-        from labelling.inference import predict_tiled  # late: inference imports the data stack
+        from labelling.inference import fit_tile, predict_tiled  # late: inference imports the data stack
 
         module.eval()
         logged = []
         for img in images:
-            pred = predict_tiled(module.predict, img.input, tile=min(256, *img.input.shape[1:]) // 16 * 16 or 16)
+            pred = predict_tiled(module.predict, img.input, tile=fit_tile(module.net, 256, min(img.input.shape[1:])))
             real = img.target
             fig = panel_figure(img.input[0], real, pred,
                                getattr(dm, "organelles", [f"ch{i}" for i in range(len(real))]))
