@@ -1,29 +1,59 @@
-"""Checkpoint loading with clear errors, and rebuilding a trained task from its embedded config."""
+"""Checkpoint loading with clear errors, and rebuilding a trained task from its embedded config.
+
+Checkpoints are loaded weights-only (``torch.load(..., weights_only=True)``): tensors and plain data
+(dicts, lists, strings, numbers) only, so a crafted ``.ckpt`` cannot run code in ``predict``, ``evaluate``,
+the app or a resume. Labelling checkpoints need nothing more: the experiment config travels as a plain dict
+(``labelling_config``) and Lightning's own entries are plain data too.
+"""
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
 
+from labelling.errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-    """A missing, truncated or foreign checkpoint; the message names the file."""
+__all__ = ["CheckpointError", "check_checkpoint", "load_task"]
+
+
+def _refusal(path: Path, err: Exception) -> CheckpointError:
+    """Error for a checkpoint the weights-only loader refuses; names the file and the offending object."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"(Unsupported [^\n]+)", text)
+    what = f" ({found.group(1)})" if found else ""
+    return CheckpointError(
+        f"checkpoint {path} refused: it needs more than tensors and plain data to load{what}, i.e. it could run "
+        "code. Labelling checkpoints never do; use a checkpoint written by `labelling train` from a trusted source")
 
 
 def check_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint on CPU and verify it is a labelling checkpoint; returns it."""
+    """Load a checkpoint on CPU, weights-only, and verify it is a labelling checkpoint; returns it.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupted file, one that holds Python objects beyond tensors and
+            plain data (refused without running anything), or one not written by labelling.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give a .ckpt file or a run folder to load_task")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "unsupported" in str(err).lower():
+            raise _refusal(path, err) from None
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(err).__name__}: {err}); "
+                              "delete it to start over or point to another one") from err
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(err).__name__}: {err}); "
                               "delete it to start over or point to another one") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    if "labelling_config" not in ckpt:
+    if not isinstance(ckpt.get("labelling_config"), dict):
         raise CheckpointError(f"{path} has no embedded labelling config; was it written by labelling?")
     return ckpt
 
@@ -41,7 +71,10 @@ def load_task(path: str | Path):
         else:
             raise CheckpointError(f"no checkpoints/best.ckpt or last.ckpt under run folder {path}")
     ckpt = check_checkpoint(path)
-    cfg = C.validate(ckpt["labelling_config"])
+    try:
+        cfg = C.validate(ckpt["labelling_config"])
+    except C.ConfigError as err:
+        raise CheckpointError(f"{path}: its embedded config does not validate: {err}") from err
     io = ckpt.get("labelling_io", {"in": 1, "out": 1})
     from labelling.train import build_task
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _train(args) -> int:
@@ -28,7 +29,9 @@ def _show(args) -> int:
 
     from labelling import config as C
 
-    print(yaml.safe_dump(C.to_dict(C.load(args.experiment, args.overrides)), sort_keys=False))
+    cfg = C.load(args.experiment, args.overrides)
+    C.check_components(cfg)  # refuse exactly what train would refuse
+    print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
     return 0
 
 
@@ -59,6 +62,64 @@ def _simulate(args) -> int:
             tifffile.imwrite(out / f"{stem}_{name}.tif", img)
         tifffile.imwrite(out / f"{stem}_nucleimask.tif", f.nuclei)
     print(f"wrote {args.wells * args.fields} fields to {out}")
+    return 0
+
+
+def output_paths(images: list[str], out: Path, suffix: str) -> list[Path]:
+    """One output per input, keeping the inputs' paths relative to their common folder (so two inputs
+    with the same file name never overwrite each other)."""
+    import os
+
+    paths = [Path(f).resolve() for f in images]
+    common = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
+    dests = [out / p.parent.relative_to(common) / f"{p.name.split('.')[0]}{suffix}.ome.tif" for p in paths]
+    if len(set(dests)) != len(dests):
+        raise ValueError("two inputs map to the same output name; give each image once")
+    return dests
+
+
+def _predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    from labelling import predict
+    from labelling.checkpoints import load_task
+    from labelling.data.readers import read_image
+
+    if args.tile < 16 or args.tile > 8192:
+        raise ValueError(f"--tile must be in 16..8192 pixels, got {args.tile}")
+    for scale in args.scale:
+        if not 0 < scale <= predict.MAX_SCALE:
+            raise ValueError(f"--scale must be in (0, {predict.MAX_SCALE:g}], got {scale}")
+    task, _ = load_task(args.checkpoint)
+    names = predict.deployment(task).get("targets") or ["prediction"]
+    out = Path(args.out)
+    written = 0
+    for scale in args.scale:
+        suffix = f"_{'+'.join(names)}" + ("" if scale == 1.0 else f"_x{scale:g}")
+        for src, dest in tqdm(list(zip(args.images, output_paths(args.images, out, suffix))),
+                              desc=f"predict x{scale:g}", disable=len(args.images) < 2):
+            image = read_image(src, channel=args.channel, rgb=args.rgb)
+            y = predict.predict(task, image, tile=args.tile, overlap=args.overlap, blend=args.blend, scale=scale,
+                                name=str(src))
+            predict.write_ome_tiff(dest, y, list(names)[: len(y)])
+            written += 1
+            print(f"wrote {dest}")
+    return 0 if written else 1
+
+
+def _evaluate(args) -> int:
+    from labelling import config as C
+    from labelling.evaluate import evaluate_run
+
+    every = args.all
+    seg = {}
+    for item in args.seg:
+        key, value = C._split(item)
+        seg[key.removeprefix("seg.")] = C.parse_value(value)
+    summary = evaluate_run(args.run, scales=args.scales, split=args.split, max_images=args.max_images,
+                           stability=args.stability or every, embeddings=args.embeddings or every,
+                           drift=args.drift or every, seg=seg, log_wandb=None if args.wandb else False)
+    print(json.dumps({k: round(float(v), 4) for k, v in summary.items()}, indent=2))
     return 0
 
 
@@ -98,7 +159,30 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--size", type=int, default=256)
     sim.set_defaults(fn=_simulate)
 
-    _extend(sub)
+    pr = sub.add_parser("predict", help="tiled whole-image prediction: predict RUN_OR_CKPT IMAGE... --out DIR")
+    pr.add_argument("checkpoint", help="run folder or .ckpt file")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--out", default="predictions")
+    pr.add_argument("--tile", type=int, default=256)
+    pr.add_argument("--overlap", type=float, default=0.25)
+    pr.add_argument("--blend", choices=("gaussian", "linear", "constant"), default="gaussian")
+    pr.add_argument("--scale", type=float, nargs="+", default=[1.0], help="e.g. --scale 0.7 1.0 1.3")
+    pr.add_argument("--channel", type=int, default=None, help="use this channel of a multichannel/RGB image")
+    pr.add_argument("--rgb", choices=("luminance", "mean"), default=None, help="convert an RGB image to grey")
+    pr.set_defaults(fn=_predict)
+
+    ev = sub.add_parser("evaluate", help="downstream report + studies of a trained run: evaluate RUN")
+    ev.add_argument("run", help="run folder or checkpoint")
+    ev.add_argument("--scales", type=float, nargs="+", default=[0.7, 1.0, 1.3])
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--max-images", type=int, default=64)
+    ev.add_argument("--stability", action="store_true", help="raw-image corruptions x severities, both modes")
+    ev.add_argument("--embeddings", action="store_true", help="PCA/UMAP/PaCMAP x DBSCAN/HDBSCAN/k-means F1")
+    ev.add_argument("--drift", action="store_true", help="MMD test, online-MMD AUC tables and run lengths")
+    ev.add_argument("--all", action="store_true", help="all of the above")
+    ev.add_argument("--seg", nargs="*", default=[], help="segmentation overrides, e.g. --seg min_size=50 offset=0")
+    ev.add_argument("--wandb", action="store_true", help="also log to W&B when the run did")
+    ev.set_defaults(fn=_evaluate)
     # overrides may come after options too (`train EXP --run-dir X key=val`): collect the leftovers
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if "=" not in r or r.startswith("-")]
@@ -106,27 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(bad or rest)}")
     if rest:
         args.overrides = list(args.overrides) + rest
-    from labelling.checkpoints import CheckpointError
-    from labelling.config import ConfigError
-    from labelling.data.readers import ImageError
+    from labelling.errors import UserError, redact
 
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ImageError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError, ValueError, PermissionError) as err:
+        print(f"error: {redact(err)}", file=sys.stderr)
         return 2
-
-
-def _extend(sub) -> None:
-    """Commands of optional modules (predict, evaluate) register themselves here when present."""
-    import importlib
-
-    for mod in ("labelling.inference", "labelling.evaluate"):
-        try:
-            importlib.import_module(mod).add_command(sub)
-        except ModuleNotFoundError as err:
-            if err.name != mod:
-                raise
+    except (FloatingPointError, OSError) as err:  # a diverged run, a full disk: not the user's input
+        print(f"error: {redact(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,38 +1,36 @@
 """Experiment configuration: a pydantic schema, YAML loading with one `extends:`, dotted overrides.
 
 An experiment YAML has the top keys ``seed, data, net, loss, optim, trainer, callbacks, logger``. Each
-component is ``{name: <short name>, ...arguments}``; the arguments are checked against the builder's
-signature by :mod:`labelling.registry`, so a typo anywhere names the valid choices before training starts.
+component is ``{name: <short name>, ...arguments}``. :func:`validate` checks the schema and every value it
+knows (choices, ranges, types: ``optim.scheduler``, ``monitor``, ``net.dropout``, ``data.crop``...);
+:func:`check_components` checks component names and argument names against the builders' signatures in
+:mod:`labelling.registry`. Either way a mistake names the valid choices before training starts.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
+import inspect
+import numbers
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from labelling.errors import ConfigError, suggest, unknown  # noqa: F401  (ConfigError, unknown: re-exported)
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = ROOT / "experiments"
 SWEEPS_DIR = ROOT / "sweeps"
 
-
-class ConfigError(ValueError):
-    """A configuration mistake, with a message that says how to fix it."""
-
-
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def unknown(kind: str, word: str, choices) -> ConfigError:
-    """Build the error for an unknown key or name, listing the valid ones."""
-    choices = sorted(str(c) for c in choices)
-    return ConfigError(f"unknown {kind} '{word}'.{_suggest(word, choices)} Valid: {', '.join(choices)}")
+SCHEDULERS = ("cosine", "plateau", None)
+# What each task logs (see labelling/tasks) and which direction is better: `monitor` must be one of these.
+MONITORS: dict[str, dict[str, str]] = {
+    "stainer": {"val/pcc": "max", "val/ssim": "max", "val/loss": "min", "val/mse": "min", "train/loss": "min"},
+    "autoencoder": {"val/pcc": "max", "val/loss": "min", "val/mse": "min", "train/loss": "min"},
+}
+SPLIT_BY = ("well", "field")
 
 
 class Component(BaseModel):
@@ -108,17 +106,140 @@ class Experiment(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        # CAREamics-style: catch crop/depth mismatches before any data is built.
-        crop = self.data.args.get("crop", 64)
-        depth = self.net.args.get("depth", 3)
-        if self.net.name in ("unet", "conv_ae", "vae") and isinstance(crop, int) and crop % (2**depth):
-            raise ValueError(
-                f"data.crop={crop} is not divisible by 2**net.depth={2 ** depth}; "
-                f"use a crop that is a multiple of {2 ** depth} or a smaller depth"
-            )
-        if self.monitor_mode not in ("min", "max"):
-            raise ValueError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
+        problems = check_values(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
+
+
+# --------------------------------------------------------------------------- value checks
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _fraction(v) -> bool:  # [0, 1)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < 1
+
+
+# Component arguments whose values are checked before anything is built: {argument: (test, what is valid)}.
+NET_ARGS = {"depth": (_positive_int, "a positive integer (>= 1)"),
+            "width": (_positive_int, "a positive integer (>= 1)"),
+            "latent_dim": (_positive_int, "a positive integer (>= 1)"), "size": (_positive_int, "a positive integer"),
+            "dropout": (_fraction, "a number in [0, 1)")}
+DATA_ARGS = {"crop": (_positive_int, "a positive integer (pixels)"),
+             "val_crop": (lambda v: v is None or _positive_int(v), "a positive integer (pixels) or null"),
+             "batch_size": (_positive_int, "a positive integer"),
+             "crops_per_epoch": (_positive_int, "a positive integer"),
+             "n_wells": (_positive_int, "a positive integer"), "fields_per_well": (_positive_int, "a positive integer"),
+             "field_size": (_positive_int, "a positive integer (pixels)"),
+             "spatial_blocks": (_positive_int, "a positive integer"), "max_size": (_count, "an integer >= 0 (0 keeps)"),
+             "num_workers": (_count, "an integer >= 0"), "val_fraction": (_fraction, "a number in [0, 1)"),
+             "test_fraction": (_fraction, "a number in [0, 1)")}
+# Known values that need no import to accept; anything else is looked up in the module that defines it.
+_KNOWN_AUGMENT = ("flip", "rotate", "scale", "corrupt_p", "max_severity", "corruptions")
+_KNOWN_NORMALIZE = ("percentile", "zscore", "minmax", "none", "fixed")
+
+
+def check_values(cfg: Experiment) -> list[str]:
+    """Problems with the values of a config (ranges, choices, types), each naming the key and what is valid.
+
+    Rewrites what it can interpret unambiguously (a single string for a list of channels) in place.
+    """
+    problems: list[str] = []
+    tables = _registry_tables()
+    if cfg.optim.name not in tables["optim"]:
+        problems.append(str(unknown("optim.name", cfg.optim.name, tables["optim"])))
+    if cfg.optim.scheduler not in SCHEDULERS:
+        problems.append(str(unknown("optim.scheduler", cfg.optim.scheduler,
+                                    ["null" if s is None else s for s in SCHEDULERS])))
+    monitors = MONITORS.get(cfg.task.name)
+    if monitors is not None and cfg.monitor not in monitors:
+        problems.append(f"unknown monitor '{cfg.monitor}'.{suggest(cfg.monitor, monitors)} "
+                        f"Valid (logged by task '{cfg.task.name}'): {', '.join(sorted(monitors))}")
+    if cfg.monitor_mode not in ("min", "max"):
+        problems.append(str(unknown("monitor_mode", cfg.monitor_mode, ("min", "max"))))
+    elif monitors and cfg.monitor in monitors and monitors[cfg.monitor] != cfg.monitor_mode:
+        better = "higher" if monitors[cfg.monitor] == "max" else "lower"
+        problems.append(f"monitor_mode={cfg.monitor_mode} contradicts monitor={cfg.monitor} ({better} is better): "
+                        f"set monitor_mode: {monitors[cfg.monitor]}")
+    if cfg.net.name in tables.get("net", ()):
+        problems += _check_args("net", cfg.net.args, NET_ARGS)
+    if cfg.data.name in tables.get("data", ()):
+        problems += _check_data(cfg.data)
+    crop, depth = cfg.data.args.get("crop", 64), cfg.net.args.get("depth", 3)
+    # CAREamics-style: catch crop/depth mismatches before any data is built.
+    if cfg.net.name in ("unet", "conv_ae", "vae") and _positive_int(crop) and _positive_int(depth) \
+            and crop % (2**depth):
+        problems.append(f"data.crop={crop} is not divisible by 2**net.depth={2 ** depth}; "
+                        f"use a crop that is a multiple of {2 ** depth} or a smaller depth")
+    return problems
+
+
+def _registry_tables() -> dict:
+    from labelling import registry  # late: the registry sits above this module (its tables import nothing)
+
+    return registry.TABLES
+
+
+def _check_args(section: str, args: dict, rules: dict) -> list[str]:
+    return [f"{section}.{key}={args[key]!r}: must be {wanted}"
+            for key, (test, wanted) in rules.items() if key in args and not test(args[key])]
+
+
+def _check_data(data: Component) -> list[str]:
+    args = data.args
+    problems = _check_args("data", args, DATA_ARGS)
+    fractions = [args.get(k, 0.25) for k in ("val_fraction", "test_fraction")]
+    if all(_fraction(f) for f in fractions) and sum(fractions) >= 1:
+        problems.append(f"data.val_fraction + data.test_fraction = {sum(fractions):g}: must be < 1 "
+                        "(something must be left to train on)")
+    if "split_by" in args and args["split_by"] not in SPLIT_BY:
+        problems.append(str(unknown("data.split_by", args["split_by"], SPLIT_BY)))
+    if "normalize" in args and args["normalize"] not in _KNOWN_NORMALIZE:
+        from labelling.data.transforms import NORMALIZATIONS
+
+        if args["normalize"] not in NORMALIZATIONS:
+            problems.append(str(unknown("data.normalize", args["normalize"], NORMALIZATIONS)))
+    if "target_transform" in args:
+        from labelling.data.preprocess import TARGET_TRANSFORMS
+
+        if args["target_transform"] not in TARGET_TRANSFORMS:
+            problems.append(str(unknown("data.target_transform", args["target_transform"], TARGET_TRANSFORMS)))
+    augment = args.get("augment")
+    if augment is not None and not isinstance(augment, dict):
+        problems.append(f"data.augment={augment!r}: must be a mapping, e.g. {{flip: true, rotate: 15}}")
+    elif augment:
+        bad = [k for k in augment if k not in _KNOWN_AUGMENT]
+        if bad:
+            from labelling.data.transforms import PairedAugment
+
+            valid = [n for n in inspect.signature(PairedAugment).parameters if n not in ("crop", "seed")]
+            problems += [str(unknown("data.augment key", k, valid)) for k in bad if k not in valid]
+    for key in ("inputs", "targets"):
+        if key in args:
+            channels, problem = _channel_list(key, args[key])
+            if problem:
+                problems.append(problem)
+            else:
+                data.model_extra[key] = channels  # one string is one channel, never a list of letters
+    return problems
+
+
+def _channel_list(key: str, value) -> tuple[list[str], str | None]:
+    """`inputs`/`targets` as a list of channel names; a single name (string or number) is a one-element list."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        return [], f"data.{key}={value!r}: must be a non-empty list of channel names, e.g. ['w2']"
+    bad = [v for v in value if not isinstance(v, (str, int)) or isinstance(v, bool)]
+    if bad:
+        return [], f"data.{key}: channel names must be strings, got {bad!r}"
+    return [str(v) for v in value], None
 
 
 # --------------------------------------------------------------------------- loading and overrides
@@ -138,7 +259,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def _keep_accepted(kind: str, name: str, args: dict) -> dict:
     """A component switched to another `name:` keeps only the inherited arguments the new one accepts."""
-    from labelling import registry  # late: registry imports this module
+    from labelling import registry  # late: the registry sits above this module
 
     if kind not in registry.TABLES or name not in registry.TABLES[kind]:
         return {}
@@ -163,21 +284,43 @@ def list_experiments() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def load_raw(name_or_path: str | Path) -> dict:
-    """Read an experiment YAML and merge it over its `extends:` parent (one level)."""
-    path = experiment_path(name_or_path)
+def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from err
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    parent = raw.pop("extends", None)
-    if parent:
-        parent_path = path.parent / (parent if parent.endswith(".yaml") else f"{parent}.yaml")
-        base = yaml.safe_load(parent_path.read_text()) or {}
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def parent_path(child: Path, parent) -> Path:
+    """The file an `extends:` names: next to the child YAML first, then in ``experiments/``."""
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{child}: `extends:` must be one experiment name (a string, e.g. `extends: _base`), "
+                          f"got {parent!r}; only one parent is allowed")
+    name = parent if parent.endswith((".yaml", ".yml")) else f"{parent}.yaml"
+    candidates = [Path(name)] if Path(name).is_absolute() else [child.parent / name, EXPERIMENTS_DIR / name]
+    for path in candidates:
+        if path.exists():
+            return path
+    valid = sorted({p.stem for d in (child.parent, EXPERIMENTS_DIR) for p in d.glob("*.yaml")} - {child.stem})
+    looked = " and ".join(str(c) for c in candidates)
+    raise ConfigError(f"{child}: `extends: {parent}` not found (looked for {looked}).{suggest(parent, valid)} "
+                      f"Valid: {', '.join(valid)}")
+
+
+def load_raw(name_or_path: str | Path) -> dict:
+    """Read an experiment YAML and merge it over its `extends:` parent (one level)."""
+    path = experiment_path(name_or_path)
+    raw = _read_yaml(path)
+    if "extends" in raw:
+        parent = parent_path(path, raw.pop("extends"))
+        base = _read_yaml(parent)
         if "extends" in base:
-            raise ConfigError(f"{parent_path}: only one level of `extends:` is allowed")
+            raise ConfigError(f"{parent}: only one level of `extends:` is allowed")
         raw = _deep_merge(base, raw)
     raw.setdefault("name", path.stem)
     return raw
@@ -227,7 +370,8 @@ def validate(raw: dict) -> Experiment:
                 section = _model_at(e["loc"][:-1])
                 lines.append(str(unknown("config key", loc, _field_paths(section, e["loc"][:-1]))))
             else:
-                lines.append(f"{loc or 'config'}: {e['msg']}")
+                msg = e["msg"].removeprefix("Value error, ")
+                lines.append(f"{loc}: {msg}" if loc and not msg.startswith(f"unknown {loc}") else msg)
         raise ConfigError("invalid experiment config:\n  " + "\n  ".join(lines)) from None
 
 
@@ -248,6 +392,21 @@ def _field_paths(model: type[BaseModel], loc) -> list[str]:
 def load(name_or_path: str | Path, overrides: list[str] | dict | None = None) -> Experiment:
     """Load, merge, override and validate an experiment in one call."""
     return validate(apply_overrides(load_raw(name_or_path), overrides or []))
+
+
+def check_components(cfg: Experiment) -> None:
+    """Check every component's name and argument names against its builder, without building anything.
+
+    :func:`validate` checks the schema and values; this adds what needs the registry (``show`` runs both, so it
+    refuses exactly what ``train`` would refuse before training). Raises ConfigError.
+    """
+    from labelling import registry  # late: the registry sits above this module
+
+    for kind, comp in (("task", cfg.task), ("data", cfg.data), ("net", cfg.net), ("loss", cfg.loss)):
+        registry.check_args(registry.get(kind, comp.name), comp.args, f"{kind} '{comp.name}'")
+    registry.get("optim", cfg.optim.name)
+    for comp in cfg.callbacks:
+        registry.check_args(registry.get("callback", comp.name), comp.args, f"callback '{comp.name}'")
 
 
 def to_dict(cfg: Experiment) -> dict:

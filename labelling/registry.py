@@ -10,7 +10,7 @@ import importlib
 import inspect
 from typing import Any
 
-from labelling.config import ConfigError, unknown
+from labelling.errors import ConfigError, ImageError, unknown
 
 TABLES: dict[str, dict[str, str]] = {
     "data": {
@@ -103,10 +103,16 @@ def check_args(fn, args: dict[str, Any], where: str) -> None:
 
 
 def build(kind: str, name: str, **args):
-    """Instantiate a registered component, with clear errors for unknown names and arguments."""
+    """Instantiate a registered component, with clear errors for unknown names, arguments and values.
+
+    A builder's ``TypeError`` or ``ValueError`` (a bad argument value) becomes a ConfigError that names the
+    component; an ImageError (a bad file) passes unchanged.
+    """
     fn = get(kind, name)
     check_args(fn, args, f"{kind} '{name}'")
     try:
         return fn(**args)
-    except TypeError as err:
+    except ImageError:
+        raise
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"{kind} '{name}': {err}") from err

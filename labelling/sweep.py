@@ -1,18 +1,26 @@
 """Optuna driver over :func:`labelling.train.fit`.
 
-A sweep is ``sweeps/<experiment>.yaml``: the metric and direction, a trial budget, and a search space keyed
-by dotted config paths. The study lives in ``sqlite:///runs/<exp>/study.db`` unless ``--storage`` names any
-RDB URL (e.g. PostgreSQL for many workers). Re-running the same command resumes the study: completed and
-pruned trials count towards ``n_trials``; trials of a killed worker are detected by heartbeat, marked failed
-and retried, continuing from their last checkpoint.
+A sweep is ``sweeps/<experiment>.yaml`` (or any YAML path): the metric and direction, a trial budget, and a
+search space keyed by dotted config paths; all of it is validated against the experiment before any trial
+runs. The study lives in ``sqlite:///runs/<exp>/study.db`` unless ``--storage`` (or ``$LABELLING_STORAGE``)
+names any RDB URL (e.g. ``postgresql://`` for many workers). Re-running the same command resumes the study:
+completed and pruned trials count towards ``n_trials``, which the study never exceeds however many workers
+share it; each trial's draws are seeded by its number, so workers never repeat each other. Trials of a
+killed worker are detected by heartbeat, marked failed and retried, continuing from their last checkpoint.
+Passwords and API keys are redacted from everything printed or saved.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
+import os
+import socket
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,55 +28,130 @@ import lightning as L
 import yaml
 
 from labelling import config as C
+from labelling.errors import redact, redact_obj
 
 PARAM_TYPES = ("float", "int", "categorical")
+PARAM_KEYS = ("type", "low", "high", "log", "choices")
+SPEC_KEYS = ("experiment", "metric", "direction", "n_trials", "sampler", "pruner", "overrides", "space", "heartbeat")
+DIRECTIONS = ("maximize", "minimize")
+SAMPLER_KEYS = ("seed", "n_startup_trials")
+PRUNER_KEYS = ("n_startup_trials", "n_warmup_steps")
+STORAGE_ENV = "LABELLING_STORAGE"  # a storage URL from the environment keeps its password off command lines
 
 
-def load_space(name_or_path: str | Path) -> dict:
-    """Read and check a sweep file; errors name the bad key and the valid ones."""
+# --------------------------------------------------------------------------- the sweep file
+
+def load_space(name_or_path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Read and check a sweep file before any trial runs; errors name the file, the bad key and the valid ones.
+
+    Every search-space key must be a config path: each parameter's extreme values (each choice) are applied to
+    the experiment and validated like ``train`` would, so a typo (``optim.lrr``) or a value out of range fails
+    here instead of leaving failed trials.
+    """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = C.SWEEPS_DIR / f"{name_or_path}.yaml"
     if not path.exists():
+        if Path(name_or_path).suffix in (".yaml", ".yml"):
+            raise C.ConfigError(f"sweep file not found: {path}")
         valid = sorted(p.stem for p in C.SWEEPS_DIR.glob("*.yaml"))
         raise C.unknown("sweep", str(name_or_path), valid)
-    spec = yaml.safe_load(path.read_text()) or {}
-    allowed = {"experiment", "metric", "direction", "n_trials", "sampler", "pruner", "overrides", "space",
-               "heartbeat"}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise C.ConfigError(f"sweep {path}: invalid YAML: {err}") from None
+    if not isinstance(spec, dict):
+        raise C.ConfigError(f"sweep {path}: expected a mapping at the top level, got {type(spec).__name__}")
+    try:
+        return _check_spec(spec, path, list(overrides or []))
+    except C.ConfigError as err:
+        raise C.ConfigError(f"sweep {path}: {err}") from None
+
+
+def _check_spec(spec: dict, path: Path, extra: list[str]) -> dict:
     for key in spec:
-        if key not in allowed:
-            raise C.unknown(f"key in sweep {path.name}", key, allowed)
+        if key not in SPEC_KEYS:
+            raise C.unknown("key", key, SPEC_KEYS)
     spec.setdefault("experiment", path.stem)
     spec.setdefault("metric", "val/pcc")
     spec.setdefault("direction", "maximize")
     spec.setdefault("n_trials", 8)
-    if not spec.get("space"):
-        raise C.ConfigError(f"sweep {path.name}: empty `space:`")
-    raw = C.load_raw(spec["experiment"])
-    for dotted, p in spec["space"].items():
-        if p.get("type") not in PARAM_TYPES:
-            raise C.unknown(f"parameter type of {dotted}", p.get("type"), PARAM_TYPES)
-        _check_path(raw, dotted)
+    if spec["direction"] not in DIRECTIONS:
+        raise C.unknown("direction", spec["direction"], DIRECTIONS)
+    for key in ("n_trials", "heartbeat"):
+        if key in spec and not _positive_int(spec[key]):
+            raise C.ConfigError(f"{key} must be a positive integer, got {spec[key]!r}")
+    for key, valid in (("sampler", SAMPLER_KEYS), ("pruner", PRUNER_KEYS)):
+        section = spec.get(key) or {}
+        if not isinstance(section, dict):
+            raise C.ConfigError(f"{key} must be a mapping of {', '.join(valid)}, got {section!r}")
+        for k in section:
+            if k not in valid:
+                raise C.unknown(f"{key} key", k, valid)
+    overrides = spec.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise C.ConfigError(f"overrides must be a list of key=value strings, got {overrides!r}")
+    space = spec.get("space")
+    if not space:
+        raise C.ConfigError("empty `space:`")
+    if not isinstance(space, dict):
+        raise C.ConfigError(f"space must map dotted config paths to parameters, got {space!r}")
+    for dotted, p in space.items():
+        _check_param(dotted, p)
+    _check_against_experiment(spec, extra)
     return spec
 
 
-def _check_path(raw: dict, dotted: str) -> None:
-    """The section of a dotted path must exist (the leaf may be a new argument)."""
-    node = raw
-    parts = dotted.split(".")
-    for key in parts[:-1]:
-        if not isinstance(node, dict) or key not in node:
-            raise C.unknown("sweep parameter section", ".".join(parts[:-1]), _paths(raw))
-        node = node[key]
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
-def _paths(raw: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in raw.items():
-        if isinstance(v, dict):
-            out.append(prefix + k)
-            out += _paths(v, prefix + k + ".")
-    return out
+def _check_param(dotted: str, p) -> None:
+    if not isinstance(p, dict):
+        raise C.ConfigError(f"parameter {dotted} must be a mapping like {{type: float, low: 0.1, high: 1}}, got {p!r}")
+    if p.get("type") not in PARAM_TYPES:
+        raise C.unknown(f"parameter type of {dotted}", p.get("type"), PARAM_TYPES)
+    for key in p:
+        if key not in PARAM_KEYS:
+            raise C.unknown(f"key of parameter {dotted}", key, PARAM_KEYS)
+    if p["type"] == "categorical":
+        if not isinstance(p.get("choices"), list) or not p["choices"]:
+            raise C.ConfigError(f"parameter {dotted}: a categorical needs a non-empty `choices:` list")
+        return
+    number, what = (int, "an integer") if p["type"] == "int" else ((int, float), "a number")
+    for key in ("low", "high"):
+        if isinstance(p.get(key), bool) or not isinstance(p.get(key), number):
+            raise C.ConfigError(f"parameter {dotted}: `{key}:` must be {what}, got {p.get(key)!r}")
+    if p["low"] > p["high"]:
+        raise C.ConfigError(f"parameter {dotted}: low={p['low']} is greater than high={p['high']}")
+    if p.get("log") and p["low"] <= 0:
+        raise C.ConfigError(f"parameter {dotted}: a log-scale range needs low > 0, got low={p['low']}")
+
+
+def _check_against_experiment(spec: dict, extra: list[str]) -> None:
+    """Validate the experiment with the sweep's overrides, metric and every parameter's extreme values."""
+    base = C.apply_overrides(C.load_raw(spec["experiment"]), list(spec.get("overrides") or []) + extra)
+    fixed = {"monitor": spec["metric"], "monitor_mode": "max" if spec["direction"] == "maximize" else "min"}
+    cfg = C.validate(base)
+    monitors = C.MONITORS.get(cfg.task.name)
+    if monitors is not None and spec["metric"] not in monitors:
+        raise C.ConfigError(f"unknown metric '{spec['metric']}'.{C.suggest(spec['metric'], monitors)} "
+                            f"Valid (logged by task '{cfg.task.name}'): {', '.join(sorted(monitors))}")
+    if monitors and monitors[spec["metric"]] != fixed["monitor_mode"]:
+        raise C.ConfigError(f"direction {spec['direction']} contradicts metric {spec['metric']} "
+                            f"({'higher' if monitors[spec['metric']] == 'max' else 'lower'} is better)")
+    low = {d: (p["choices"][0] if p["type"] == "categorical" else p["low"]) for d, p in spec["space"].items()}
+    for dotted, p in spec["space"].items():
+        values = p["choices"] if p["type"] == "categorical" else [p["low"], p["high"]]
+        for value in values:
+            try:
+                cfg = C.validate(C.apply_overrides(base, {**fixed, **low, dotted: value}))
+            except C.ConfigError as err:
+                raise C.ConfigError(f"search-space parameter {dotted}={value!r}: {err}") from None
+    C.check_components(cfg)  # argument names of components (net.widht, loss.under_weightt)
+
+
+# --------------------------------------------------------------------------- sampling
 
 
 def suggest(trial, space: dict) -> dict[str, Any]:
@@ -82,6 +165,34 @@ def suggest(trial, space: dict) -> dict[str, Any]:
         else:
             out[dotted] = trial.suggest_categorical(dotted, p["choices"])
     return out
+
+
+def make_sampler(spec: dict):
+    """TPE whose random stream is reseeded from ``seed + trial number`` at the start of every trial.
+
+    Trial numbers are unique across all workers of a study, so parallel workers never draw the same
+    parameters (a shared fixed seed made every worker's first trials identical), and a study stays
+    reproducible whatever the number of workers.
+    """
+    import optuna
+
+    class TrialSeededTPESampler(optuna.samplers.TPESampler):
+        def __init__(self, seed: int, **kwargs):
+            super().__init__(seed=seed, **kwargs)
+            self.base_seed = seed
+
+        def before_trial(self, study, trial) -> None:
+            super().before_trial(study, trial)
+            seed = (self.base_seed + trial.number) % 2**32
+            rngs = [getattr(self, "_rng", None), getattr(getattr(self, "_random_sampler", None), "_rng", None)]
+            if all(hasattr(r, "rng") for r in rngs):
+                for r in rngs:
+                    r.rng.seed(seed)
+            else:  # Optuna internals changed: fall back to a fresh random stream per trial
+                self.reseed_rng()
+
+    cfg = spec.get("sampler") or {}
+    return TrialSeededTPESampler(seed=int(cfg.get("seed", 0)), n_startup_trials=cfg.get("n_startup_trials", 4))
 
 
 class PruningCallback(L.Callback):
@@ -108,14 +219,59 @@ def default_storage(exp: str, run_root: str | Path = "runs") -> str:
     return f"sqlite:///{path}"
 
 
+def storage_url(url: str) -> str:
+    """Name a PostgreSQL driver that is installed: plain ``postgresql://`` (and ``postgres://``) URLs use
+    psycopg2 (``pip install 'labelling[hpo]'``); SQLAlchemy's own default (psycopg 3) is usually absent."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        if importlib.util.find_spec("psycopg") is not None:
+            return f"postgresql+psycopg://{rest}"
+        raise C.ConfigError(f"storage {redact(url)}: no PostgreSQL driver is installed; "
+                            "pip install 'labelling[hpo]' (psycopg2-binary)")
+    return url
+
+
 def make_storage(url: str, heartbeat: int = 30):
     """RDB storage with a heartbeat; trials whose worker died are failed and retried (up to 3 times)."""
+    from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                      engine_kwargs=kwargs)
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8; the warning is noise
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RDBStorage(storage_url(url), heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                          engine_kwargs=kwargs)
+
+
+def _is_race(err: Exception, url: str) -> bool:
+    """Errors of workers racing to create the tables and the study (worth a retry), not of a wrong URL,
+    a missing driver or an unreachable server (permanent: reported at once)."""
+    if isinstance(err, (ImportError, C.ConfigError)) or type(err).__name__ in ("ArgumentError", "NoSuchModuleError"):
+        return False
+    text = str(err).lower()
+    if type(err).__name__ == "OperationalError" and not url.startswith("sqlite"):
+        return "deadlock" in text or "could not serialize" in text
+    return True
+
+
+def open_study(url: str, study_name: str, spec: dict, sampler, pruner):
+    """Create or load the study; a storage that cannot be opened is a ConfigError with the URL redacted."""
+    import optuna
+
+    for attempt in range(5):  # workers starting together race to create the tables and the study
+        try:
+            storage = make_storage(url, spec.get("heartbeat", 30))
+            return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                       direction=spec["direction"], load_if_exists=True)
+        except Exception as err:  # IntegrityError / DuplicatedStudyError / ProgrammingError from the race
+            if attempt == 4 or not _is_race(err, url):
+                detail = str(getattr(err, "orig", None) or err).strip().splitlines()
+                raise C.ConfigError(f"cannot open the study storage {redact(url)}: {type(err).__name__}: "
+                                    f"{redact(' '.join(line.strip() for line in detail))}") from None
+            time.sleep(0.5 + attempt)
 
 
 def retried_from(trial) -> int | None:
@@ -124,39 +280,58 @@ def retried_from(trial) -> int | None:
     return attrs.get("failed_trial")
 
 
+class SurplusTrial(Exception):
+    """Raised at the start of a trial the study no longer needs (other workers took the last slots)."""
+
+
+def _taken(study, before: int | None = None) -> int:
+    """Trials finished (complete/pruned), running or queued, optionally only those numbered below `before`."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if before is None or t.number < before)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | None = None,
               overrides: list[str] | None = None, study_name: str | None = None,
               run_root: str | Path = "runs"):
-    """Run (or resume) a sweep; returns the Optuna study. Writes ``best.yaml`` and ``trials.csv``."""
+    """Run (or resume) a sweep; returns the Optuna study. Writes ``best.yaml`` and ``trials.csv``.
+
+    Any number of workers may run the same command on one storage: the study ends with exactly ``n_trials``
+    complete or pruned trials (a trial that would exceed it stops at once, marked failed and ``surplus``).
+    The storage URL may also come from ``$LABELLING_STORAGE``; its password is never printed or saved.
+    """
     import optuna
 
     from labelling.train import fit
 
-    spec = load_space(sweep)
+    sys.argv[:] = [redact(a) for a in sys.argv]  # W&B saves the command line in every run's metadata
+    storage = storage or os.environ.get(STORAGE_ENV) or None
+    spec = load_space(sweep, overrides)
     exp = spec["experiment"]
     study_name = study_name or exp
     out_dir = Path(run_root) / exp
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage_url = storage or default_storage(exp, run_root)
-    sampler = optuna.samplers.TPESampler(seed=spec.get("sampler", {}).get("seed", 0),
-                                         n_startup_trials=spec.get("sampler", {}).get("n_startup_trials", 4))
-    pr = spec.get("pruner", {})
+    url = storage or default_storage(exp, run_root)
+    pr = spec.get("pruner") or {}
     pruner = optuna.pruners.MedianPruner(n_startup_trials=pr.get("n_startup_trials", 3),
                                          n_warmup_steps=pr.get("n_warmup_steps", 3))
-    for attempt in range(5):  # workers starting together race to create the tables and the study
-        try:
-            storage_obj = make_storage(storage_url, spec.get("heartbeat", 30))
-            study = optuna.create_study(study_name=study_name, storage=storage_obj, sampler=sampler, pruner=pruner,
-                                        direction=spec["direction"], load_if_exists=True)
-            break
-        except Exception:  # IntegrityError / DuplicatedStudyError / ProgrammingError from the race
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + attempt)
+    study = open_study(url, study_name, spec, make_sampler(spec), pruner)
     base = C.load_raw(exp)
-    base_overrides = list(spec.get("overrides", [])) + list(overrides or [])
+    base_overrides = list(spec.get("overrides") or []) + list(overrides or [])
+    total = n_trials or spec["n_trials"]
+    if not _positive_int(total):
+        raise C.ConfigError(f"--n-trials must be a positive integer, got {total!r}")
 
     def objective(trial) -> float:
+        if _taken(study, before=trial.number) >= total:  # other workers took the last slots meanwhile
+            trial.set_user_attr("surplus", True)
+            study.stop()
+            raise SurplusTrial(f"the study already has {total} trials finished or running; not starting another")
         params = suggest(trial, spec["space"])
         retried = retried_from(trial)
         number = retried if retried is not None else trial.number
@@ -166,42 +341,52 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
                                       "monitor_mode": "max" if spec["direction"] == "maximize" else "min",
                                       "resume": retried is not None, "logger.group": study_name})
         cfg = C.validate(raw)
-        trial.set_user_attr("config", C.to_dict(cfg))
+        trial.set_user_attr("config", redact_obj(C.to_dict(cfg)))
         trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", worker_id())
         metrics = fit(cfg, run_dir=run_dir, callbacks=[PruningCallback(trial, spec["metric"])])
         value = metrics.get(f"best/{spec['metric']}", metrics.get(spec["metric"], math.nan))
         for k, v in metrics.items():
             trial.set_user_attr(f"metric:{k}", v)
         return value
 
-    from optuna.study import MaxTrialsCallback
+    def stop_when_full(study, trial) -> None:
+        # Every worker stops once the study as a whole has `total` trials done, running or queued; the check
+        # at the start of `objective` settles the races this leaves.
+        if _taken(study) >= total:
+            study.stop()
+
     from optuna.trial import TrialState
 
-    total = n_trials or spec["n_trials"]
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     remaining = total - len(done)
     if remaining > 0:
-        print(f"study '{study_name}' at {storage_url}: {len(done)} trials done, running {remaining} more")
-        # other workers may share the study: every worker stops once the study as a whole has `total`
-        stop = MaxTrialsCallback(total, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        study.optimize(objective, n_trials=remaining, catch=(FloatingPointError,), callbacks=[stop])
+        seed = (spec.get("sampler") or {}).get("seed", 0)
+        print(f"study '{study_name}' at {redact(url)}: {len(done)} trials done, running {remaining} more "
+              f"(worker {worker_id()}, TPE seed {seed} + trial number)")
+        study.optimize(objective, n_trials=remaining, catch=(FloatingPointError, SurplusTrial),
+                       callbacks=[stop_when_full])
     else:
         print(f"study '{study_name}': all {len(done)} trials done; nothing to run")
-    write_summary(study, out_dir, spec)
+    write_summary(study, out_dir, spec, storage=url)
     return study
 
 
-def write_summary(study, out_dir: Path, spec: dict) -> None:
-    """``best.yaml`` (resolved config + value), ``trials.csv`` and an optimisation-history plot."""
+def write_summary(study, out_dir: Path, spec: dict, storage: str | None = None) -> None:
+    """``best.yaml`` (resolved config + value), ``trials.csv`` and an optimisation-history plot (secrets redacted)."""
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not complete:
         return
     best = study.best_trial
     cfg = copy.deepcopy(best.user_attrs.get("config", {}))
     summary = {"best_trial": best.number, "metric": spec["metric"], "value": best.value,
-               "params": best.params, "run_dir": best.user_attrs.get("run_dir"), "config": cfg}
-    (out_dir / "best.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+               "params": best.params, "run_dir": best.user_attrs.get("run_dir"), "config": cfg,
+               "study": study.study_name, "storage": storage}
+    (out_dir / "best.yaml").write_text(yaml.safe_dump(redact_obj(summary), sort_keys=False))
+    surplus = {t.number for t in study.trials if t.user_attrs.get("surplus")}
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+    df = df[~df["number"].isin(surplus)]
+    df = df.map(lambda v: redact(v) if isinstance(v, str) else v)
     df.to_csv(out_dir / "trials.csv", index=False)
     import matplotlib
 

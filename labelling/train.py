@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from labelling import config as C
 from labelling import registry
@@ -48,7 +49,7 @@ def make_loggers(cfg: C.Experiment, run_dir: Path) -> list:
             import wandb  # noqa: F401
             from lightning.pytorch.loggers import WandbLogger
         except ImportError:
-            print("wandb is not installed; logging to CSV only (pip install 'labelling[tracking]')")
+            rank_zero_info("wandb is not installed; logging to CSV only (pip install 'labelling[tracking]')")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity,
@@ -80,12 +81,50 @@ def build(cfg: C.Experiment):
     return dm, build_task(cfg, dm.in_channels, out)
 
 
-def attach_target_stats(dm, task) -> None:
-    """Store the training targets' mean normalization in the task (saved with every checkpoint)."""
+def attach_deployment(dm, task) -> None:
+    """Store what deployment needs in the task, from the *training* split only (saved with every checkpoint).
+
+    See :mod:`labelling.predict`: the input normalization, the output de-normalization (mean training
+    target statistics; refitted after training for scale-free losses), the dataset-level input statistics
+    and the null predictor's level.
+    """
     dm.setup("fit")
-    stats = [im.target_stats for im in dm.splits["train"]]
-    if stats and hasattr(task, "target_stats"):
-        task.target_stats.copy_(torch.from_numpy(np.mean(stats, 0)))
+    train = dm.splits["train"]
+    if not hasattr(task, "target_stats") or not train:
+        return
+    sigmoid = getattr(task.loss, "activation", None) == "sigmoid"
+    rule = "none" if sigmoid or dm.binary_target else "affine" if getattr(task.loss, "scale_free", False) else "stats"
+    task.deploy = {"normalize": dm.norm, "denormalize": rule, "inputs": list(dm.input_names),
+                   "targets": list(dm.target_names), "target_transform": dm.target_transform}
+    stats = dm.target_stats if dm.norm == "fixed" else np.mean([im.target_stats for im in train], 0)
+    task.target_stats.copy_(torch.as_tensor(stats, dtype=torch.float32))
+    task.input_stats.copy_(torch.as_tensor(dm.input_stats, dtype=torch.float32))
+    task.null_level.copy_(torch.as_tensor(np.mean([im.raw_target().mean((1, 2)) for im in train], 0)))
+
+
+def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: bool) -> None:
+    """Load the best weights into `task`; for scale-free losses fit the affine de-normalization on the
+    training split and write it into the saved checkpoints, so tests, evaluation and deployment agree."""
+    from labelling.checkpoints import check_checkpoint
+
+    best = checkpoint.best_model_path
+    if best and Path(best).exists():
+        task.load_state_dict(check_checkpoint(best)["state_dict"])
+    if getattr(task, "deploy", {}).get("denormalize") != "affine":
+        return
+    from labelling.predict import calibrate_affine
+
+    task.eval()
+    train = dm.splits["train"][:32]
+    stats = calibrate_affine(task, [im.raw_input() for im in train], [im.raw_target() for im in train])
+    task.target_stats.copy_(torch.from_numpy(stats))
+    if not is_global_zero:
+        return
+    for path in {best, str(Path(checkpoint.dirpath or ".") / "last.ckpt")}:
+        if path and Path(path).exists():
+            ckpt = check_checkpoint(path)
+            ckpt["state_dict"]["target_stats"] = task.target_stats.detach().clone()
+            torch.save(ckpt, path)
 
 
 def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_dir: str | Path | None = None,
@@ -100,11 +139,16 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
         cfg = C.load(cfg, overrides)
     elif overrides:
         cfg = C.validate(C.apply_overrides(C.to_dict(cfg), overrides))
+    C.check_components(cfg)
     run_dir = Path(run_dir or Path(cfg.run_dir) / cfg.name)
+    run_dir, finished = check_resume(cfg, run_dir)
+    if finished is not None:
+        rank_zero_info(f"{run_dir} already finished with this config; its metrics.json is left as it is")
+        return finished
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     dm, task = build(cfg)
-    attach_target_stats(dm, task)
+    attach_deployment(dm, task)
 
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
@@ -113,7 +157,7 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
     if cfg.checkpoint_every:  # a killed run loses at most this many steps
         cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=cfg.checkpoint_every,
                                    save_top_k=1, enable_version_counter=False))
-    cbs += ([PredictionPanels(cfg.logger.panels)] if cfg.task.name == "stainer" else [])
+    cbs += ([PredictionPanels(cfg.logger.panels, deferred=True)] if cfg.task.name == "stainer" else [])
     cbs += [registry.build("callback", c.name, **c.args) for c in cfg.callbacks]
     cbs += list(callbacks or [])
     trainer_args = {k: v for k, v in cfg.trainer.model_dump().items() if v is not None}
@@ -130,7 +174,7 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
         from labelling.checkpoints import check_checkpoint
 
         check_checkpoint(resume)
-        print(f"resuming from {resume}")
+        rank_zero_info(f"resuming from {resume}")
     start = time.time()
     try:
         metrics = _fit_and_test(cfg, trainer, task, dm, checkpoint, ckpt_path)
@@ -139,9 +183,64 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
         raise
     metrics["fit_seconds"] = time.time() - start
     if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_metrics(run_dir / "metrics.json", metrics)
     _finish_wandb(trainer, metrics)
     return metrics
+
+
+RUN_LENGTH_KEYS = ("trainer.max_epochs", "trainer.max_time", "trainer.enable_progress_bar", "resume")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume(cfg: C.Experiment, run_dir: Path) -> tuple[Path, dict | None]:
+    """Decide what a run folder that already holds a run means for this config.
+
+    Returns (run folder to use, stored metrics when the same run already finished, else None). A resume
+    happens only when the stored config equals the new one except run-length keys; otherwise the run is
+    refused with the differing keys, and ``resume=false`` picks a fresh numbered folder instead. A finished
+    run's files are never rewritten.
+    """
+    stored_path, ckpt, metrics_path = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt", run_dir / "metrics.json"
+    if cfg.trainer.fast_dev_run or not stored_path.exists() or not (ckpt.exists() or metrics_path.exists()):
+        return run_dir, None
+    if not cfg.resume:
+        n = 2
+        while Path(f"{run_dir}-{n}").exists():
+            n += 1
+        rank_zero_info(f"{run_dir} holds an earlier run and resume=false: this run goes to {run_dir}-{n}")
+        return Path(f"{run_dir}-{n}"), None
+    import yaml
+
+    old, new = _flatten(yaml.safe_load(stored_path.read_text()) or {}), _flatten(C.to_dict(cfg))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RUN_LENGTH_KEYS)
+    if differ:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:8])
+        raise C.ConfigError(f"{run_dir} already holds a run with another config ({shown}). Resuming it would "
+                            "mix two experiments. Start a fresh numbered run folder with resume=false, pick "
+                            "another folder with name=... (or --run-dir), or delete the old run.")
+    if metrics_path.exists() and old.get("trainer.max_epochs") == new.get("trainer.max_epochs"):
+        try:
+            return run_dir, json.loads(metrics_path.read_text())
+        except json.JSONDecodeError:
+            return run_dir, None
+    return run_dir, None
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    """metrics.json, always valid JSON: a non-finite number (a diverged metric) is written as null."""
+    clean = {k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False))
+    tmp.replace(path)  # atomic: a crash never leaves half a file
 
 
 def _fit_and_test(cfg, trainer, task, dm, checkpoint, ckpt_path) -> dict[str, float]:
@@ -149,8 +248,14 @@ def _fit_and_test(cfg, trainer, task, dm, checkpoint, ckpt_path) -> dict[str, fl
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if checkpoint.best_model_score is not None:
         metrics[f"best/{cfg.monitor}"] = float(checkpoint.best_model_score)
+    stainer = cfg.task.name == "stainer" and not cfg.trainer.fast_dev_run
+    if stainer:  # from here on the task holds the best weights and their calibration
+        finalize_deployment(task, dm, checkpoint, trainer.is_global_zero)
+        for cb in trainer.callbacks:
+            if isinstance(cb, PredictionPanels) and cb.deferred:
+                cb.render(trainer, task)
     if cfg.test and not cfg.trainer.fast_dev_run and dm.splits.get("test"):
-        best = checkpoint.best_model_path or None
+        best = None if stainer else checkpoint.best_model_path or None
         for row in trainer.test(task, dm, ckpt_path=best, verbose=False):
             metrics.update({k: float(v) for k, v in row.items()})
         for cb in trainer.callbacks:

@@ -7,7 +7,15 @@ from scipy import stats
 from skimage import draw
 
 from labelling.analysis import downstream as D
-from labelling.analysis.corruptions import BLUR_RADIUS, CONTRAST_GAIN, SEVERITIES, corrupt, disk_kernel
+from labelling.analysis.corruptions import (
+    BLUR_RADIUS,
+    CONTRAST_GAIN,
+    CORRUPTIONS,
+    SEVERITIES,
+    Sensor,
+    corrupt,
+    disk_kernel,
+)
 from labelling.analysis.segmentation import iou_matrix, match, segment
 from labelling.data import preprocess as P
 from labelling.data.simulate import simulate_field
@@ -87,25 +95,37 @@ def test_correlate_matches_scipy():
     rng = np.random.default_rng(0)
     real = pd.DataFrame({m: rng.random(10) for m in D.IMAGE_METRICS})
     pred = real * 2 + rng.random((10, 4)) * 0.3
-    c = D.correlate(real, pred).set_index("metric")
+    c = D.correlate(real, pred, n_boot=50).set_index("metric")
     for m in D.IMAGE_METRICS:
         assert c.loc[m, "pearson"] == pytest.approx(stats.pearsonr(real[m], pred[m])[0])
         assert c.loc[m, "spearman"] == pytest.approx(stats.spearmanr(real[m], pred[m])[0])
 
 
 def test_evaluate_pairs_report(tmp_path):
-    reals, preds = zip(*[(blobs(n=k, seed=k)[0], blobs(n=k, seed=k)[0] * 1.1) for k in range(2, 8)])
-    table, corr, objects = D.evaluate_pairs(reals, preds, return_objects=True)
-    c = corr.set_index("metric")
+    # predictions: the same blobs but one extra object per image and 1.5x brighter
+    pairs = [(blobs(n=k, size=128, seed=k)[0], blobs(n=k + 1, size=128, seed=k)[0] * 1.5) for k in range(2, 8)]
+    reals, preds = zip(*pairs)
+    nulls = [np.full_like(r, 0.3) for r in reals]
+    table, corr, objects = D.evaluate_pairs(reals, preds, return_objects=True, null_images=nulls)
+    c = corr[corr["predictor"] == "model"].set_index("metric")
+    null = corr[corr["predictor"] == "null"].set_index("metric")
+    assert c.loc["count", "pearson"] == pytest.approx(1.0)  # perfectly correlated ...
+    assert c.loc["count", "bias"] == pytest.approx(np.mean(range(3, 9)) / np.mean(range(2, 8)))  # ... but biased
+    assert c.loc["count", "mae"] == pytest.approx(1.0) and c.loc["count", "ccc"] < 0.95
+    assert c.loc["mean_intensity", "bias"] > 1.3
+    assert (null["pearson"] == 0).all() and (null["constant"] == 1).all()
+    assert table["object_f1"].between(0.7, 1).all()
     real_objects = objects[objects["source"] == "real"]
     assert len(real_objects) == table["real_count"].sum()  # one row per segmented object
     assert real_objects.groupby("image")["area"].sum().tolist() == table["real_total_area"].tolist()
-    assert c.loc["count", "pearson"] == pytest.approx(1.0) and c.loc["total_intensity", "pearson"] > 0.99
     plots = D.scatter_plots(table, tmp_path)
     md = D.write_report(table, corr, tmp_path, images=plots, objects=objects)
     assert (tmp_path / "objects.csv").exists()
     assert len(plots) == 4 and all(p.exists() for p in plots)
-    assert "count" in md.read_text() and (tmp_path / "report.html").exists()
+    text = md.read_text()
+    assert "Lin's CCC" in text and "null r" in text and "(constant)" in text
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # plots embedded, the file stands alone
 
 
 def test_thresholds_and_gfp_mask():
@@ -141,13 +161,70 @@ def test_golgi_enhancement_clips_low_and_rescales():
 
 def test_corruption_parameters_and_effects():
     assert len(SEVERITIES) == 11 and CONTRAST_GAIN[5] == 1.0 and BLUR_RADIUS == (0, 0.5, 1, 1.5, 2, 3)
-    img = blobs()[0] * 200
-    for kind in ("blur", "contrast", "brightness"):
-        assert np.allclose(corrupt(img, kind, 0), img)
-    assert corrupt(img, "contrast", 5).std() == pytest.approx(0.3 * img.std(), rel=1e-3)
-    assert corrupt(img, "contrast", -5).std() == pytest.approx(3.5 * img.std(), rel=1e-3)
+    img = blobs()[0] * 200 + 20  # 8-bit camera range
+    for kind in CORRUPTIONS:
+        assert np.array_equal(corrupt(img, kind, 0), img)
+    # the thesis parameters, before the camera
+    assert CORRUPTIONS["contrast"](img, 5).std() == pytest.approx(0.3 * img.std(), rel=1e-3)
+    assert CORRUPTIONS["contrast"](img, -5).std() == pytest.approx(3.5 * img.std(), rel=1e-3)
     assert corrupt(img, "brightness", 5).mean() > img.mean() > corrupt(img, "brightness", -5).mean()
     assert corrupt(img, "blur", 5).std() < corrupt(img, "blur", 1).std() < img.std()
     assert disk_kernel(0.5).sum() == pytest.approx(1.0)
+    # the camera clips and quantizes: strong contrast saturates an 8-bit sensor at 0 and 255
+    strong = corrupt(img, "contrast", -5)
+    assert strong.min() == 0 and strong.max() == 255 and np.array_equal(strong, np.round(strong))
+    assert strong.std() < 3.5 * img.std()
+    # noise grows with severity and keeps the mean (Poisson-Gaussian, unbiased)
+    flat = np.full((128, 128), 1000.0, np.float32)
+    sds = [corrupt(flat, "noise", s, Sensor(12)).std() for s in (1, 3, 5)]
+    assert sds[0] < sds[1] < sds[2] and abs(corrupt(flat, "noise", 5, Sensor(12)).mean() - 1000) < 5
+    assert sds[2] == pytest.approx(np.sqrt(1000**2 / 10 + (0.05 * 1000) ** 2), rel=0.1)
     with pytest.raises(ValueError, match="-5..5"):
         corrupt(img, "blur", 6)
+
+
+def test_sensor_picks_the_camera_range():
+    assert Sensor.for_image(np.array([0, 200.0])).top == 255
+    assert Sensor.for_image(np.array([0, 3000.0])).top == 4095
+    assert Sensor.for_image(np.array([0, 0.5], np.float32)).top == 1.0
+    assert np.array_equal(Sensor(8).digitize(np.array([-3.0, 12.4, 300.0])), [0.0, 12.0, 255.0])
+
+
+def test_agreement_ccc_bias_mae_against_formulas_and_ci_covers():
+    rng = np.random.default_rng(0)
+    real = rng.gamma(4, 10, 30)
+    pred = 1.8 * real + rng.normal(0, 2, 30)  # highly correlated but 1.8x too many
+    a = D.agreement(real, pred, n_boot=300, n_shuffle=300)
+    assert a["pearson"] == pytest.approx(stats.pearsonr(real, pred)[0]) and a["pearson"] > 0.95
+    assert a["spearman"] == pytest.approx(stats.spearmanr(real, pred)[0])
+    cov = np.mean((real - real.mean()) * (pred - pred.mean()))
+    ccc = 2 * cov / (real.var() + pred.var() + (real.mean() - pred.mean()) ** 2)
+    assert a["ccc"] == pytest.approx(ccc) and a["ccc"] < 0.6  # concordance sees what r hides
+    assert a["bias"] == pytest.approx(pred.mean() / real.mean()) and a["bias"] > 1.7
+    assert a["mae"] == pytest.approx(np.abs(pred - real).mean())
+    for key in ("pearson", "ccc", "bias", "mae"):
+        assert a[f"{key}_lo"] <= a[key] <= a[f"{key}_hi"], key
+    assert a["n"] == 30 and a["chance_p95"] < 0.5
+    const = D.agreement(real, np.full(30, 5.0), n_boot=50, n_shuffle=50)
+    assert const["pearson"] == 0 and const["ccc"] == 0 and const["constant"] == 1.0
+
+
+def test_bootstrap_ci_coverage_is_about_95_percent():
+    """The promise of a 95 % CI, checked: over repeated samples it covers the true r about 95 % of the time."""
+    rng = np.random.default_rng(1)
+    true_r, covered, trials = 0.6, 0, 300
+    cov = [[1, true_r], [true_r, 1]]
+    for _ in range(trials):
+        x = rng.multivariate_normal([0, 0], cov, 60)
+        a = D.agreement(x[:, 0], x[:, 1], n_boot=1000, n_shuffle=10, seed=int(rng.integers(1 << 30)))
+        covered += a["pearson_lo"] <= true_r <= a["pearson_hi"]
+    assert 0.90 <= covered / trials <= 0.99
+
+
+def test_shuffled_chance_level_is_calibrated():
+    """Unrelated values exceed chance_p95 in about 5 % of samples, not more."""
+    rng = np.random.default_rng(2)
+    hits = sum(abs(a["pearson"]) > a["chance_p95"]
+               for a in (D.agreement(rng.random(20), rng.random(20), n_boot=10, n_shuffle=200,
+                                    seed=int(rng.integers(1 << 30))) for _ in range(200)))
+    assert hits / 200 < 0.1

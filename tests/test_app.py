@@ -25,7 +25,8 @@ def trained(tmp_path_factory, ):
     from tests.conftest import TINY
 
     root = tmp_path_factory.mktemp("runs")
-    fit("nuclei_pearson", TINY + ["trainer.max_epochs=2", "data.field_size=96", "callbacks=[]", "test=false"],
+    fit("nuclei_pearson", TINY + ["trainer.max_epochs=2", "data.field_size=96", "data.n_wells=16", "data.fields_per_well=3",
+                                 "callbacks=[]", "test=false"],
         run_dir=root / "nuclei_pearson")
     return root
 
@@ -53,11 +54,19 @@ def test_analyse_flags_drift_on_a_foreign_image(trained):
     bf = simulate_field([0, 99, 1], size=96).brightfield
     same = logic.analyse(task, cfg, run, bf)
     assert same["prediction"].shape == (1, 96, 96) and same["metrics"]["count"] >= 0
-    assert (run / "reference_embeddings.npy").exists()
+    assert (run / "drift_reference.npz").exists()
     checker = np.indices((96, 96)).sum(0) % 2 * 4000.0 + 1000  # nothing like cells
     other = logic.analyse(task, cfg, run, checker.astype(np.float32))
     assert other["drift"]["checked"] and other["drift"]["drift"]
-    assert other["drift"]["p_value"] < same["drift"]["p_value"] or not same["drift"]["drift"]
+    # the warning's promise, checked: clean new fields of the same kind raise it about alpha of the time
+    fresh = [simulate_field([5, 100 + i, 0], size=96, phenotype=i % 2).brightfield for i in range(40)]
+    verdicts = [logic.analyse(task, cfg, run, f)["drift"] for f in fresh]
+    alpha = max(logic.ALPHA, 1 / (1 + verdicts[0]["n_reference_fields"]))
+    assert sum(v["drift"] for v in verdicts) / 40 <= 2.5 * alpha
+    # the app shows exactly what `predict` writes: the one prediction path
+    from labelling import predict
+
+    assert np.array_equal(same["prediction"], predict.predict(task, bf))
 
 
 def _free_port():

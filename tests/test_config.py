@@ -76,3 +76,59 @@ def test_every_experiment_validates_and_builds():
 def test_registry_unknown_kind():
     with pytest.raises(C.ConfigError, match="loss"):
         registry.build("losss", "mse")
+
+
+@pytest.mark.parametrize("name", registry.names("net"))
+@pytest.mark.parametrize("bad", [{"depth": 0}, {"width": 0}, {"dropout": 1.0}, {"dropout": -0.1}, {"depth": 2.5}])
+def test_every_net_refuses_bad_sizes_naming_itself(name, bad):
+    key = next(iter(bad))
+    with pytest.raises(C.ConfigError, match=rf"net '{name}': {key} must be"):
+        registry.build("net", name, **bad)
+
+
+def test_builder_value_errors_become_config_errors_naming_the_component():
+    with pytest.raises(C.ConfigError, match="net 'unet': unknown norm 'batchh'"):
+        registry.build("net", "unet", norm="batchh")
+    with pytest.raises(C.ConfigError, match="data 'nuclei': unknown target_transform"):
+        registry.build("data", "nuclei", target_transform="rolling")
+
+
+def test_every_experiment_passes_the_component_check():
+    for name in C.list_experiments():
+        C.check_components(C.load(name))
+
+
+def test_component_check_finds_what_validation_cannot():
+    cfg = C.load("golgi_asym", ["net.widht=8"])  # schema and values are fine; the name is not an argument
+    with pytest.raises(C.ConfigError, match="widht.*Did you mean 'width'"):
+        C.check_components(cfg)
+    with pytest.raises(C.ConfigError, match="callback name 'downstrem'"):
+        C.check_components(C.load("golgi_asym", ["callbacks=[{name: downstrem}]"]))
+
+
+def test_all_value_problems_are_reported_at_once():
+    with pytest.raises(C.ConfigError) as err:
+        C.load("golgi_asym", ["optim.scheduler=cosin", "net.width=0", "data.crop=-8", "monitor=val/pccc"])
+    for fragment in ("optim.scheduler", "net.width=0", "data.crop=-8", "val/pccc"):
+        assert fragment in str(err.value)
+
+
+def test_single_channel_string_is_a_one_element_list(tmp_path):
+    raw = C.load_raw("golgi_asym")
+    raw["data"] = {"name": "folder", "root": str(tmp_path), "pattern": "(?P<channel>w\\d)", "inputs": "brightfield",
+                   "targets": 3}
+    cfg = C.validate(raw)
+    assert cfg.data.args["inputs"] == ["brightfield"] and cfg.data.args["targets"] == ["3"]
+    assert C.to_dict(cfg)["data"]["inputs"] == ["brightfield"]
+
+
+def test_extends_resolves_next_to_the_file_then_in_experiments(tmp_path):
+    (tmp_path / "_base.yaml").write_text("data: {name: er}\n")  # a local parent wins over experiments/_base
+    (tmp_path / "a.yaml").write_text("extends: _base\n")
+    assert C.load(tmp_path / "a.yaml").data.name == "er"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("extends: _base\n")  # no local parent: experiments/_base.yaml
+    assert C.load_raw(tmp_path / "sub" / "b.yaml")["data"]["name"] == "nuclei"
+    (tmp_path / "c.yaml").write_text("extends: golgi_asym\n")  # a parent must not extend again
+    with pytest.raises(C.ConfigError, match="only one level"):
+        C.load_raw(tmp_path / "c.yaml")

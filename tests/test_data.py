@@ -71,11 +71,26 @@ def test_rotation_and_scale_leave_no_empty_corners():
         assert xa.min() > 0.99
 
 
-def test_corruption_augmentation_changes_only_the_input():
-    aug = PairedAugment(16, flip=False, corrupt_p=1.0, max_severity=5, seed=0)
-    x = np.random.default_rng(1).normal(size=(1, 16, 16)).astype(np.float32)
-    changed = [not np.allclose(aug.corrupt_input(x), x) for _ in range(10)]
-    assert sum(changed) >= 8
+def test_corruption_augmentation_changes_only_the_input_and_acts_on_the_raw_field():
+    from labelling.data.datamodule import RandomCrops
+
+    dm = small_dm()
+    plain = RandomCrops(dm.splits["train"], 16, PairedAugment(32, flip=False, seed=0), seed=3,
+                        renormalize=dm.normalize_raw)
+    corrupted = RandomCrops(dm.splits["train"], 16, PairedAugment(32, flip=False, corrupt_p=1.0, max_severity=5,
+                                                                  corruptions=["blur"], seed=0),
+                            seed=3, renormalize=dm.normalize_raw)
+    changed = 0
+    for i in range(16):
+        a, b = plain[i], corrupted[i]
+        assert torch.equal(a["target"], b["target"])  # same crop, same target: corruption never touches it
+        changed += not torch.allclose(a["input"], b["input"], atol=1e-3)
+        rough = [float((x["input"][..., 1:] - x["input"][..., :-1]).abs().mean() / x["input"].std()) for x in (a, b)]
+        assert rough[1] < rough[0]  # blur only smooths the same crop of the same field
+    assert changed >= 14
+    # a pure gain change of the raw field is cancelled by per-image normalization, as at deployment
+    im = dm.splits["train"][0]
+    assert np.allclose(dm.normalize_raw(im.raw_input() * 1.7, im), im.input, atol=1e-4)
 
 
 def test_batches_have_typed_keys_and_inverse_stats():
@@ -153,12 +168,34 @@ def test_folder_shape_mismatch_and_missing_channel(tmp_path):
 def test_ome_zarr_and_ome_tiff_round_trip(tmp_path):
     img = np.random.default_rng(0).random((2, 20, 30)).astype(np.float32)
     write_ome_zarr(tmp_path / "x.zarr", img)
-    assert np.allclose(read_image(tmp_path / "x.zarr"), img[0])
+    assert np.allclose(read_image(tmp_path / "x.zarr", channel=0), img[0])
     tifffile.imwrite(tmp_path / "x.ome.tif", img, metadata={"axes": "CYX"}, ome=True)
-    assert np.allclose(read_image(tmp_path / "x.ome.tif"), img[0])
+    assert np.allclose(read_image(tmp_path / "x.ome.tif", channel=0), img[0])
 
 
 def test_val_crop_sets_validation_tile_size():
     dm = small_dm(val_crop=64)
     assert next(iter(dm.val_dataloader()))["input"].shape[-2:] == (64, 64)
     assert next(iter(dm.train_dataloader()))["input"].shape[-2:] == (32, 32)
+
+
+def test_default_simulated_test_split_spans_wells_fields_and_both_phenotypes():
+    dm = FluorescenceDataModule()
+    dm.setup()
+    test = dm.splits["test"]
+    assert len(test) >= 24
+    assert len({im.extra["well"] for im in test}) >= 4
+    assert {im.extra["phenotype"] for im in test} == {0, 1}
+    assert {im.extra["phenotype"] for im in dm.splits["train"]} == {0, 1}
+
+
+def test_fixed_normalization_uses_training_statistics_only():
+    dm = small_dm(normalize="fixed")
+    train_raw = [im.raw_input() for im in dm.splits["train"]]
+    lo, hi = np.percentile(np.concatenate([r.ravel() for r in train_raw]), (1, 99.8))
+    assert dm.input_stats[0, 0] == pytest.approx(lo, rel=0.02) and dm.input_stats[0, 1] == pytest.approx(hi - lo, rel=0.05)
+    for split in ("train", "val", "test"):  # every field normalized with the same training statistics
+        for im in dm.splits[split]:
+            assert np.array_equal(im.input_stats, dm.input_stats)
+    per_image = small_dm()
+    assert np.allclose(per_image.splits["test"][0].raw_input(), dm.splits["test"][0].raw_input(), rtol=1e-4)

@@ -66,6 +66,43 @@ def test_corrupted_and_missing_checkpoints_give_clear_errors(tiny, tmp_path):
         fit("nuclei_mse", tiny + ["trainer.max_epochs=1"], run_dir=run)
 
 
+def test_rerun_with_another_config_is_refused_and_changes_nothing(tiny, tmp_path, capsys):
+    from labelling.cli import main
+
+    run = tmp_path / "done"
+    first = fit("nuclei_mse", tiny + ["trainer.max_epochs=1"], run_dir=run)
+    before = {p: p.read_bytes() for p in (run / "config.yaml", run / "metrics.json")}
+    assert main(["train", "nuclei_mse", *tiny, "trainer.max_epochs=1", "optim.lr=0.5", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "resume=false" in err
+    assert all(p.read_bytes() == b for p, b in before.items())  # nothing rewritten
+    # the same config again: the finished run is reported, not redone or rewritten
+    again = fit("nuclei_mse", tiny + ["trainer.max_epochs=1"], run_dir=run)
+    assert again["global_step"] == first["global_step"]
+    assert all(p.read_bytes() == b for p, b in before.items())
+    # resume=false starts a fresh numbered folder next to it
+    fresh = fit("nuclei_mse", tiny + ["trainer.max_epochs=1", "optim.lr=0.5", "resume=false"], run_dir=run)
+    assert (tmp_path / "done-2" / "metrics.json").exists() and fresh["global_step"] == first["global_step"]
+    assert yaml.safe_load((tmp_path / "done-2" / "config.yaml").read_text())["optim"]["lr"] == 0.5
+
+
+def test_diverging_run_stops_with_a_message_and_nonzero_exit(tiny, tmp_path, capsys):
+    from labelling.cli import main
+
+    code = main(["train", "nuclei_mse", *tiny, "trainer.max_epochs=3", "optim.lr=1e6", "trainer.gradient_clip_val=null",
+                 "--run-dir", str(tmp_path / "nan")])
+    assert code != 0 and "optim.lr" in capsys.readouterr().err
+    metrics = tmp_path / "nan" / "metrics.json"
+    assert not metrics.exists() or json.loads(metrics.read_text())  # never half-written or NaN
+
+
+def test_metrics_json_is_valid_json_with_non_finite_values(tmp_path):
+    from labelling.train import write_metrics
+
+    write_metrics(tmp_path / "m.json", {"a": float("nan"), "b": float("-inf"), "c": 1.5})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": None, "c": 1.5}
+
+
 def test_cli_reports_config_errors(capsys):
     from labelling.cli import main
 
@@ -90,14 +127,26 @@ def test_downstream_callback_evaluate_and_predict_commands(tiny, tmp_path):
 
     run = tmp_path / "ds"
     tiny = [t for t in tiny if not t.startswith("data.n_wells") and not t.startswith("data.fields")]
-    metrics = fit("nuclei_mse", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1"],
+    fit("nuclei_mse", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1"],
                   run_dir=run)
-    assert "test/downstream/count_pearson" in metrics or "test/downstream/total_area_pearson" in metrics
+    stored = json.loads((run / "metrics.json").read_text())
+    for metric in ("count", "total_area", "total_intensity", "mean_intensity"):
+        for stat in ("pearson", "spearman", "ccc", "bias", "mae"):
+            assert f"test/downstream/{metric}_{stat}" in stored, (metric, stat)
+            assert f"test/downstream/null/{metric}_{stat}" in stored, (metric, stat)
+        assert stored[f"test/downstream/{metric}_ccc_lo"] <= stored[f"test/downstream/{metric}_ccc"]
+    # the null predictor gives every image the same value: no association, whatever the images
+    assert stored["test/downstream/null/mean_intensity_pearson"] == 0.0
+    assert stored["test/downstream/n"] == 4 and "test/downstream/object_f1" in stored
     report = (run / "downstream" / "report.md").read_text()
-    assert "count" in report and (run / "downstream" / "scatter_total_area.png").exists()
+    assert "Lin's CCC" in report and "null" in report and (run / "downstream" / "scatter_total_area.png").exists()
     summary = evaluate_run(run, scales=(0.7, 1.0))
-    assert set(summary) >= {"pixel_pearson", "scaling/x0.7/pixel_pearson", "scaling/x1/pixel_pearson"}
+    assert set(summary) >= {"downstream/pixel_pearson", "scaling/x0.7/pixel_pearson", "scaling/x1/pixel_pearson"}
+    # evaluate and the run-end callback take the same path: the same numbers
+    assert summary["downstream/count_ccc"] == pytest.approx(stored["test/downstream/count_ccc"])
+    assert summary["downstream/pixel_pearson"] == pytest.approx(stored["test/downstream/pixel_pearson"], abs=1e-6)
     assert len(pd_read(run / "evaluate" / "scaling.csv")) == 2
+    assert not (run / "wandb").exists()  # the run did not log to W&B, so evaluate does not either
     img = tmp_path / "bf.tif"
     tifffile.imwrite(img, np.random.default_rng(0).gamma(2, 300, (70, 90)).astype(np.float32))
     assert main(["predict", str(run), str(img), "--out", str(tmp_path / "pred"), "--tile", "32"]) == 0
@@ -120,15 +169,22 @@ def test_run_end_analyses_and_evaluate_all(tiny, tmp_path):
            "clusterers: [kmeans, dbscan]}, {name: drift, max_images: 4}]")
     metrics = fit("nuclei_robust", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1", cbs],
                   run_dir=run)
-    assert "test/stability/blur_+5_pcc" in metrics and "test/embeddings/best_mean_f1" in metrics
+    assert "test/stability/percentile/blur_+5_pcc" in metrics and "test/stability/fixed/contrast_-5_pcc" in metrics
+    assert {"test/embeddings/f1_mean", "test/embeddings/f1_sd", "test/embeddings/chance_p95"} <= set(metrics)
     assert 0 <= metrics["test/drift/mean_auc"] <= 1
-    for name in ("stability.csv", "stability.md", "stability.png", "embeddings_f1.md", "embeddings.png",
-                 "drift_fnr.csv", "drift_online_auc.md"):
+    for name in ("stability.csv", "stability.md", "stability_percentile.png", "stability_fixed.png",
+                 "embeddings_f1.md", "embeddings.png", "drift_fnr.csv", "drift_online_auc.md", "drift_run_length.md"):
         assert (run / "analysis" / name).exists(), name
     stab = pd_read(run / "analysis" / "stability.csv")
-    assert len(stab) == 6 + 11 + 11  # blur 0..5, contrast and brightness -5..5
+    # per mode: clean + blur 1..5 + noise 1..5 + contrast and brightness -5..5 without 0
+    assert len(stab) == 2 * (1 + 5 + 5 + 10 + 10)
+    own = stab[stab["mode"] == "percentile"].set_index(["corruption", "severity"])
+    fixed = stab[stab["mode"] == "fixed"].set_index(["corruption", "severity"])
+    # per-image normalization cancels a brightness offset up to the camera's clipping; fixed does not
+    assert own.loc[("brightness", 1), "input_rms_change"] < 0.1 < fixed.loc[("brightness", 1), "input_rms_change"]
+    assert own.loc[("blur", 5), "input_rms_change"] > own.loc[("blur", 1), "input_rms_change"] > 0
     summary = evaluate_run(run, scales=(), stability=True, drift=True, max_images=4)
-    assert "drift/mean_auc" in summary and (run / "evaluate" / "drift_auc_by_window.md").exists()
+    assert "drift/mean_auc" in summary and (run / "evaluate" / "drift_run_length.md").exists()
 
 
 def test_autoencoders_train_and_embed(tiny, tmp_path):
@@ -144,4 +200,4 @@ def test_autoencoders_train_and_embed(tiny, tmp_path):
     from labelling.evaluate import evaluate_run
 
     summary = evaluate_run(tmp_path / "ae_vae", split="train", embeddings=True, max_images=3, log_wandb=False)
-    assert 0 <= summary["embeddings/best_mean_f1"] <= 1 and "pixel_pearson" not in summary
+    assert 0 <= summary["embeddings/f1_mean"] <= 1 and "downstream/pixel_pearson" not in summary

@@ -1,8 +1,18 @@
 """Downstream metrics: per-object and per-image measurements of real vs. predicted fluorescence.
 
-Per image: object count, total area, total and mean intensity. Across images: Pearson and Spearman
-between the predicted and the real value of every metric - the question a biologist asks ("would I
-have counted the same nuclei?"), not a pixel score.
+Per image: object count, total area, total and mean intensity. Across images, for every metric, the
+agreement of predicted with real values - the question a biologist asks ("would I have counted the same
+nuclei?"), not a pixel score:
+
+* ``pearson``, ``spearman`` - association: a prediction 1.8x too high can still have r = 0.9;
+* ``ccc`` - Lin's concordance correlation: 1 only when predicted == real (penalizes bias and scale);
+* ``bias`` - relative bias, mean(predicted) / mean(real) (1 = unbiased);
+* ``mae`` - mean absolute error in the metric's units;
+
+each with a percentile-bootstrap 95 % CI over images (``*_lo``, ``*_hi``) and ``n``. A predictor that gives
+every image the same value has zero covariance with the truth: its r, rho and CCC are reported as 0 and
+flagged ``constant``. ``chance_p95`` is the 95th percentile of |r| when predictions are paired with the
+wrong images (shuffled labels): an r below it is indistinguishable from chance at this n.
 """
 
 from __future__ import annotations
@@ -37,37 +47,122 @@ def image_metrics(image: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "mean_intensity": total / max(float(fg.sum()), 1.0)}
 
 
-def correlate(real: pd.DataFrame, pred: pd.DataFrame, metrics=IMAGE_METRICS) -> pd.DataFrame:
-    """Pearson and Spearman of each metric across images (rows aligned)."""
-    rows = []
-    for m in metrics:
-        a, b = real[m].to_numpy(float), pred[m].to_numpy(float)
-        ok = len(a) >= 3 and a.std() > 0 and b.std() > 0
-        rows.append({"metric": m, "pearson": stats.pearsonr(a, b)[0] if ok else np.nan,
-                     "spearman": stats.spearmanr(a, b)[0] if ok else np.nan, "n": len(a),
-                     "real_mean": a.mean() if len(a) else np.nan, "pred_mean": b.mean() if len(b) else np.nan})
-    return pd.DataFrame(rows)
+AGREEMENT = ("pearson", "spearman", "ccc", "bias", "mae")
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.std() == 0 or b.std() == 0:
+        return 0.0  # no covariance: no association (a constant predictor)
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def concordance(real: np.ndarray, pred: np.ndarray) -> float:
+    """Lin's concordance correlation coefficient: 2 cov / (var_r + var_p + (mean_r - mean_p)^2)."""
+    real, pred = np.asarray(real, float), np.asarray(pred, float)
+    cov = np.mean((real - real.mean()) * (pred - pred.mean()))
+    denom = real.var() + pred.var() + (real.mean() - pred.mean()) ** 2
+    return float(2 * cov / denom) if denom > 0 else (1.0 if np.allclose(real, pred) else 0.0)
+
+
+def agreement_stats(real: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Point values of :data:`AGREEMENT` for paired per-image values."""
+    real, pred = np.asarray(real, float), np.asarray(pred, float)
+    spearman = _pearson(stats.rankdata(real), stats.rankdata(pred))
+    mean_real = real.mean()
+    return {"pearson": _pearson(real, pred), "spearman": spearman, "ccc": concordance(real, pred),
+            "bias": float(pred.mean() / mean_real) if mean_real != 0 else float("nan"),
+            "mae": float(np.abs(pred - real).mean())}
+
+
+def _batch_stats(real: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`agreement_stats` for B resamples at once: (B, n) arrays -> (B,) per statistic."""
+
+    def pearson(a, b):
+        a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+        den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+        return np.divide((a * b).sum(1), den, out=np.zeros(len(a)), where=den > 0)
+
+    mr, mp = real.mean(1), pred.mean(1)
+    cov = ((real - mr[:, None]) * (pred - mp[:, None])).mean(1)
+    denom = real.var(1) + pred.var(1) + (mr - mp) ** 2
+    ccc = np.divide(2 * cov, denom, out=np.zeros(len(real)), where=denom > 0)
+    return {"pearson": pearson(real, pred),
+            "spearman": pearson(stats.rankdata(real, axis=1), stats.rankdata(pred, axis=1)),
+            "ccc": ccc, "bias": np.divide(mp, mr, out=np.full(len(mr), np.nan), where=mr != 0),
+            "mae": np.abs(pred - real).mean(1)}
+
+
+def agreement(real, pred, n_boot: int = 1000, n_shuffle: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Agreement of predicted with real per-image values, with bootstrap 95 % CIs, n and chance level.
+
+    Returns keys ``pearson, spearman, ccc, bias, mae`` and for each ``<key>_lo`` / ``<key>_hi``, plus ``n``,
+    ``constant`` (1.0 when the prediction does not vary), ``chance_p95`` (95th percentile of |r| over
+    shuffled pairings), ``real_mean`` and ``pred_mean``.
+    """
+    real, pred = np.asarray(real, float), np.asarray(pred, float)
+    n = len(real)
+    out: dict[str, float] = {"n": float(n), "real_mean": float(real.mean()) if n else np.nan,
+                             "pred_mean": float(pred.mean()) if n else np.nan,
+                             "constant": float(n > 0 and pred.std() == 0)}
+    if n < 3:
+        return {**out, **{k: np.nan for k in AGREEMENT}, **{f"{k}_{e}": np.nan for k in AGREEMENT
+                                                            for e in ("lo", "hi")}, "chance_p95": np.nan}
+    out.update(agreement_stats(real, pred))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(n, size=(max(n_boot, 1), n))
+    boots = _batch_stats(real[idx], pred[idx])
+    for key in AGREEMENT:
+        values = boots[key][np.isfinite(boots[key])]
+        lo, hi = np.percentile(values, (2.5, 97.5)) if len(values) and n_boot else (np.nan, np.nan)
+        out[f"{key}_lo"], out[f"{key}_hi"] = float(lo), float(hi)
+    perms = np.argsort(rng.random((max(n_shuffle, 1), n)), axis=1)
+    shuffled = np.abs(_batch_stats(np.broadcast_to(real, perms.shape), pred[perms])["pearson"])
+    out["chance_p95"] = float(np.percentile(shuffled, 95))
+    return out
+
+
+def correlate(real: pd.DataFrame, pred: pd.DataFrame, metrics=IMAGE_METRICS, seed: int = 0,
+              n_boot: int = 1000) -> pd.DataFrame:
+    """One row per metric: :func:`agreement` of predicted with real values across images (rows aligned)."""
+    return pd.DataFrame([{"metric": m, **agreement(real[m].to_numpy(float), pred[m].to_numpy(float),
+                                                   n_boot=n_boot, n_shuffle=n_boot, seed=seed)}
+                         for m in metrics])
+
+
+def mean_ci(values, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Mean with a percentile-bootstrap 95 % CI and n (e.g. of per-image pixel Pearson or object F1)."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {"mean": np.nan, "lo": np.nan, "hi": np.nan, "n": 0.0}
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(len(values), size=(n_boot, len(values)))].mean(1)
+    lo, hi = np.percentile(means, (2.5, 97.5))
+    return {"mean": float(values.mean()), "lo": float(lo), "hi": float(hi), "n": float(len(values))}
 
 
 def evaluate_pairs(real_images, pred_images, names=None, seg_args: dict | None = None,
-                   true_labels=None, return_objects: bool = False):
-    """Segment every real and predicted image, measure both, correlate.
+                   true_labels=None, return_objects: bool = False, null_images=None, seed: int = 0):
+    """Segment every real and predicted image, measure both, compare.
 
     Args:
         real_images, pred_images: sequences of 2D arrays in the same intensity units.
         names: image names for the table.
         seg_args: arguments of :func:`segment`.
         true_labels: optional true instance masks; adds object F1 of real and predicted segmentations.
-
         return_objects: also return the per-object table (image, source real/pred, label, area, intensities).
+        null_images: predictions of the null predictor for the same images; adds ``null_*`` columns and
+            rows with ``predictor == "null"`` to the agreement table.
+        seed: seed of the bootstrap and shuffles.
 
     Returns:
-        (per-image table with ``real_*``/``pred_*`` columns, correlation table[, per-object table]).
+        (per-image table with ``real_*``/``pred_*`` columns, agreement table (one row per predictor and
+        metric)[, per-object table]).
     """
     from labelling.analysis.segmentation import match
 
     seg_args = seg_args or {}
-    rows, real_rows, pred_rows, objects = [], [], [], []
+    rows, real_rows, pred_rows, null_rows, objects = [], [], [], [], []
     for i, (r, p) in enumerate(zip(real_images, pred_images)):
         lr, lp = segment(r, **seg_args), segment(p, **seg_args)
         if return_objects:
@@ -76,7 +171,12 @@ def evaluate_pairs(real_images, pred_images, names=None, seg_args: dict | None =
         mr, mp = image_metrics(r, lr), image_metrics(p, lp)
         row = {"image": names[i] if names else i, **{f"real_{k}": v for k, v in mr.items()},
                **{f"pred_{k}": v for k, v in mp.items()}}
-        row["pixel_pearson"] = float(np.corrcoef(r.ravel(), p.ravel())[0, 1])
+        row["pixel_pearson"] = _pearson(r.ravel().astype(float), p.ravel().astype(float))
+        row["object_f1"] = match(lr, lp)["f1"]  # predicted objects vs objects segmented in the real image
+        if null_images is not None:
+            mn = image_metrics(null_images[i], segment(null_images[i], **seg_args))
+            row.update({f"null_{k}": v for k, v in mn.items()})
+            null_rows.append(mn)
         if true_labels is not None:
             row["real_f1"] = match(true_labels[i], lr)["f1"]
             row["pred_f1"] = match(true_labels[i], lp)["f1"]
@@ -84,7 +184,10 @@ def evaluate_pairs(real_images, pred_images, names=None, seg_args: dict | None =
         real_rows.append(mr)
         pred_rows.append(mp)
     table = pd.DataFrame(rows)
-    corr = correlate(pd.DataFrame(real_rows), pd.DataFrame(pred_rows))
+    corr = correlate(pd.DataFrame(real_rows), pd.DataFrame(pred_rows), seed=seed).assign(predictor="model")
+    if null_rows:
+        null = correlate(pd.DataFrame(real_rows), pd.DataFrame(null_rows), seed=seed).assign(predictor="null")
+        corr = pd.concat([corr, null], ignore_index=True)
     if return_objects:
         return table, corr, pd.concat(objects, ignore_index=True) if objects else pd.DataFrame()
     return table, corr
@@ -106,8 +209,11 @@ def scatter_plots(table: pd.DataFrame, out_dir: str | Path, prefix: str = "") ->
         ax.scatter(a, b, s=18)
         lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        r = np.corrcoef(a, b)[0, 1] if len(a) > 2 and a.std() > 0 and b.std() > 0 else np.nan
-        ax.set(xlabel=f"real {m}", ylabel=f"predicted {m}", title=f"{m} (r={r:.2f})")
+        if f"null_{m}" in table:
+            ax.axhline(float(table[f"null_{m}"].mean()), color="grey", ls=":", lw=1, label="null predictor")
+            ax.legend(fontsize=7)
+        r, ccc = _pearson(a.to_numpy(float), b.to_numpy(float)), concordance(a, b)
+        ax.set(xlabel=f"real {m}", ylabel=f"predicted {m}", title=f"{m}: r={r:.2f}, CCC={ccc:.2f}, n={len(a)}")
         fig.tight_layout()
         path = out_dir / f"{prefix}scatter_{m}.png"
         fig.savefig(path, dpi=80)
@@ -118,21 +224,31 @@ def scatter_plots(table: pd.DataFrame, out_dir: str | Path, prefix: str = "") ->
 
 def write_report(table: pd.DataFrame, corr: pd.DataFrame, out_dir: str | Path, title: str = "Downstream",
                  images: list[Path] | None = None, objects: pd.DataFrame | None = None) -> Path:
-    """CSV tables (per image, correlations, per object) plus a Markdown and an HTML report with the plots."""
+    """CSV tables (per image, agreement, per object) plus a Markdown and an HTML report with the plots."""
+    from labelling import reports
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "per_image.csv", index=False)
     if objects is not None:
         objects.to_csv(out_dir / "objects.csv", index=False)
-    corr.to_csv(out_dir / "correlations.csv", index=False)
-    md = [f"# {title}", "", "## Correlation of predicted vs real (across images)", "",
-          corr.to_markdown(index=False, floatfmt=".3f"), "", "## Per image", "",
-          table.to_markdown(index=False, floatfmt=".3g"), ""]
-    md += [f"![{p.stem}]({p.name})" for p in images or []]
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    html = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body><h1>{title}</h1>",
-            "<h2>Correlation of predicted vs real</h2>", corr.to_html(index=False, float_format="%.3f"),
-            "<h2>Per image</h2>", table.to_html(index=False, float_format="%.3g")]
-    html += [f"<img src='{p.name}' width='320'>" for p in images or []]
-    (out_dir / "report.html").write_text("\n".join(html) + "</body></html>\n")
-    return out_dir / "report.md"
+    corr.to_csv(out_dir / "agreement.csv", index=False)
+    summary = reports.agreement_table(corr)
+    extra = {}
+    if "pixel_pearson" in table:
+        extra["pixel Pearson (mean over images)"] = mean_ci(table["pixel_pearson"])
+    if "object_f1" in table:
+        extra["object F1, predicted vs real segmentation (IoU > 0.5)"] = mean_ci(table["object_f1"])
+    sections = [("Agreement of predicted with real, across images", summary),
+                ("Image-level means (95 % CI)", reports.mean_ci_table(extra)),
+                ("Per image", table)]
+    return reports.write_report(out_dir, title, sections, images or [], notes=REPORT_NOTES)
+
+
+REPORT_NOTES = (
+    "Predictions come from the deployed prediction path (training normalization, training-set "
+    "de-normalization; nothing from the evaluated image but its input pixels). `null` is a blind predictor "
+    "that outputs the training-mean intensity everywhere: a model must beat it. CCC is Lin's concordance "
+    "(1 only when predicted equals real); bias is mean(predicted)/mean(real); brackets are bootstrap 95 % "
+    "CIs over images; `chance |r| p95` is the 95th percentile of |Pearson| when predictions are paired "
+    "with the wrong images.")

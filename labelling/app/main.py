@@ -49,8 +49,9 @@ except logic.UploadError as err:
     st.error(f"Rejected: {err}")
     st.stop()
 
-with st.spinner("Predicting..."):
-    result = logic.analyse(task, cfg, run, image, tile=tile)
+bar = st.progress(0.0, text="starting")
+result = logic.analyse(task, cfg, run, image, tile=tile, progress=lambda f, text: bar.progress(f, text=text))
+bar.empty()
 pred, labels, metrics, drift = result["prediction"], result["labels"], result["metrics"], result["drift"]
 
 if drift["checked"] and drift["drift"]:
@@ -61,9 +62,12 @@ elif drift["checked"]:
 else:
     st.info("Image too small for the drift check.")
 
+from labelling.predict import deployment  # noqa: E402
+
+target = (deployment(task).get("targets") or [cfg.data.name])[0]
 cols = st.columns(3)
 cols[0].image(logic.to_png_bytes(logic.overlay(image, image * 0)), caption="brightfield", use_container_width=True)
-cols[1].image(logic.to_png_bytes(logic.overlay(image * 0, pred[0])), caption=f"predicted {cfg.data.name}",
+cols[1].image(logic.to_png_bytes(logic.overlay(image * 0, pred[0])), caption=f"predicted {target}",
               use_container_width=True)
 cols[2].image(logic.to_png_bytes(logic.overlay(image, pred[0], labels)), caption="overlay + segmentation",
               use_container_width=True)

@@ -14,8 +14,8 @@ def to_uint8(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndar
     return (np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1) * 255).astype(np.uint8)
 
 
-def panel_figure(bf: np.ndarray, real: np.ndarray, pred: np.ndarray, names: list[str]):
-    """Figure with one row per target channel: brightfield, real, predicted (shared contrast)."""
+def panel_figure(bf: np.ndarray, real: np.ndarray, pred: np.ndarray, names: list[str], input_name: str = "brightfield"):
+    """Figure with one row per target channel: input, real, predicted (shared contrast, target units)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +25,7 @@ def panel_figure(bf: np.ndarray, real: np.ndarray, pred: np.ndarray, names: list
     fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
     for r in range(rows):
         lo, hi = np.percentile(real[r], (0.5, 99.5))
-        for c, (img, title) in enumerate([(bf, "brightfield"), (real[r], f"real {names[r]}"),
+        for c, (img, title) in enumerate([(bf, input_name), (real[r], f"real {names[r]}"),
                                           (pred[r], f"predicted {names[r]}")]):
             ax = axes[r, c]
             kw = {"cmap": "gray"} if c == 0 else {"cmap": "magma", "vmin": lo, "vmax": hi}
@@ -44,11 +44,16 @@ class PredictionPanels(L.Callback):
         dirpath: output folder (default: ``<run>/panels``).
     """
 
-    def __init__(self, n: int = 4, dirpath: str | None = None):
-        self.n, self.dirpath = n, dirpath
+    def __init__(self, n: int = 4, dirpath: str | None = None, deferred: bool = False):
+        self.n, self.dirpath, self.deferred = n, dirpath, deferred
         self.paths: list[Path] = []
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.deferred:  # fit() renders deferred panels itself, after loading the best weights
+            self.render(trainer, module)
+
+    def render(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Predict the first `n` validation fields through the deployed path and save/log the panels."""
         if not trainer.is_global_zero or self.n == 0 or trainer.sanity_checking:
             return
         dm = trainer.datamodule
@@ -57,20 +62,22 @@ class PredictionPanels(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         import matplotlib.pyplot as plt
 
-        from labelling.inference import fit_tile, predict_tiled  # late: inference imports the data stack
+        from labelling import predict  # late: the prediction path imports the data stack
 
         module.eval()
+        deploy = predict.deployment(module)
+        names = deploy.get("targets") or getattr(dm, "organelles", [])
         logged = []
         for img in images:
-            pred = predict_tiled(module.predict, img.input, tile=fit_tile(module.net, 256, min(img.input.shape[1:])))
-            real = img.target
-            fig = panel_figure(img.input[0], real, pred,
-                               getattr(dm, "organelles", [f"ch{i}" for i in range(len(real))]))
+            raw, real = img.raw_input(), img.raw_target()
+            pred = predict.predict(module, raw, name=img.key)
+            names = list(names) + [f"ch{i}" for i in range(len(names), len(real))]
+            fig = panel_figure(raw[0], real, pred, names, input_name=(deploy.get("inputs") or ["input"])[0])
             path = out / f"{img.key.replace('/', '_').replace(':', '_')}.png"
             fig.savefig(path, dpi=80)
             plt.close(fig)
             self.paths.append(path)
-            logged.append(np.concatenate([to_uint8(img.input[0]), to_uint8(real[0]), to_uint8(pred[0])], 1))
+            logged.append(np.concatenate([to_uint8(raw[0]), to_uint8(real[0]), to_uint8(pred[0])], 1))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image("val/panels", logged, caption=[i.key for i in images])

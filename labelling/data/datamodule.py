@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from labelling.config import unknown
 from labelling.data import preprocess
 from labelling.data.simulate import CHANNELS, simulate_plate
-from labelling.data.transforms import PairedAugment, norm_stats, normalize
+from labelling.data.transforms import NORMALIZATIONS, PairedAugment, dataset_stats, denormalize, norm_stats, normalize
 
 
 @dataclass
@@ -34,11 +34,31 @@ class Image:
     key: str
     extra: dict | None = None
 
+    def raw_input(self) -> np.ndarray:
+        """The input in its own units (camera counts), as a deployed model receives it."""
+        return denormalize(self.input, self.input_stats).astype(np.float32)
 
-def split_groups(groups: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """Assign each unique group to train/val/test with a seeded shuffle; each split gets >= 1 group if possible."""
+    def raw_target(self) -> np.ndarray:
+        """The target in its own units (after the target transform): what predictions are scored against."""
+        return denormalize(self.target, self.target_stats).astype(np.float32)
+
+
+def split_groups(groups: list[str], val_fraction: float, test_fraction: float, seed: int,
+                 strata: dict[str, str] | None = None) -> dict[str, str]:
+    """Assign each unique group to train/val/test with a seeded shuffle; each split gets >= 1 group if possible.
+
+    With `strata` (group -> stratum, e.g. the phenotype of a well) the shuffled groups of each stratum are
+    dealt out in turn, so every split holds every stratum as far as the group counts allow.
+    """
     unique = sorted(set(groups))
-    order = np.random.default_rng(seed).permutation(len(unique))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(unique))
+    if strata:
+        by_stratum: dict[str, list[int]] = {}
+        for i in order:
+            by_stratum.setdefault(str(strata.get(unique[i], "")), []).append(int(i))
+        lanes = [by_stratum[k] for k in sorted(by_stratum)]
+        order = [lane[r] for r in range(max(map(len, lanes))) for lane in lanes if r < len(lane)]
     n = len(unique)
     n_test = max(1 if test_fraction > 0 and n >= 3 else 0, int(round(test_fraction * n)))
     n_val = max(1 if val_fraction > 0 and n >= 2 else 0, int(round(val_fraction * n)))
@@ -59,8 +79,10 @@ def to_batch(x, y, xs, ys, index) -> dict:
 class RandomCrops(Dataset):
     """`length` random crops per epoch from a list of images, augmented with :class:`PairedAugment`."""
 
-    def __init__(self, images: list[Image], length: int, augment: PairedAugment, seed: int = 0):
+    def __init__(self, images: list[Image], length: int, augment: PairedAugment, seed: int = 0,
+                 renormalize=None):
         self.images, self.length, self.augment, self.seed = images, length, augment, seed
+        self.renormalize = renormalize  # raw (C, H, W) -> normalized, for corruption augmentation
         self.rng = np.random.default_rng(seed)
         self._worker = None
 
@@ -82,13 +104,19 @@ class RandomCrops(Dataset):
         s = self.augment.source
         H, W = img.input.shape[1:]
         x, y = img.input, img.target
+        if self.augment.corrupt_p > 0 and self.renormalize is not None:
+            # Corrupt the raw field, then normalize it as deployment would: a contrast or brightness change
+            # that per-image normalization cancels is cancelled here too.
+            raw = img.raw_input()
+            corrupted = self.augment.corrupt_raw(raw)
+            if corrupted is not raw:
+                x = self.renormalize(corrupted, img)
         if H < s or W < s:  # small images: reflect-pad up to the source crop
             pad = ((0, 0), (0, max(0, s - H)), (0, max(0, s - W)))
             x, y = np.pad(x, pad, mode="reflect"), np.pad(y, pad, mode="reflect")
             H, W = x.shape[1:]
         top, left = int(self.rng.integers(H - s + 1)), int(self.rng.integers(W - s + 1))
         xc, yc = self.augment(x[:, top:top + s, left:left + s], y[:, top:top + s, left:left + s])
-        xc = self.augment.corrupt_input(xc)
         return to_batch(xc, yc, img.input_stats, img.target_stats, k)
 
 
@@ -127,12 +155,15 @@ class FluorescenceDataModule(L.LightningDataModule):
         crops_per_epoch: random training crops per epoch.
         val_fraction, test_fraction: fraction of split groups held out.
         split_by: ``well`` or ``field`` (simulator) - the unit that never straddles splits.
-        normalize: per-image normalization of input and target (``percentile``, ``zscore``, ``minmax``).
+        normalize: normalization of input and target: per image (``percentile``, ``zscore``, ``minmax``,
+            ``none``) or ``fixed`` (percentile statistics of the whole training split, stored with the
+            model: contrast and brightness changes of the microscope then reach the network).
         target_transform: ``none``, ``rolling_ball``, ``golgi_enhance`` or ``gfp_mask`` (binary, not normalized).
         augment: dict for :class:`PairedAugment` (flip, rotate, scale, corrupt_p, max_severity).
         num_workers: DataLoader workers.
         seed: seed of splits, crops and augmentation.
-        n_wells, fields_per_well, field_size: simulated plate geometry.
+        n_wells, fields_per_well, field_size: simulated plate geometry (the default test split holds 4
+            wells x 6 fields = 24 fields, both phenotypes).
     """
 
     def __init__(self, organelle: str | list[str] = "nuclei", crop: int = 64, val_crop: int | None = None,
@@ -140,7 +171,7 @@ class FluorescenceDataModule(L.LightningDataModule):
                  crops_per_epoch: int = 512, val_fraction: float = 0.25, test_fraction: float = 0.25,
                  split_by: str = "well", normalize: str = "percentile", target_transform: str = "none",
                  augment: dict | None = None, num_workers: int = 0, seed: int = 0,
-                 n_wells: int = 8, fields_per_well: int = 4, field_size: int = 256):
+                 n_wells: int = 16, fields_per_well: int = 6, field_size: int = 256):
         super().__init__()
         self.organelles = [organelle] if isinstance(organelle, str) else list(organelle)
         for o in self.organelles:
@@ -148,6 +179,8 @@ class FluorescenceDataModule(L.LightningDataModule):
                 raise unknown("organelle", o, CHANNELS)
         if target_transform not in preprocess.TARGET_TRANSFORMS:
             raise unknown("target_transform", target_transform, preprocess.TARGET_TRANSFORMS)
+        if normalize not in NORMALIZATIONS:
+            raise unknown("normalization", normalize, NORMALIZATIONS)
         if split_by not in ("well", "field"):
             raise ValueError(f"split_by must be 'well' or 'field', got {split_by!r}")
         self.crop, self.batch_size, self.crops_per_epoch = crop, batch_size, crops_per_epoch
@@ -158,6 +191,16 @@ class FluorescenceDataModule(L.LightningDataModule):
         PairedAugment(crop, **self.augment_args)  # fail fast on bad augmentation arguments
         self.plate = dict(n_wells=n_wells, fields_per_well=fields_per_well, size=field_size)
         self.splits: dict[str, list[Image]] = {}
+        self.input_stats: np.ndarray | None = None  # dataset-level (fixed) statistics of the training inputs
+        self.target_stats: np.ndarray | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["brightfield"]
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.organelles)
 
     # -- properties the task needs -------------------------------------------------------------
     in_channels = 1
@@ -179,22 +222,41 @@ class FluorescenceDataModule(L.LightningDataModule):
             key = f"{f.plate}_{f.well}_f{f.field}"
             group = f.well if self.split_by == "well" else key
             extra = {"nuclei": f.nuclei, "cells": f.cells, "masks": f.masks[idx], "phenotype": f.phenotype,
-                     "well": f.well, "field": f.field}
+                     "well": f.well, "field": f.field, "stratum": f"phenotype{f.phenotype}"}
             out.append((f.brightfield[None], f.fluorescence[idx], group, key, extra))
         return out
 
-    def prepare_image(self, x: np.ndarray, y: np.ndarray, group: str, key: str, extra=None) -> Image:
+    def transform_target(self, y: np.ndarray) -> np.ndarray:
         tt = preprocess.TARGET_TRANSFORMS[self.target_transform]
-        y = np.stack([tt(c) for c in y]).astype(np.float32)
-        xs = norm_stats(x, self.norm)
-        ys = norm_stats(y, "none" if self.binary_target else self.norm)
+        return np.stack([tt(c) for c in y]).astype(np.float32)
+
+    def prepare_image(self, x: np.ndarray, y: np.ndarray, group: str, key: str, extra=None) -> Image:
+        """Normalize one raw pair (the target already transformed) with this module's normalization."""
+        x = np.asarray(x, np.float32)
+        if self.norm == "fixed":
+            xs, ys = self.input_stats, self.target_stats
+        else:
+            xs, ys = norm_stats(x, self.norm), norm_stats(y, self.norm)
+        if self.binary_target:
+            ys = norm_stats(y, "none")
         return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra)
+
+    def normalize_raw(self, raw: np.ndarray, image: Image) -> np.ndarray:
+        """Normalize a raw input like deployment does (fixed: the stored statistics of `image`)."""
+        stats = image.input_stats if self.norm == "fixed" else norm_stats(raw, self.norm)
+        return normalize(raw, stats)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        pairs = self.load_pairs()
-        where = split_groups([p[2] for p in pairs], self.val_fraction, self.test_fraction, self.seed)
+        pairs = [(x, self.transform_target(y), *rest) for x, y, *rest in self.load_pairs()]
+        strata = {p[2]: p[4]["stratum"] for p in pairs if p[4] and "stratum" in p[4]}
+        where = split_groups([p[2] for p in pairs], self.val_fraction, self.test_fraction, self.seed, strata)
+        train = [p for p in pairs if where[p[2]] == "train"]
+        # Dataset-level statistics from the training split only (fixed normalization, and the fixed view
+        # of the stability study); test images never contribute to anything the model uses.
+        self.input_stats = dataset_stats([p[0] for p in train], seed=self.seed)
+        self.target_stats = dataset_stats([p[1] for p in train], seed=self.seed)
         self.splits = {"train": [], "val": [], "test": []}
         for p in pairs:
             self.splits[where[p[2]]].append(self.prepare_image(*p))
@@ -207,7 +269,8 @@ class FluorescenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         aug = PairedAugment(self.crop, seed=self.seed, **self.augment_args)
-        return self._loader(RandomCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed))
+        return self._loader(RandomCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed,
+                                        renormalize=self.normalize_raw))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(GridCrops(self.splits["val"] or self.splits["train"][:1], self.val_crop))

@@ -86,6 +86,14 @@ class FolderDataModule(FluorescenceDataModule):
     def out_channels(self) -> int:
         return len(self.targets)
 
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.targets)
+
     def load_pairs(self):
         out = []
         for pair in find_pairs(self.root, self.pattern, self.inputs, self.targets, self.split_by):

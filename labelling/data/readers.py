@@ -13,22 +13,71 @@ from pathlib import Path
 
 import numpy as np
 
+from labelling.errors import ImageError
+
+__all__ = ["IMAGE_SUFFIXES", "RGB_MODES", "ImageError", "Pair", "check_image", "find_pairs", "image_header",
+           "image_shape", "read_image", "read_ome_zarr", "write_ome_zarr"]
+
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".zarr")
+RGB_MODES = ("luminance", "mean")
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
+_STACK_AXES = "TZ"  # time and depth: the first plane is taken; any other axis (C, S, Q...) holds channels
 
 
-class ImageError(ValueError):
-    """A bad image file; the message names the file."""
+def image_header(path: str | Path) -> tuple[tuple[int, ...], str]:
+    """Shape and axes of an image, read from its header only (no pixel data is decoded).
 
-
-def read_image(path: str | Path, check: bool = True) -> np.ndarray:
-    """Read a 2D image (or the first plane of a stack) as float32.
-
-    Supports TIFF/OME-TIFF (tifffile), PNG incl. 16 bit (imageio/PIL) and OME-Zarr (highest resolution).
-
-    Raises:
-        ImageError: missing/unreadable file, NaN or inf pixels, or an empty (constant) image.
+    Axes use tifffile's letters: ``Y``, ``X``, ``S`` (RGB samples), ``C`` (channels), ``Z``, ``T``, ``Q``
+    (unknown). Raises ImageError naming the file when it cannot be read.
     """
     path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                return tuple(int(n) for n in series.shape), series.axes
+        if suffix == ".zarr":
+            array, axes = _ome_zarr_array(path)
+            return tuple(int(n) for n in array.shape), axes
+        from PIL import Image
+
+        with Image.open(path) as im:  # lazy: reads the header only
+            width, height = im.size
+            bands = len(im.getbands())
+        return ((height, width), "YX") if bands == 1 else ((height, width, bands), "YXS")
+    except ImageError:
+        raise
+    except Exception as err:  # any decoder error becomes one clear message
+        raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+
+
+def image_shape(path: str | Path) -> tuple[int, ...]:
+    """Shape of an image as :func:`read_image` would decode it before reduction to 2D, from the header only."""
+    return image_header(path)[0]
+
+
+def read_image(path: str | Path, check: bool = True, channel: int | None = None, rgb: str | None = None) -> np.ndarray:
+    """Read a 2D image as float32.
+
+    Supports TIFF/OME-TIFF (tifffile), PNG incl. 16 bit (PIL) and OME-Zarr (highest resolution). Time and
+    depth stacks give their first plane. An image with several channels (RGB, multichannel) is never reduced
+    silently: pass `channel` (index) or, for RGB, `rgb` (``luminance`` or ``mean``). An RGB file whose three
+    channels are identical (grey saved as RGB) is read as that grey image.
+
+    Raises:
+        ImageError: missing/unreadable file, several channels and no choice, NaN or inf pixels, or an empty
+            (constant) image. The message names the file.
+    """
+    path = Path(path)
+    if rgb is not None and rgb not in RGB_MODES:
+        raise ImageError(f"{path}: rgb must be one of {', '.join(RGB_MODES)}, got {rgb!r}")
+    if rgb is not None and channel is not None:
+        raise ImageError(f"{path}: give either a channel or an rgb conversion, not both")
     if not path.exists():
         raise ImageError(f"{path}: file not found")
     try:
@@ -36,27 +85,81 @@ def read_image(path: str | Path, check: bool = True) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            arr = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                arr, axes = series.asarray(), series.axes
         elif suffix == ".zarr":
-            arr = read_ome_zarr(path)
+            array, axes = _ome_zarr_array(path)
+            arr = np.asarray(array)
         else:
             from PIL import Image
 
             with Image.open(path) as im:
+                if im.mode == "P":  # palette: expand to the colours it stands for
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 arr = np.asarray(im)
+            axes = "YX" if arr.ndim == 2 else "YXS"
     except ImageError:
         raise
     except Exception as err:  # any decoder error becomes one clear message
         raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and suffix == ".png":
-        arr = arr[..., :3].mean(-1)  # RGB(A) PNG -> grey
-    while arr.ndim > 2:
-        arr = arr[0]  # first plane of T/C/Z stacks
-    arr = arr.astype(np.float32)
+    arr = to_plane(np.asarray(arr), axes, path, channel=channel, rgb=rgb).astype(np.float32)
     if check:
         check_image(arr, path)
     return arr
+
+
+def to_plane(arr: np.ndarray, axes: str, name: str | Path = "image", channel: int | None = None,
+             rgb: str | None = None) -> np.ndarray:
+    """Reduce a decoded image with tifffile-style `axes` to (Y, X); see :func:`read_image` for the rules."""
+    if len(axes) != arr.ndim or not (axes.endswith("YX") or axes.endswith("YXS")):
+        axes = _guess_axes(arr.shape)
+    index, kept = [], ""
+    for ax, n in zip(axes, arr.shape):
+        if ax in "YX" or (ax not in _STACK_AXES and n > 1):  # unknown axes count as channels
+            index.append(slice(None))
+            kept += ax
+        else:  # length-1 axes, and the first plane of time/depth stacks
+            index.append(0)
+    arr = arr[tuple(index)]
+    extra = [i for i, ax in enumerate(kept) if ax not in "YX"]
+    if not extra:
+        if channel not in (None, 0):
+            raise ImageError(f"{name}: has a single channel; --channel {channel} does not exist (use 0 or omit it)")
+        return arr
+    if len(extra) > 1:
+        raise ImageError(f"{name}: has several channel axes (shape {arr.shape}, axes {kept}); "
+                         "save one channel per file")
+    arr = np.moveaxis(arr, extra[0], 0)  # (channels, Y, X)
+    n = len(arr)
+    if channel is not None:
+        if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or not 0 <= channel < n:
+            raise ImageError(f"{name}: channel {channel!r} does not exist; the image has {n} channels (0..{n - 1})")
+        return arr[channel]
+    samples = kept[extra[0]] == "S"  # colour samples of one pixel (RGB, RGBA, grey + alpha)
+    color = arr[: n - 1] if samples and n in (2, 4) else arr  # alpha is not an intensity
+    is_rgb = samples and len(color) == 3
+    if rgb == "luminance":
+        if len(color) != 3:
+            raise ImageError(f"{name}: --rgb luminance needs an RGB image; this one has {n} channels "
+                             f"(use --channel 0..{n - 1} or --rgb mean)")
+        return np.tensordot(np.asarray(_LUMA, np.float64), color.astype(np.float64), axes=1)
+    if rgb == "mean":
+        return color.astype(np.float64).mean(0)
+    if samples and all(np.array_equal(color[0], c) for c in color[1:]):
+        return color[0]  # grey saved as RGB(A) / grey+alpha: nothing to choose
+    what, how = ("an RGB", "or convert it to grey with --rgb luminance|mean") if is_rgb else \
+        ("a multichannel", "or average them with --rgb mean")
+    raise ImageError(f"{name}: {what} image with {n} channels ({arr.shape[2]}x{arr.shape[1]} px); choose one "
+                     f"channel with --channel N (0..{n - 1}) {how}")
+
+
+def _guess_axes(shape: tuple[int, ...]) -> str:
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
+        return "YXS"
+    return "Q" * (len(shape) - 2) + "YX"
 
 
 def check_image(arr: np.ndarray, name: str | Path = "image") -> None:
@@ -73,13 +176,21 @@ def check_image(arr: np.ndarray, name: str | Path = "image") -> None:
 
 def read_ome_zarr(path: str | Path) -> np.ndarray:
     """Highest-resolution array of an OME-Zarr image (``multiscales[0].datasets[0]``)."""
+    return np.asarray(_ome_zarr_array(path)[0])
+
+
+def _ome_zarr_array(path: str | Path):
+    """The (lazy) highest-resolution zarr array of an OME-Zarr image and its axes in tifffile letters."""
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
     ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     key = ms[0]["datasets"][0]["path"] if ms else "0"
-    return np.asarray(group[key])
+    array = group[key]
+    names = [a.get("name", "?") if isinstance(a, dict) else str(a) for a in (ms[0].get("axes") or [])] if ms else []
+    axes = "".join({"c": "C", "t": "T", "z": "Z", "y": "Y", "x": "X"}.get(n.lower(), "Q") for n in names)
+    return array, axes if len(axes) == array.ndim else _guess_axes(array.shape)
 
 
 def write_ome_zarr(path: str | Path, image: np.ndarray, axes: str = "cyx") -> None:

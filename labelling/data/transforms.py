@@ -3,7 +3,8 @@
 Geometry is drawn once per sample and applied to input and target alike (the target is registered as an
 extra *image*, so it is interpolated bilinearly, not nearest-neighbour). Rotation/scale work on a larger
 source crop that is centre-cropped afterwards, so no empty corners ever reach the network. Corruption
-augmentations (blur, contrast, brightness) touch the input only.
+augmentations (blur, contrast, brightness, noise) touch the input only and act on the *raw* field, before
+its normalization, exactly like a microscope fault would (see :mod:`labelling.analysis.corruptions`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from labelling.analysis.corruptions import corrupt
+from labelling.analysis.corruptions import CORRUPTIONS, UNSIGNED, corrupt
 
-NORMALIZATIONS = ("percentile", "zscore", "minmax", "none")
+PER_IMAGE = ("percentile", "zscore", "minmax", "none")
+NORMALIZATIONS = (*PER_IMAGE, "fixed")  # fixed: percentile statistics of the whole training set
 
 
 def norm_stats(image: np.ndarray, method: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:
     """Per-channel ``(offset, scale)`` for a (C, H, W) image such that ``(x - offset) / scale`` is normalized."""
-    if method not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization '{method}'; valid: {list(NORMALIZATIONS)}")
+    if method not in PER_IMAGE:
+        hint = " ('fixed' is dataset-level: use dataset_stats)" if method == "fixed" else ""
+        raise ValueError(f"unknown per-image normalization '{method}'{hint}; valid: {list(PER_IMAGE)}")
     flat = image.reshape(image.shape[0], -1).astype(np.float64)
     if method == "percentile":
         lo, hi = np.percentile(flat, (low, high), axis=1)
@@ -34,6 +37,25 @@ def norm_stats(image: np.ndarray, method: str = "percentile", low: float = 1.0, 
     else:
         off, scale = np.zeros(len(flat)), np.ones(len(flat))
     return np.stack([off, np.maximum(scale, 1e-6)], 1).astype(np.float32)  # (C, 2)
+
+
+def dataset_stats(images: list[np.ndarray], max_pixels: int = 200_000, seed: int = 0) -> np.ndarray:
+    """Percentile ``(offset, scale)`` per channel of a whole set of (C, H, W) images (``fixed`` normalization).
+
+    Pixels are pooled over the images (an equal random subsample of each, at most `max_pixels` in all), so
+    one bright field cannot dominate and the statistics are the same whatever the field order.
+    """
+    if not images:
+        raise ValueError("dataset_stats needs at least one image")
+    rng = np.random.default_rng(seed)
+    per = max(1, max_pixels // len(images))
+    pooled = []
+    for img in images:
+        flat = img.reshape(img.shape[0], -1)
+        take = rng.choice(flat.shape[1], min(per, flat.shape[1]), replace=False)
+        pooled.append(flat[:, take])
+    pooled = np.concatenate(pooled, 1)
+    return norm_stats(pooled[:, None, :], "percentile")
 
 
 def normalize(image: np.ndarray, stats: np.ndarray) -> np.ndarray:
@@ -57,13 +79,19 @@ class PairedAugment:
         scale: (min, max) zoom factor.
         corrupt_p: probability of one random corruption of the input.
         max_severity: largest |severity| drawn for corruptions (1..5).
+        corruptions: kinds drawn from (default blur, contrast, brightness).
         seed: seed of the augmentation random stream.
     """
 
     def __init__(self, crop: int, flip: bool = True, rotate: float = 0.0, scale=(1.0, 1.0),
-                 corrupt_p: float = 0.0, max_severity: int = 3, seed: int = 0):
+                 corrupt_p: float = 0.0, max_severity: int = 3, corruptions: list[str] | None = None,
+                 seed: int = 0):
         self.crop = crop
         self.corrupt_p, self.max_severity = corrupt_p, max_severity
+        self.corruption_kinds = list(corruptions or ["blur", "contrast", "brightness"])
+        for kind in self.corruption_kinds:
+            if kind not in CORRUPTIONS:
+                raise ValueError(f"unknown corruption '{kind}' in augment.corruptions; valid: {sorted(CORRUPTIONS)}")
         self.rng = np.random.default_rng(seed)
         angle = math.radians(min(abs(rotate), 45.0))
         grow = (math.cos(angle) + math.sin(angle)) / min(scale[0], 1.0) if (rotate or scale[0] < 1) else 1.0
@@ -83,14 +111,23 @@ class PairedAugment:
         self.rng = np.random.default_rng(seed)
         self.geometry.set_random_seed(seed)
 
-    def corrupt_input(self, x: np.ndarray) -> np.ndarray:
+    def draw_corruption(self) -> tuple[str, int, int] | None:
+        """(kind, severity, noise seed) of a random corruption with probability `corrupt_p`, else None."""
         if self.corrupt_p <= 0 or self.rng.uniform() >= self.corrupt_p:
-            return x
-        kind = self.rng.choice(["blur", "contrast", "brightness"])
+            return None
+        kind = str(self.rng.choice(self.corruption_kinds))
         sev = int(self.rng.integers(1, self.max_severity + 1))
-        if kind != "blur" and self.rng.uniform() < 0.5:
+        if kind not in UNSIGNED and self.rng.uniform() < 0.5:
             sev = -sev
-        return np.stack([corrupt(c, kind, sev) for c in x])
+        return kind, sev, int(self.rng.integers(2**31))
+
+    def corrupt_raw(self, raw: np.ndarray) -> np.ndarray:
+        """Corrupt a *raw* (C, H, W) image like the microscope would (upstream of normalization), or not."""
+        drawn = self.draw_corruption()
+        if drawn is None:
+            return raw
+        kind, sev, seed = drawn
+        return np.stack([corrupt(c, kind, sev, seed=seed) for c in raw])
 
     def __call__(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(C, S, S) source crops -> (C, crop, crop) augmented crops.

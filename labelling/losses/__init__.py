@@ -29,6 +29,7 @@ class WeightedSum(nn.Module):
         if len(acts) > 1:
             raise ValueError(f"loss 'sum' mixes terms on logits and on values: {[type(t).__name__ for t in self.terms]}")
         self.activation = acts.pop()
+        self.scale_free = all(getattr(t, "scale_free", False) for t in self.terms)
         self.last: dict[str, float] = {}
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ class PearsonLoss(nn.Module):
     """1 - Pearson correlation per image and channel, averaged. Invariant to intensity offset and gain."""
 
     activation = None
+    scale_free = True  # output has no units: de-normalized by an affine calibration (labelling.predict)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return 1.0 - pearson_per_image(pred, target).mean()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from labelling.nets.unet import init_weights
+from labelling.nets.unet import check_dropout, check_sizes, init_weights
 
 
 def _encoder(cin: int, width: int, depth: int) -> nn.Sequential:
@@ -48,6 +48,10 @@ class ConvAutoencoder(nn.Module):
     def __init__(self, in_channels: int = 1, size: int = 64, depth: int = 3, width: int = 16, latent_dim: int = 32,
                  dropout: float = 0.0, init: str = "kaiming", out_channels: int | None = None):
         super().__init__()
+        check_sizes(in_channels=in_channels, size=size, depth=depth, width=width, latent_dim=latent_dim)
+        if out_channels is not None:
+            check_sizes(out_channels=out_channels)
+        check_dropout(dropout)
         if size % 2**depth:
             raise ValueError(f"autoencoder size {size} must be a multiple of 2**depth={2 ** depth}")
         self.in_channels, self.size, self.depth, self.embedding_dim = in_channels, size, depth, latent_dim

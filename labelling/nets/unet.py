@@ -49,6 +49,19 @@ def init_weights(module: nn.Module, scheme: str = "kaiming") -> None:
                 nn.init.zeros_(m.bias)
 
 
+def check_sizes(**sizes) -> None:
+    """Raise ValueError unless every size (depth, width, channels...) is an integer >= 1."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_dropout(dropout: float) -> None:
+    """Raise ValueError unless 0 <= dropout < 1 (a probability of dropping; 1 would drop everything)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
 class UNet(nn.Module):
     """UNet with configurable depth/width; works at any input size (reflect-pads to a multiple of 2**depth).
 
@@ -66,6 +79,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 1, depth: int = 3, width: int = 32,
                  dropout: float = 0.0, norm: str = "batch", init: str = "kaiming", upsample: str = "transpose"):
         super().__init__()
+        check_sizes(in_channels=in_channels, out_channels=out_channels, depth=depth, width=width)
+        check_dropout(dropout)
         if norm not in NORMS:
             raise ValueError(f"unknown norm '{norm}'; valid: {list(NORMS)}")
         if upsample not in ("transpose", "bilinear"):

@@ -27,8 +27,21 @@ class Stainer(L.LightningModule):
         self.optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "cosine", **(optim or {})}
         self.config = config or {}
         self.save_hyperparameters(ignore=["net", "loss"])
-        # Mean (offset, scale) of the training targets: de-normalizes predictions of new images.
-        self.register_buffer("target_stats", torch.tensor([[0.0, 1.0]] * getattr(net, "out_channels", 1)))
+        # Deployment state, saved with every checkpoint (see labelling.predict): the output de-normalization
+        # (offset, scale) per target channel, the dataset-level input statistics (``fixed`` normalization),
+        # the training-mean target level (null predictor) and the settings in ``deploy``.
+        n_in, n_out = getattr(net, "in_channels", 1), getattr(net, "out_channels", 1)
+        self.register_buffer("target_stats", torch.tensor([[0.0, 1.0]] * n_out))
+        self.register_buffer("input_stats", torch.tensor([[0.0, 1.0]] * n_in))
+        self.register_buffer("null_level", torch.zeros(n_out))
+        self.deploy: dict = {}
+
+    def get_extra_state(self) -> dict:
+        """Plain-data deployment settings stored in the state dict (loads with ``weights_only=True``)."""
+        return dict(self.deploy)
+
+    def set_extra_state(self, state: dict) -> None:
+        self.deploy = dict(state or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Cin, H, W) -> raw output (B, Cout, H, W)."""
@@ -56,7 +69,8 @@ class Stainer(L.LightningModule):
         loss = self.loss(raw, batch["target"])
         if not torch.isfinite(loss):
             self._check(batch)
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}; lower optim.lr?")
+            raise FloatingPointError(f"the training loss became {loss.item()} at step {self.global_step}; "
+                                     f"lower optim.lr (now {self.optim['lr']:g}) or check the data")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(raw))
         return loss
 

@@ -1,0 +1,257 @@
+"""THE prediction path: raw image -> training normalization -> tiled net -> de-normalized output.
+
+Everything that turns a brightfield image into a predicted stain calls :func:`predict`: the ``predict``
+command, ``evaluate``, every run-end callback, the prediction panels and the app. Nothing else predicts, so
+a score in a report is a score of what a user gets.
+
+What the model needs at deployment travels inside its checkpoint (``Stainer.deploy`` and two buffers),
+never from the image being predicted beyond its own input pixels:
+
+* ``deploy["normalize"]`` - how inputs were normalized in training: per image (``percentile``, ``zscore``,
+  ``minmax``), ``fixed`` (dataset-level statistics of the training inputs, the ``input_stats`` buffer) or
+  ``none``;
+* ``target_stats`` buffer - ``(offset, scale)`` per output channel mapping the network output to target
+  units. For losses with units (MSE, asymmetric, gradient) it is the mean normalization of the *training*
+  targets. For scale-free losses (Pearson) the output has no units, so after training an affine
+  calibration is fitted on the training split only: it matches the mean and standard deviation of the
+  predictions over the training fields to those of the real training targets (``deploy["denormalize"]``
+  says which). Logit losses (BCE) output probabilities and are not de-normalized.
+* ``null_level`` buffer - the mean training target intensity per channel: the null ("blind") predictor
+  every downstream score is compared with.
+
+Tiles overlap by a fraction of their size and are blended with a window that is highest in the centre
+(Gaussian like MONAI's, sigma = tile/8, or linear), so tile borders - where the net sees least context -
+contribute least and no seam shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labelling.data.transforms import denormalize, norm_stats, normalize
+
+BLENDS = ("gaussian", "linear", "constant")
+MAX_SCALE = 8.0
+
+
+def blend_window(tile: int, mode: str = "gaussian") -> np.ndarray:
+    """(tile, tile) weights, strictly positive everywhere."""
+    if mode not in BLENDS:
+        raise ValueError(f"unknown blend '{mode}'; valid: {list(BLENDS)}")
+    centred = (np.arange(tile) - (tile - 1) / 2) / tile
+    if mode == "gaussian":
+        line = np.exp(-0.5 * (centred / 0.125) ** 2)
+    elif mode == "linear":
+        line = 1.0 - 2 * np.abs(centred)
+    else:
+        line = np.ones(tile)
+    window = np.outer(line, line)
+    return np.maximum(window / window.max(), 1e-3).astype(np.float32)
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering [0, size) with the last tile flush to the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] != size - tile:
+        starts.append(size - tile)
+    return starts
+
+
+@torch.no_grad()
+def predict_tiled(model, image: np.ndarray, tile: int = 256, overlap: float = 0.25, blend: str = "gaussian",
+                  batch_size: int = 8, device: str | torch.device | None = None) -> np.ndarray:
+    """Predict a normalized (Cin, H, W) image of any size with overlapping tiles.
+
+    Args:
+        model: callable (B, Cin, h, w) -> (B, Cout, h, w), e.g. ``task.predict``.
+        image: normalized input.
+        tile: tile side (a multiple of 2**depth keeps the net from padding).
+        overlap: fraction of the tile shared with each neighbour (0 <= overlap < 1).
+        blend: ``gaussian``, ``linear`` or ``constant`` (plain average).
+        batch_size: tiles per forward pass.
+        device: where to run (default: the model's).
+
+    Returns:
+        (Cout, H, W) float32.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    _, height, width = image.shape
+    pad_h, pad_w = max(0, tile - height), max(0, tile - width)
+    if pad_h or pad_w:  # images smaller than a tile: reflect-pad, crop at the end
+        mode = "reflect" if pad_h < height and pad_w < width else "symmetric"
+        image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
+    padded_h, padded_w = image.shape[1:]
+    stride = max(1, int(round(tile * (1 - overlap))))
+    window = blend_window(tile, blend)
+    boxes = [(top, left) for top in tile_starts(padded_h, tile, stride) for left in tile_starts(padded_w, tile, stride)]
+    out = weight = None
+    device = device or _device(model)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        x = torch.from_numpy(np.stack([image[:, t:t + tile, l:l + tile] for t, l in chunk])).to(device)
+        y = model(x).float().cpu().numpy()
+        if out is None:
+            out = np.zeros((y.shape[1], padded_h, padded_w), np.float32)
+            weight = np.zeros((padded_h, padded_w), np.float32)
+        for (t, l), yy in zip(chunk, y):
+            out[:, t:t + tile, l:l + tile] += yy * window
+            weight[t:t + tile, l:l + tile] += window
+    return (out / weight)[:, :height, :width]
+
+
+def fit_tile(net, tile: int, side: int) -> int:
+    """Largest multiple of the net's 2**depth that is <= min(tile, side) (at least one multiple)."""
+    multiple = 2 ** getattr(net, "depth", 0)
+    return max(multiple, min(tile, side) // multiple * multiple)
+
+
+def _device(model):
+    try:
+        return next(model.__self__.parameters()).device  # bound method of a module
+    except (AttributeError, StopIteration):
+        try:
+            return next(model.parameters()).device
+        except (AttributeError, StopIteration):
+            return torch.device("cpu")
+
+
+def rescale(image: np.ndarray, scale: float, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize a (C, H, W) image by `scale` (or to `shape`) with area (down) or linear (up) interpolation."""
+    import cv2
+
+    if scale == 1.0 and shape is None:
+        return image
+    height, width = image.shape[1:]
+    size = shape or (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+    interp = cv2.INTER_AREA if size[0] < height else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(c, (size[1], size[0]), interpolation=interp) for c in image]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- deployment state of a task
+
+DEFAULT_DEPLOY = {"normalize": "percentile", "denormalize": "stats", "inputs": ["input"], "targets": ["target"]}
+
+
+def deployment(task) -> dict:
+    """The task's deployment settings (normalization, de-normalization rule, channel names)."""
+    return {**DEFAULT_DEPLOY, **(getattr(task, "deploy", None) or {})}
+
+
+def normalize_input(task, raw: np.ndarray, normalization: str | None = None) -> np.ndarray:
+    """Raw (Cin, H, W) input -> the normalization the model was trained with (or `normalization`)."""
+    method = normalization or deployment(task)["normalize"]
+    raw = np.asarray(raw, np.float32)
+    if method == "fixed":
+        stats = getattr(task, "input_stats", None)
+        if stats is None:
+            raise ValueError("fixed normalization needs the training input statistics stored in the checkpoint")
+        stats = stats.detach().cpu().numpy() if torch.is_tensor(stats) else np.asarray(stats)
+        return normalize(raw, stats.astype(np.float32))
+    return normalize(raw, norm_stats(raw, method))
+
+
+def output_stats(task) -> np.ndarray | None:
+    """(Cout, 2) de-normalization of the task's output, or None for probability outputs."""
+    if deployment(task)["denormalize"] == "none" or getattr(task.loss, "activation", None) == "sigmoid":
+        return None
+    return task.target_stats.detach().cpu().numpy().astype(np.float32)
+
+
+def denormalize_output(task, y: np.ndarray) -> np.ndarray:
+    """Network output (Cout, H, W) -> target units with the training statistics stored in the task."""
+    stats = output_stats(task)
+    return (y if stats is None else denormalize(y, stats)).astype(np.float32)
+
+
+def check_image(raw: np.ndarray, in_channels: int, name: str = "image") -> np.ndarray:
+    """(H, W) or (C, H, W) raw image with finite pixels and the channel count the model expects."""
+    raw = np.asarray(raw)
+    if raw.ndim == 2:
+        raw = raw[None]
+    if raw.ndim != 3:
+        raise ValueError(f"{name}: expected a (H, W) or (C, H, W) image, got shape {raw.shape}")
+    if raw.shape[0] != in_channels:
+        raise ValueError(f"{name}: the model takes {in_channels} input channel(s), the image has {raw.shape[0]}")
+    if not np.isfinite(raw).all():
+        raise ValueError(f"{name}: input image contains NaN/inf pixels")
+    return raw.astype(np.float32)
+
+
+def predict(task, raw: np.ndarray, scale: float = 1.0, tile: int = 256, overlap: float = 0.25,
+            blend: str = "gaussian", batch_size: int = 8, normalization: str | None = None,
+            name: str = "image") -> np.ndarray:
+    """Raw transmitted-light image -> predicted fluorescence in target units, exactly as deployed.
+
+    Args:
+        task: a trained ``Stainer`` (e.g. from :func:`labelling.checkpoints.load_task`), in eval mode.
+        raw: (H, W) or (Cin, H, W) image in its own units (camera counts).
+        scale: resize the *normalized* input by this factor first and the output back (scaling study).
+        tile, overlap, blend, batch_size: tiling (see :func:`predict_tiled`).
+        normalization: override the input normalization (only for the fixed-normalization view of the
+            stability study); None uses the model's own.
+        name: what error messages call the image.
+
+    Returns:
+        (Cout, H, W) float32 in target units (probabilities for logit losses).
+    """
+    y = denormalize_output(task, network_output(task, raw, scale, tile, overlap, blend, batch_size,
+                                                normalization, name))
+    if not np.isfinite(y).all():
+        raise FloatingPointError(f"{name}: the model produced NaN/inf values (a diverged checkpoint?)")
+    return y
+
+
+def network_output(task, raw: np.ndarray, scale: float = 1.0, tile: int = 256, overlap: float = 0.25,
+                   blend: str = "gaussian", batch_size: int = 8, normalization: str | None = None,
+                   name: str = "image") -> np.ndarray:
+    """The tiled network output of a raw image before de-normalization (see :func:`predict`)."""
+    if not np.isfinite(scale) or not 0 < scale <= MAX_SCALE:
+        raise ValueError(f"scale must be in (0, {MAX_SCALE:g}], got {scale}")
+    if tile < 1:
+        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
+    raw = check_image(raw, task.net.in_channels, name)
+    height, width = raw.shape[1:]
+    x = rescale(normalize_input(task, raw, normalization), scale)
+    size = fit_tile(task.net, tile, max(x.shape[1:]))
+    y = predict_tiled(task.predict, x, tile=size, overlap=overlap, blend=blend, batch_size=batch_size)
+    return rescale(y, 1.0, shape=(height, width)) if scale != 1.0 else y
+
+
+def calibrate_affine(task, raw_inputs: list[np.ndarray], raw_targets: list[np.ndarray]) -> np.ndarray:
+    """(Cout, 2) affine de-normalization for a scale-free loss, fitted on *training* images only.
+
+    Matches the mean and standard deviation of the network output pooled over the given fields to those of
+    the real targets (moment matching keeps the intensity spread, unlike a least-squares fit that shrinks
+    it towards the mean). Returns ``(offset, scale)`` rows usable as ``task.target_stats``.
+    """
+    outs = np.concatenate([network_output(task, x).reshape(task.net.out_channels, -1) for x in raw_inputs], 1)
+    targets = np.concatenate([np.asarray(y, np.float32).reshape(len(y), -1) for y in raw_targets], 1)
+    gain = targets.std(1) / np.maximum(outs.std(1), 1e-8)
+    offset = targets.mean(1) - gain * outs.mean(1)
+    return np.stack([offset, gain], 1).astype(np.float32)
+
+
+def predict_null(task, raw: np.ndarray) -> np.ndarray:
+    """The null predictor: the training-mean target intensity everywhere, whatever the input."""
+    level = task.null_level.detach().cpu().numpy().astype(np.float32)
+    height, width = np.asarray(raw).shape[-2:]
+    return np.broadcast_to(level[:, None, None], (len(level), height, width)).copy()
+
+
+def write_ome_tiff(path: str | Path, image: np.ndarray, channel_names: list[str] | None = None) -> Path:
+    """Write (C, Y, X) float32 as OME-TIFF with channel names."""
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"axes": "CYX"}
+    if channel_names:
+        meta["Channel"] = {"Name": list(channel_names)}
+    tifffile.imwrite(path, image.astype(np.float32), ome=True, metadata=meta, photometric="minisblack")
+    return path

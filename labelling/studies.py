@@ -1,0 +1,193 @@
+"""The thesis studies of a trained stain, each run through the one prediction path (:mod:`labelling.predict`).
+
+Every function takes a trained task and a list of :class:`labelling.data.datamodule.Image` (fields with
+their raw input and target) and returns tables; the numbers come from :mod:`labelling.analysis`. The
+``evaluate`` command and the run-end callbacks both call these, so a report and a W&B run always agree.
+
+Rules that make the numbers mean what they say:
+* predictions start from the *raw* input, normalized and de-normalized as deployed; nothing of the
+  evaluated image's target is used to produce its prediction;
+* every downstream score has the null predictor (training-mean intensity) beside it;
+* corruptions act on the raw image upstream of the deployed normalization, with a camera model;
+* embeddings of unseen images are compared with a reference of *training* images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from labelling import predict as P
+from labelling.analysis import downstream as D
+from labelling.analysis.corruptions import CORRUPTIONS, SEVERITIES, corrupt, grid
+
+
+def corrupt_image(raw: np.ndarray, corruption: tuple[str, int] | None, seed: int = 0) -> np.ndarray:
+    """Apply ``(kind, severity)`` to every channel of a raw (C, H, W) image (None: unchanged)."""
+    if corruption is None or corruption[1] == 0:
+        return raw
+    return np.stack([corrupt(c, corruption[0], corruption[1], seed=seed) for c in raw])
+
+
+def predict_pairs(task, images, scale: float = 1.0, corruption=None, normalization: str | None = None,
+                  channel: int = 0, tile: int = 256) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(real targets, predictions) of `images` in target units, for one output channel."""
+    real, pred = [], []
+    for i, im in enumerate(images):
+        raw = corrupt_image(im.raw_input(), corruption, seed=i)
+        pred.append(P.predict(task, raw, scale=scale, tile=tile, normalization=normalization, name=im.key)[channel])
+        real.append(im.raw_target()[channel])
+    return real, pred
+
+
+def true_nuclei(images, task) -> list[np.ndarray] | None:
+    """The simulator's true nucleus masks when the (first) target is nuclei, else None."""
+    targets = P.deployment(task).get("targets", [])
+    if targets[:1] == ["nuclei"] and all(im.extra and "nuclei" in im.extra for im in images):
+        return [im.extra["nuclei"] for im in images]
+    return None
+
+
+def downstream_study(task, images, seg: dict | None = None, channel: int = 0, seed: int = 0):
+    """Per-image table, agreement table (model and null predictor) and per-object table of `images`."""
+    real, pred = predict_pairs(task, images, channel=channel)
+    null = [P.predict_null(task, im.raw_input())[channel] for im in images]
+    return D.evaluate_pairs(real, pred, [im.key for im in images], seg, true_nuclei(images, task),
+                            return_objects=True, null_images=null, seed=seed)
+
+
+def _summary_row(real, pred, seg, seed: int = 0) -> dict:
+    """Pixel Pearson (mean and CI) plus Pearson and CCC of every downstream metric."""
+    table, corr = D.evaluate_pairs(real, pred, seg_args=seg, seed=seed)
+    pix = D.mean_ci(table["pixel_pearson"], seed=seed)
+    row = {"n": len(real), "pixel_pearson": pix["mean"], "pixel_pearson_lo": pix["lo"], "pixel_pearson_hi": pix["hi"]}
+    for _, c in corr.iterrows():
+        row[f"{c['metric']}_pearson"] = c["pearson"]
+        row[f"{c['metric']}_ccc"] = c["ccc"]
+    return row
+
+
+def scaling_study(task, images, scales=(0.7, 1.0, 1.3), seg: dict | None = None) -> pd.DataFrame:
+    """Pixel Pearson and downstream agreement when the input is resized by each scale (and the output back)."""
+    return pd.DataFrame([{"scale": s, **_summary_row(*predict_pairs(task, images, scale=s), seg)} for s in scales])
+
+
+def input_change(task, images, corruption, normalization: str | None = None) -> float:
+    """RMS change of the *network input* (normalized units) caused by a raw-image corruption."""
+    diffs = []
+    for i, im in enumerate(images):
+        raw = im.raw_input()
+        clean = P.normalize_input(task, raw, normalization)
+        diffs.append(np.mean((P.normalize_input(task, corrupt_image(raw, corruption, seed=i), normalization)
+                              - clean) ** 2))
+    return float(np.sqrt(np.mean(diffs)))
+
+
+def stability_modes(task) -> list[str]:
+    """The model's own normalization, plus the fixed (dataset-statistics) view when it differs."""
+    own = P.deployment(task)["normalize"]
+    return [own] if own == "fixed" else [own, "fixed"]
+
+
+def stability_study(task, images, kinds=tuple(CORRUPTIONS), severities=SEVERITIES, seg: dict | None = None,
+                    modes: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Metrics per input normalization mode x corruption x severity, with the network-input change.
+
+    Columns: ``mode`` (the model's own normalization = as deployed, and ``fixed`` = dataset-level
+    statistics, where gain and offset changes reach the net), ``corruption``, ``severity``,
+    ``input_rms_change`` (normalized units), pixel Pearson and per-metric Pearson/CCC, and ``delta_*`` =
+    change from the clean images in the same mode.
+    """
+    from tqdm.auto import tqdm
+
+    modes = modes or stability_modes(task)
+    conditions = [(m, None) for m in modes] + [(m, c) for m in modes for c in grid(kinds, severities)]
+    rows, clean = [], {}
+    for mode, corruption in tqdm(conditions, desc="stability", disable=not progress):
+        row = _summary_row(*predict_pairs(task, images, corruption=corruption, normalization=mode), seg)
+        kind, sev = corruption or ("clean", 0)
+        base = clean.setdefault(mode, row)
+        rows.append({"mode": mode, "corruption": kind, "severity": sev,
+                     "input_rms_change": input_change(task, images, corruption, mode) if corruption else 0.0,
+                     **row, **{f"delta_{k}": row[k] - base[k] for k in row if k.endswith(("pearson", "ccc"))}})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- embeddings and drift
+
+def crops_of(task, raws: list[np.ndarray], crop: int, normalization: str | None = None) -> np.ndarray:
+    """Non-overlapping crops of raw images normalized as deployed (whole image first, then cut)."""
+    from labelling.analysis.embeddings import grid_crops
+
+    normed = [P.normalize_input(task, r, normalization) for r in raws]
+    normed = [n for n in normed if min(n.shape[1:]) >= crop]
+    if not normed:
+        return np.zeros((0, raws[0].shape[0] if raws else 1, crop, crop), np.float32)
+    return grid_crops(normed, crop)
+
+
+def embed_images(task, raws: list[np.ndarray], crop: int, max_crops: int | None = None, seed: int = 0) -> np.ndarray:
+    """Bottleneck embeddings of the deployed-normalized crops of raw images."""
+    from labelling.analysis.embeddings import embed_crops
+
+    crops = crops_of(task, raws, crop)
+    if max_crops is not None and len(crops) > max_crops:
+        crops = crops[np.sort(np.random.default_rng(seed).permutation(len(crops))[:max_crops])]
+    return embed_crops(task.embed, crops)
+
+
+def corrupted_embeddings(task, images, crop: int, kinds=("blur", "contrast", "brightness", "noise"),
+                         severities=(-5, -3, 3, 5), max_crops: int = 120, seed: int = 0):
+    """Embeddings of clean and raw-corrupted crops of `images` -> (embeddings (N, D), meta table)."""
+    parts, rows = [], []
+    for corruption in [None] + grid(kinds, severities):
+        raws = [corrupt_image(im.raw_input(), corruption, seed=i) for i, im in enumerate(images)]
+        emb = embed_images(task, raws, crop, max_crops, seed)
+        kind, sev = corruption or ("clean", 0)
+        parts.append(emb)
+        rows += [{"corruption": kind, "severity": sev}] * len(emb)
+    meta = pd.DataFrame(rows)
+    meta["corrupted"] = meta["corruption"] != "clean"
+    meta["source"] = "test"
+    return np.concatenate(parts), meta
+
+
+def embedding_study(task, train_images, test_images, control_images, crop: int, reducers=None, clusterers=None,
+                    max_crops: int = 120, seed: int = 0):
+    """F1 of telling corrupted from clean test crops, reducers fitted on clean *training* crops only.
+
+    Returns (F1 table, headline dict, projections, meta).
+    """
+    from labelling.analysis import embeddings as E
+
+    train = embed_images(task, [im.raw_input() for im in train_images], crop, 2 * max_crops, seed)
+    emb, meta = corrupted_embeddings(task, test_images, crop, max_crops=max_crops, seed=seed)
+    if control_images:
+        control = embed_images(task, [im.raw_input() for im in control_images], crop, max_crops, seed)
+        emb = np.concatenate([emb, control])
+        extra = pd.DataFrame({"corruption": "clean", "severity": 0, "corrupted": False, "source": "control"},
+                             index=range(len(control)))
+        meta = pd.concat([meta, extra], ignore_index=True)
+    table, projections = E.f1_table(train, emb, meta, reducers or E.REDUCERS, clusterers or E.CLUSTERERS, seed=seed)
+    return table, E.f1_headline(table), projections, meta
+
+
+def drift_study(task, train_images, test_images, crop: int, windows=(5, 10, 20), erts=(32, 64, 128),
+                max_crops: int = 120, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """MMD test miss rates, online-MMD AUC tables and run lengths; the reference is *training* crops and
+    the in-distribution negatives are clean crops of test images the reference never saw."""
+    from labelling.analysis import drift as Dr
+
+    reference = embed_images(task, [im.raw_input() for im in train_images], crop, 4 * max_crops, seed)
+    emb, meta = corrupted_embeddings(task, test_images, crop, max_crops=max_crops, seed=seed)
+    clean = emb[(meta["corruption"] == "clean").to_numpy()]
+    shifted = {(k, s): emb[((meta["corruption"] == k) & (meta["severity"] == s)).to_numpy()]
+               for k, s in meta.loc[meta["corrupted"], ["corruption", "severity"]].drop_duplicates().itertuples(index=False)}
+    windows = [w for w in windows if len(reference) >= 4 * w and len(clean) >= w]  # the detector needs 4W - 1
+    fnr = Dr.false_negative_rates(reference, {("clean", 0): clean, **shifted}, window=min(10, len(clean)),
+                                  n_windows=20, n_permutations=100, seed=seed)
+    online = Dr.online_tables(reference, clean, shifted, windows=windows, erts=erts, n_windows=200, seed=seed)
+    pools = {"clean (unseen)": clean, **{f"{k}{s:+d}": v for (k, s), v in shifted.items()}}
+    runs = pd.concat([Dr.run_lengths(reference, pools, window=w, ert=max(erts), n_streams=100, seed=seed)
+                      for w in windows], ignore_index=True) if windows else pd.DataFrame()
+    return {"drift_fnr": fnr, "drift_online_auc": online, "drift_run_length": runs}
