@@ -93,6 +93,12 @@ def _predict(args) -> int:
     task, _ = load_task(args.checkpoint)
     names = predict.deployment(task).get("targets") or ["prediction"]
     out = Path(args.out)
+    try:  # fail before the first image, not after it
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write predictions to {out}: {err.strerror or err}") from None
     written = 0
     for scale in args.scale:
         suffix = f"_{'+'.join(names)}" + ("" if scale == 1.0 else f"_x{scale:g}")

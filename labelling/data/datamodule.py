@@ -129,6 +129,8 @@ class GridCrops(Dataset):
             H, W = img.input.shape[1:]
             if crop is None:
                 self.items.append((k, 0, 0, H - H % multiple, W - W % multiple))
+            elif H < crop or W < crop:  # a field smaller than the crop is still validated, whole
+                self.items.append((k, 0, 0, max(multiple, H - H % multiple), max(multiple, W - W % multiple)))
             else:
                 self.items += [(k, t, l, crop, crop) for t in range(0, H - crop + 1, crop)
                                for l in range(0, W - crop + 1, crop)]

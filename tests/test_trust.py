@@ -1,0 +1,105 @@
+"""Numbers a scientist can trust: evaluation takes the deployed path and nothing from the evaluated image."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from labelling import predict as P
+from labelling import studies
+from labelling.analysis import downstream as D
+from labelling.checkpoints import load_task
+from labelling.data.datamodule import FluorescenceDataModule
+from labelling.data.transforms import denormalize
+from labelling.losses.basic import MSELoss
+from labelling.tasks.stainer import Stainer
+from labelling.train import attach_deployment, fit
+
+
+class BlindNet(torch.nn.Module):
+    """Ignores its input: the same (normalized) map for every image."""
+
+    in_channels, out_channels, depth = 1, 1, 0
+
+    def __init__(self, pattern: np.ndarray):
+        super().__init__()
+        self.register_buffer("pattern", torch.from_numpy(pattern.astype(np.float32)))
+
+    def forward(self, x, return_embedding=False):
+        out = self.pattern[None, None, : x.shape[2], : x.shape[3]].expand(len(x), 1, -1, -1).clone()
+        return (out, x.mean((2, 3))) if return_embedding else out
+
+
+@pytest.fixture(scope="module")
+def plate():
+    dm = FluorescenceDataModule(n_wells=16, fields_per_well=3, field_size=128)
+    dm.setup()
+    return dm
+
+
+def test_a_blind_model_scores_nothing_but_the_old_leaky_evaluation_gave_it_a_high_r(plate):
+    pattern = plate.splits["train"][0].target[0]  # a realistic-looking map, the same for every image
+    task = Stainer(BlindNet(pattern), MSELoss()).eval()
+    attach_deployment(plate, task)
+    images = plate.splits["test"]
+    real, pred = studies.predict_pairs(task, images)
+    _, corr = D.evaluate_pairs(real, pred, seed=0)
+    honest = corr.set_index("metric")
+    assert abs(honest.loc["mean_intensity", "pearson"]) < 0.3 and abs(honest.loc["total_intensity", "pearson"]) < 0.3
+    # the bug this guards against: de-normalizing with each test image's own target statistics
+    leaky = [denormalize(task.predict(torch.from_numpy(im.input[None]))[0].numpy(), im.target_stats)[0]
+             for im in images]
+    _, corr_leaky = D.evaluate_pairs(real, leaky, seed=0)
+    assert corr_leaky.set_index("metric").loc["mean_intensity", "pearson"] > 0.5
+
+
+def test_a_prediction_never_depends_on_the_evaluated_target(plate):
+    torch.manual_seed(0)
+    from labelling.nets.unet import UNet
+
+    task = Stainer(UNet(1, 1, depth=2, width=4), MSELoss()).eval()
+    attach_deployment(plate, task)
+    images = plate.splits["test"][:3]
+    _, before = studies.predict_pairs(task, images)
+    for im in images:  # a brighter, shifted target with other statistics
+        im.target_stats = im.target_stats * np.array([[1.0, 5.0]], np.float32) + np.array([[100.0, 0.0]], np.float32)
+    real_after, after = studies.predict_pairs(task, images)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert real_after[0].max() > 4 * before[0].max() or not np.allclose(real_after[0], before[0])
+
+
+def test_deployment_state_comes_from_the_training_split_only(plate):
+    from labelling.nets.unet import UNet
+
+    task = Stainer(UNet(1, 1, depth=2, width=4), MSELoss())
+    attach_deployment(plate, task)
+    train = plate.splits["train"]
+    assert np.allclose(task.target_stats.numpy(), np.mean([im.target_stats for im in train], 0))
+    assert np.allclose(task.null_level.numpy(), np.mean([im.raw_target().mean((1, 2)) for im in train], 0))
+    assert task.deploy["normalize"] == "percentile" and task.deploy["targets"] == ["nuclei"]
+
+
+def test_pearson_run_is_calibrated_on_training_fields_and_evaluate_equals_predict(tiny, tmp_path):
+    from labelling.cli import main
+
+    run = tmp_path / "pearson"
+    tiny = [t for t in tiny if not t.startswith(("data.n_wells", "data.fields"))]
+    fit("nuclei_pearson", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1"], run_dir=run)
+    task, cfg = load_task(run)
+    assert task.deploy["denormalize"] == "affine"
+    dm = FluorescenceDataModule(**{"seed": cfg.seed, **cfg.data.args, "organelle": "nuclei"})
+    dm.setup()
+    train = dm.splits["train"][:32]
+    expected = P.calibrate_affine(task, [im.raw_input() for im in train], [im.raw_target() for im in train])
+    assert np.allclose(task.target_stats.numpy(), expected, rtol=1e-4, atol=1e-3)
+    # the prediction written by `labelling predict` is the one the report scored
+    im = dm.splits["test"][0]
+    tifffile.imwrite(tmp_path / "field.tif", im.raw_input()[0])
+    assert main(["predict", str(run), str(tmp_path / "field.tif"), "--out", str(tmp_path / "out")]) == 0
+    written = tifffile.imread(tmp_path / "out" / "field_nuclei.ome.tif")
+    _, scored = studies.predict_pairs(task, [im])
+    assert np.allclose(written, scored[0], rtol=1e-5, atol=1e-4)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert abs(metrics["test/downstream/null/mean_intensity_pearson"]) < 0.3 and "test/downstream/count_ccc" in metrics
