@@ -193,16 +193,17 @@ class RecordSplits(L.Callback):
 def train_condition(cfg: C.Experiment, run_dir: Path):
     """Train (or reuse) one run; returns (metrics, trained task, recorded splits)."""
     from labelling.checkpoints import load_task
-    from labelling.train import fit
+    from labelling.train import check_resume, fit
 
     with registered():
+        run_dir, _ = check_resume(cfg, Path(run_dir))  # resume=false: the fresh numbered folder fit will use
         metrics = fit(cfg, run_dir=run_dir, callbacks=[RecordSplits()])
     task, _ = load_task(run_dir)
     splits = json.loads((run_dir / "study_splits.json").read_text())
     return metrics, task, splits
 
 
-def evaluate(task, images, scale: float = 1.0, seg: dict | None = None, seed: int = 0, channel: int = 0):
+def evaluate_condition(task, images, scale: float = 1.0, seg: dict | None = None, seed: int = 0, channel: int = 0):
     """(per-image table, agreement table with null rows) of `images` predicted at `scale` as deployed."""
     real, pred = studies.predict_pairs(task, images, scale=scale, channel=channel)
     null = [P.predict_null(task, im.raw_input())[channel] for im in images]
@@ -215,12 +216,24 @@ def evaluate(task, images, scale: float = 1.0, seg: dict | None = None, seed: in
 # --------------------------------------------------------------------------- plots
 
 
-def _heatmaps(table: pd.DataFrame, rows: str, cols: str, values: list[str], path: Path, title: str) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    _pyplot().close(fig)
+    return path
+
+
+def _heatmaps(table: pd.DataFrame, rows: str, cols: str, values: list[str], path: Path, title: str) -> Path:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(values), figsize=(3.6 * len(values), 3.2), squeeze=False)
     for ax, value in zip(axes[0], values):
         m = G.matrix(table, rows, cols, value).set_index(f"{rows} \\ {cols}")
@@ -230,19 +243,11 @@ def _heatmaps(table: pd.DataFrame, rows: str, cols: str, values: list[str], path
         ax.set(xticks=range(m.shape[1]), xticklabels=m.columns, yticks=range(m.shape[0]),
                yticklabels=[str(i) for i in m.index], xlabel=cols, ylabel=rows, title=value)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _learning_plot(table: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(8, 3.3))
     for ax, value in zip(axes, ("pixel_pearson", "count_ccc")):
         for split, g in table[table["predictor"] == "model"].groupby("split"):
             g = g.sort_values("n_train_fields")
@@ -254,15 +259,7 @@ def _learning_plot(table: pd.DataFrame, path: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.set(xlabel="training fields", ylabel=value, title=f"{value} (95 % CI)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def _test_images(dm, max_images: int | None):
-    images = dm.splits["test"]
-    return images[:max_images] if max_images else images
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- the studies
@@ -285,8 +282,7 @@ def phenotype_generalization(experiment, overrides=None, out_dir: str | Path = "
     out = Path(out_dir)
     base_cfg = study_config(experiment, overrides)
     dm = base_datamodule(base_cfg)
-    test = {p: [im for im in dm.splits["test"] if phenotype_of(im) == p] for p in phenotypes}
-    test = {p: (ims[:max_images] if max_images else ims) for p, ims in test.items()}
+    test = {p: [im for im in dm.splits["test"] if phenotype_of(im) == p][: max_images or None] for p in phenotypes}
     conditions: list[tuple] = [(p, [p], None) for p in phenotypes]
     if include_both:
         single = min(sum(phenotype_of(im) == p for im in dm.splits["train"]) for p in phenotypes)
@@ -297,7 +293,7 @@ def phenotype_generalization(experiment, overrides=None, out_dir: str | Path = "
         _, task, splits = train_condition(cfg, out / "runs" / f"train_phenotype_{label}")
         sizes[label] = len(splits["train"])
         for p, images in test.items():
-            table, corr = evaluate(task, images, seg=seg, seed=seed)
+            table, corr = evaluate_condition(task, images, seg=seg, seed=seed)
             results[(label, p)] = (table, corr)
             per_image.append(table.assign(train_phenotype=label, test_phenotype=p))
     df = G.condition_table(results, ("train_phenotype", "test_phenotype"), seed=seed)
@@ -335,12 +331,12 @@ def scaling_matrix(experiment, overrides=None, out_dir: str | Path = "runs/studi
     """
     out = Path(out_dir)
     base_cfg = study_config(experiment, overrides)
-    images = _test_images(base_datamodule(base_cfg), max_images)
+    images = base_datamodule(base_cfg).splits["test"][: max_images or None]
     results = {}
     for a in train_scales:
         _, task, _ = train_condition(study_config(base_cfg, train_scale=float(a)), out / "runs" / f"train_scale_{a:g}")
         for s in predict_scales:
-            results[(float(a), float(s))] = evaluate(task, images, scale=float(s), seg=seg, seed=seed)
+            results[(float(a), float(s))] = evaluate_condition(task, images, scale=float(s), seg=seg, seed=seed)
     df = G.condition_table(results, ("train_scale", "predict_scale"), seed=seed)
     df.insert(2, "relative_scale", df["predict_scale"] / df["train_scale"])
     out.mkdir(parents=True, exist_ok=True)
@@ -389,8 +385,7 @@ def learning_curve(experiment, overrides=None, out_dir: str | Path = "runs/studi
         extra[n] = {"global_step": metrics.get("global_step", np.nan), "fit_seconds": metrics.get("fit_seconds", np.nan),
                     "best_val_pcc": metrics.get(f"best/{base_cfg.monitor}", np.nan)}
         for split in splits:
-            images = dm.splits[split][:max_images] if max_images else dm.splits[split]
-            results[(n, split)] = evaluate(task, images, seg=seg, seed=seed)
+            results[(n, split)] = evaluate_condition(task, dm.splits[split][: max_images or None], seg=seg, seed=seed)
     df = G.condition_table(results, ("n_train_fields", "split"), seed=seed)
     for key in ("global_step", "fit_seconds", "best_val_pcc"):
         df[key] = df["n_train_fields"].map(lambda n, key=key: extra[n][key])

@@ -371,3 +371,69 @@ def test_upload_errors_name_the_file(tmp_path):
                      metadata={"axes": "ZYX"}, compression="zlib")  # 72 M values, small on disk
     with pytest.raises(logic.UploadError, match="long.tif: .*too large"):
         logic.read_upload("long.tif", (tmp_path / "long.tif").read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------- predict
+# (extra arguments, how to write the image(s), exit code, message fragment); images are written under tmp_path.
+PREDICT_CASES = [
+    (["--scale", "0"], "grey", 2, "--scale must be in (0, 8]"),
+    (["--scale", "-1"], "grey", 2, "--scale must be in (0, 8]"),
+    (["--scale", "100"], "grey", 2, "--scale must be in (0, 8]"),
+    (["--tile", "0"], "grey", 2, "--tile must be in 16..8192"),
+    ([], "rgb", 2, "--channel N"),
+    (["--rgb", "luminance"], "rgb", 0, "wrote"),
+    (["--channel", "1"], "rgb", 0, "wrote"),
+    ([], "nan", 2, "NaN"),
+    ([], "missing", 2, "missing.tif"),
+    ([], "same_stem", 0, "wrote"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tests.conftest import TINY
+    from labelling.train import fit
+
+    run = tmp_path_factory.mktemp("predict") / "run"
+    fit("nuclei_mse", TINY + ["trainer.max_epochs=1", "callbacks=[]", "test=false"], run_dir=run)
+    return run
+
+
+def _write_images(kind: str, folder):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    grey = rng.gamma(2, 300, (48, 56)).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "missing":
+        return [folder / "missing.tif"]
+    if kind == "same_stem":
+        paths = [folder / "a" / "field.tif", folder / "b" / "field.tif"]
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(p, grey)
+        return paths
+    image = {"grey": grey, "rgb": np.stack([grey] * 3, -1).astype(np.uint16) + np.arange(3, dtype=np.uint16),
+             "nan": np.where(grey > 600, np.nan, grey).astype(np.float32)}[kind]
+    path = folder / f"{kind}.tif"
+    tifffile.imwrite(path, image, photometric="rgb" if kind == "rgb" else None)
+    return [path]
+
+
+@pytest.mark.parametrize("extra,kind,code,fragment", PREDICT_CASES, ids=[f"{c[1]} {' '.join(c[0])}" for c in PREDICT_CASES])
+def test_predict_case(extra, kind, code, fragment, tiny_run, capfd, tmp_path):
+    images = _write_images(kind, tmp_path / "in")
+    out = tmp_path / "out"
+    got, text = run_cli(["predict", tiny_run, *images, "--out", out, *extra], capfd)
+    assert got == code, f"exit {got}, wanted {code}\n{text[-2000:]}"
+    assert fragment in text and "Traceback" not in text
+    if kind == "same_stem":  # two inputs with one file name: two outputs, nothing overwritten
+        assert len(list(out.rglob("*.ome.tif"))) == 2
+
+
+def test_predict_into_an_unwritable_folder_fails_before_any_image(tiny_run, capfd, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    images = _write_images("grey", tmp_path)
+    got, text = run_cli(["predict", tiny_run, *images, "--out", blocker / "sub"], capfd)
+    assert got == 2 and "cannot write predictions" in text and "Traceback" not in text

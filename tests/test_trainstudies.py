@@ -18,6 +18,17 @@ STUDY = TINY + ["trainer.max_epochs=1", "callbacks=[]", "logger.panels=0", "data
 DATA = {"seed": 0, "n_wells": 8, "fields_per_well": 3, "field_size": 64, "crop": 32}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets gain nothing from threads, and on a shared 2-core machine spinning threads cost 10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def base_test_split():
     dm = registry.build("data", "nuclei", **DATA)
     dm.setup()
@@ -105,11 +116,15 @@ def test_learning_curve_sets_are_nested_and_sized(curve):
     assert (out / "learning_curve.png").exists() and (out / "learning_curve_summary.csv").exists()
 
 
-def test_study_data_is_registered_only_while_training(curve):
-    assert trainstudies.STUDY_DATA not in registry.TABLES["data"]
-    with pytest.raises(Exception, match="train_fields"):
-        with trainstudies.registered():
+def test_study_data_registration_leaves_the_registry_as_it_was():
+    from labelling.errors import ConfigError
+
+    before = dict(registry.TABLES["data"])
+    with trainstudies.registered():
+        assert trainstudies.STUDY_DATA in registry.TABLES["data"]
+        with pytest.raises(ConfigError, match="train_fields"):
             registry.build("data", "study", base="nuclei", train_fields=100, **DATA).setup()
+    assert registry.TABLES["data"] == before
 
 
 def test_fixed_normalization_statistics_come_from_the_kept_fields():
