@@ -124,7 +124,9 @@ def _evaluate(args) -> int:
         seg[key.removeprefix("seg.")] = C.parse_value(value)
     summary = evaluate_run(args.run, scales=args.scales, split=args.split, max_images=args.max_images,
                            stability=args.stability or every, embeddings=args.embeddings or every,
-                           drift=args.drift or every, seg=seg, log_wandb=None if args.wandb else False)
+                           drift=args.drift or every, seg=seg, log_wandb=None if args.wandb else False,
+                           phenotypes=args.phenotypes, scaling_matrix=args.scaling_matrix,
+                           learning_curve=args.learning_curve, cost=args.cost or every)
     print(json.dumps({k: round(float(v), 4) for k, v in summary.items()}, indent=2))
     return 0
 
@@ -185,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--stability", action="store_true", help="raw-image corruptions x severities, both modes")
     ev.add_argument("--embeddings", action="store_true", help="PCA/UMAP/PaCMAP x DBSCAN/HDBSCAN/k-means F1")
     ev.add_argument("--drift", action="store_true", help="MMD test, online-MMD AUC tables and run lengths")
-    ev.add_argument("--all", action="store_true", help="all of the above")
+    ev.add_argument("--phenotypes", action="store_true", help="train on one phenotype, test on the other (trains)")
+    ev.add_argument("--scaling-matrix", action="store_true", help="train at 0.7/1.0/1.3 x predict at 0.7/1.0/1.3 (trains)")
+    ev.add_argument("--learning-curve", action="store_true", help="test pcc vs number of training fields (trains)")
+    ev.add_argument("--cost", action="store_true", help="training hours and USD on AWS GPU instances")
+    ev.add_argument("--all", action="store_true", help="every study that does not train more models")
     ev.add_argument("--seg", nargs="*", default=[], help="segmentation overrides, e.g. --seg min_size=50 offset=0")
     ev.add_argument("--wandb", action="store_true", help="also log to W&B when the run did")
     ev.set_defaults(fn=_evaluate)

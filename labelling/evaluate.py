@@ -9,7 +9,10 @@ Writes into ``<run>/evaluate/``:
 * ``embeddings_f1.*`` + ``embeddings.png`` - clean vs corrupted separability of bottleneck embeddings with
   shuffled-label chance levels and a clean-vs-clean control; the headline is the mean over configurations;
 * ``drift_fnr.*``, ``drift_online_auc.*``, ``drift_run_length.*`` - MMD test miss rates, online-MMD AUC-ROC
-  with negatives from unseen clean images, and run lengths of the calibrated detector.
+  with negatives from unseen clean images, and run lengths of the calibrated detector;
+* ``studies/phenotypes``, ``studies/scaling_matrix``, ``studies/learning_curve`` - studies that train more
+  models of the run's experiment (phenotype generalization, train x predict scale, "will more data help?");
+* ``cost.*`` - the run's measured throughput as hours and USD on named AWS GPU instances.
 Every table is CSV + Markdown; W&B gets them too when the run logged to W&B.
 """
 
@@ -71,7 +74,9 @@ def run_dir_of(run: str | Path) -> Path:
 
 def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", max_images: int = 32,
                  out: str | Path | None = None, stability: bool = False, embeddings: bool = False,
-                 drift: bool = False, log_wandb: bool | None = None, seg: dict | None = None) -> dict:
+                 drift: bool = False, log_wandb: bool | None = None, seg: dict | None = None,
+                 phenotypes: bool = False, scaling_matrix: bool = False, learning_curve: bool = False,
+                 cost: bool = False) -> dict:
     """Tables and plots of a trained run (see module doc); returns the summary numbers."""
     task, cfg, dm = load_run(run)
     images = dm.splits[split][:max_images]
@@ -119,6 +124,19 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
             reports.write_table(df, out, name)
         tables.update(found)
         summary.update(drift_summary(found))
+    studies_wanted = {"phenotypes": phenotypes, "scaling_matrix": scaling_matrix, "learning_curve": learning_curve}
+    if any(studies_wanted.values()):
+        from labelling import config
+        from labelling.callbacks.analyses import run_training_studies
+
+        study_cfg = config.validate(config.apply_overrides(config.to_dict(cfg), ["callbacks=[]", "logger.wandb=false"]))
+        for name, df in run_training_studies(study_cfg, out / "studies", studies_wanted, max_images).items():
+            tables[name] = df
+            plots += sorted((out / "studies" / name).glob("*.png"))
+    if cost:
+        from labelling.trainstudies import training_cost
+
+        tables["cost"] = training_cost(run_dir, out)
     if log_wandb if log_wandb is not None else cfg.logger.wandb:
         _log_wandb(cfg, run_dir, tables, plots)
     return summary

@@ -22,6 +22,7 @@ TABLES: dict[str, dict[str, str]] = {
         "actin": "labelling.data.organelles:ActinDataModule",
         "gfp": "labelling.data.organelles:GFPDataModule",
         "nucleoli": "labelling.data.organelles:NucleoliDataModule",
+        "study": "labelling.trainstudies:study_data",  # restricted training data of the training studies
     },
     "task": {
         "stainer": "labelling.tasks.stainer:Stainer",
@@ -53,6 +54,8 @@ TABLES: dict[str, dict[str, str]] = {
         "stability": "labelling.callbacks.analyses:StabilityAnalysis",
         "embeddings": "labelling.callbacks.analyses:EmbeddingAnalysis",
         "drift": "labelling.callbacks.analyses:DriftAnalysis",
+        "training_studies": "labelling.callbacks.analyses:TrainingStudies",
+        "cost": "labelling.callbacks.analyses:TrainingCost",
         "early_stopping": "lightning.pytorch.callbacks:EarlyStopping",
     },
 }

@@ -186,3 +186,22 @@ def test_cost_from_a_finished_run(tmp_path):
     assert df.iloc[0]["n_crops"] == 100 * 8  # epochs x TINY crops_per_epoch
     assert np.isfinite(df.iloc[1:][["hours", "usd"]].to_numpy(float)).all()
     assert (run / "cost.csv").exists() and (run / "cost.md").exists()
+
+
+def test_study_callbacks_and_evaluate_flags_run_from_a_finished_run(tmp_path):
+    """The three pieces of a study: the pure function, a callback line and an `evaluate` flag."""
+    from labelling.evaluate import evaluate_run
+    from labelling.train import fit
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    tiny = [t for t in TINY if not t.startswith(("data.n_wells", "data.fields"))]
+    cbs = ("callbacks=[{name: training_studies, phenotypes: true, overrides: [trainer.max_epochs=1]}, "
+           "{name: cost, runs: 2}]")
+    metrics = fit("nuclei_mse", tiny + ["data.n_wells=8", "data.fields_per_well=3", "trainer.max_epochs=1", cbs],
+                  run_dir=run)
+    assert (run / "studies" / "phenotypes").exists() and (run / "cost.md").exists()
+    assert "test/studies/phenotypes/mean_pixel_pearson" in metrics and metrics["test/cost/crops_per_second"] > 0
+    summary = evaluate_run(run, scales=(), cost=True, learning_curve=True, max_images=4, log_wandb=False)
+    assert (run / "evaluate" / "cost.md").exists() and (run / "evaluate" / "studies" / "learning_curve").exists()
+    assert "downstream/pixel_pearson" in summary

@@ -111,3 +111,92 @@ class DriftAnalysis(_RunEndAnalysis):
         found = studies.drift_study(module, dm.splits["train"], images, dm.crop)
         self.results.update({f"test/{k}": v for k, v in evaluate.drift_summary(found).items()})
         return found, []
+
+
+class TrainingStudies(_RunEndAnalysis):
+    """Studies that train more models of this experiment: phenotype generalization (train on one simulated
+    phenotype, test on the other), the train x predict scaling matrix (thesis Table 2) and a learning curve.
+
+    Args:
+        phenotypes, scaling_matrix, learning_curve: which studies to run (each trains several models).
+        overrides: dotted overrides for the study trainings (e.g. ``["trainer.max_epochs=4"]``).
+    """
+
+    folder, prefix = "studies", "test/studies"
+
+    def __init__(self, phenotypes: bool = True, scaling_matrix: bool = False, learning_curve: bool = False,
+                 overrides: list[str] | None = None, max_images: int = 64):
+        super().__init__(max_images)
+        self.which = {"phenotypes": phenotypes, "scaling_matrix": scaling_matrix, "learning_curve": learning_curve}
+        self.overrides = list(overrides or [])
+
+    def analyse(self, module, images, out, trainer):
+        from labelling import config
+
+        cfg = config.validate(module.config)
+        cfg = config.validate(config.apply_overrides(config.to_dict(cfg), ["callbacks=[]", "logger.wandb=false",
+                                                                           *self.overrides]))
+        import torch
+
+        with torch.inference_mode(False), torch.enable_grad():  # test hooks run without autograd
+            tables = run_training_studies(cfg, out, self.which, self.max_images)
+        for name, df in tables.items():
+            model = df[df.get("predictor", "model") == "model"] if "predictor" in df else df
+            if "pixel_pearson" in model:
+                self.results[f"{self.prefix}/{name}/mean_pixel_pearson"] = float(model["pixel_pearson"].mean())
+        return {}, sorted(out.glob("*/*.png"))
+
+
+def run_training_studies(cfg, out: Path, which: dict, max_images: int | None = None) -> dict:
+    """Run the selected training studies of an experiment config into `out`; returns their tables."""
+    from labelling import trainstudies as T
+
+    tables = {}
+    if which.get("phenotypes"):
+        tables["phenotypes"] = T.phenotype_generalization(cfg, out_dir=out / "phenotypes", max_images=max_images)
+    if which.get("scaling_matrix"):
+        tables["scaling_matrix"] = T.scaling_matrix(cfg, out_dir=out / "scaling_matrix", max_images=max_images)
+    if which.get("learning_curve"):
+        tables["learning_curve"] = T.learning_curve(cfg, out_dir=out / "learning_curve", max_images=max_images)
+    return tables
+
+
+class TrainingCost(L.Callback):
+    """Measured training throughput of this run -> hours and USD on named AWS GPU instances (``cost.md``).
+
+    The throughput is measured over the training epochs only (validation excluded); GPU speed-ups and
+    prices come from the editable, dated table ``labelling/analysis/aws_prices.yaml``.
+
+    Args:
+        runs: how many such trainings to price (e.g. the trials of a sweep).
+    """
+
+    def __init__(self, runs: int = 1):
+        self.runs = runs
+        self.seconds, self.start = 0.0, None
+        self.results: dict[str, float] = {}
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        import time
+
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        import time
+
+        if self.start is not None:
+            self.seconds += time.perf_counter() - self.start
+            self.start = None
+
+    def on_test_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero or self.seconds <= 0:
+            return
+        from labelling.analysis.cost import cost_table
+
+        dm = trainer.datamodule
+        crops = trainer.global_step * dm.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        speed = crops / self.seconds
+        total = (trainer.max_epochs or 1) * dm.crops_per_epoch
+        table = cost_table(speed, n_crops=total, runs=self.runs)
+        reports.write_table(table, Path(trainer.default_root_dir), "cost")
+        self.results["test/cost/crops_per_second"] = float(speed)
