@@ -90,10 +90,10 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
     summary, tables, plots = {}, {}, []
     crop = int(cfg.data.args.get("crop", 64))
     if cfg.task.name == "stainer":
-        table, corr, objects = studies.downstream_study(task, images, seg)
-        plots += D.scatter_plots(table, out)
-        D.write_report(table, corr, out, title=f"Downstream evaluation - {cfg.name} ({split}, n={len(images)})",
-                       images=plots, objects=objects)
+        table, corr, report_plots, warnings = studies.downstream_report(
+            task, images, out, seg, title=f"Downstream evaluation - {cfg.name} ({split})")
+        plots += report_plots
+        summary["downstream/segmentation_warnings"] = float(len(warnings))
         summary.update(downstream_summary(corr, table))
         tables["downstream"] = corr
         if scales:

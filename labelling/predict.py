@@ -7,6 +7,8 @@ a score in a report is a score of what a user gets.
 What the model needs at deployment travels inside its checkpoint (``Stainer.deploy`` and two buffers),
 never from the image being predicted beyond its own input pixels:
 
+* ``deploy["max_size"]`` - fields binned to this longer side in training are binned the same way before
+  prediction, and the output is resized back to the input's size;
 * ``deploy["normalize"]`` - how inputs were normalized in training: per image (``percentile``, ``zscore``,
   ``minmax``), ``fixed`` (dataset-level statistics of the training inputs, the ``input_stats`` buffer) or
   ``none``;
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelling.data.transforms import denormalize, norm_stats, normalize
+from labelling.data.transforms import bin_factor, bin_image, denormalize, norm_stats, normalize
 
 BLENDS = ("gaussian", "linear", "constant")
 MAX_SCALE = 8.0
@@ -217,10 +219,12 @@ def network_output(task, raw: np.ndarray, scale: float = 1.0, tile: int = 256, o
         raise ValueError(f"tile must be a positive number of pixels, got {tile}")
     raw = check_image(raw, task.net.in_channels, name)
     height, width = raw.shape[1:]
+    # the training geometry: fields binned to data.max_size in training are binned the same way here
+    raw = bin_image(raw, bin_factor(raw.shape, deployment(task).get("max_size", 0)))
     x = rescale(normalize_input(task, raw, normalization), scale)
     size = fit_tile(task.net, tile, max(x.shape[1:]))
     y = predict_tiled(task.predict, x, tile=size, overlap=overlap, blend=blend, batch_size=batch_size)
-    return rescale(y, 1.0, shape=(height, width)) if scale != 1.0 else y
+    return rescale(y, 1.0, shape=(height, width)) if y.shape[1:] != (height, width) else y
 
 
 def calibrate_affine(task, raw_inputs: list[np.ndarray], raw_targets: list[np.ndarray]) -> np.ndarray:

@@ -48,12 +48,30 @@ def true_nuclei(images, task) -> list[np.ndarray] | None:
     return None
 
 
-def downstream_study(task, images, seg: dict | None = None, channel: int = 0, seed: int = 0):
-    """Per-image table, agreement table (model and null predictor) and per-object table of `images`."""
-    real, pred = predict_pairs(task, images, channel=channel)
-    null = [P.predict_null(task, im.raw_input())[channel] for im in images]
-    return D.evaluate_pairs(real, pred, [im.key for im in images], seg, true_nuclei(images, task),
-                            return_objects=True, null_images=null, seed=seed)
+def downstream_report(task, images, out, seg: dict | None = None, title: str = "Downstream evaluation",
+                      seed: int = 0):
+    """Downstream agreement of `images` (model and null predictor) written as a report in `out`.
+
+    The report holds the tables, scatter plots, a segmentation preview and warnings when the real images'
+    segmentation is implausible. Returns (per-image table, agreement table, plots, warnings).
+    """
+    from pathlib import Path
+
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    real, pred = predict_pairs(task, images)
+    null = [P.predict_null(task, im.raw_input())[0] for im in images]
+    table, corr, objects = D.evaluate_pairs(real, pred, [im.key for im in images], seg, true_nuclei(images, task),
+                                            return_objects=True, null_images=null, seed=seed)
+    warnings = D.segmentation_warnings(table, real[0].shape)
+    for warning in warnings:
+        rank_zero_warn(f"{title}: {warning}")
+    plots = D.scatter_plots(table, out) + [D.segmentation_preview(real, pred, out / "segmentation_preview.png", seg)]
+    D.write_report(table, corr, out, title=f"{title} (n={len(images)})", images=plots, objects=objects,
+                   warnings=warnings)
+    return table, corr, plots, warnings
 
 
 def _summary_row(real, pred, seg, seed: int = 0) -> dict:

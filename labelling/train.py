@@ -95,11 +95,40 @@ def attach_deployment(dm, task) -> None:
     sigmoid = getattr(task.loss, "activation", None) == "sigmoid"
     rule = "none" if sigmoid or dm.binary_target else "affine" if getattr(task.loss, "scale_free", False) else "stats"
     task.deploy = {"normalize": dm.norm, "denormalize": rule, "inputs": list(dm.input_names),
-                   "targets": list(dm.target_names), "target_transform": dm.target_transform}
+                   "targets": list(dm.target_names), "target_transform": dm.target_transform,
+                   "max_size": int(getattr(dm, "max_size", 0) or 0)}
     stats = dm.target_stats if dm.norm == "fixed" else np.mean([im.target_stats for im in train], 0)
     task.target_stats.copy_(torch.as_tensor(stats, dtype=torch.float32))
     task.input_stats.copy_(torch.as_tensor(dm.input_stats, dtype=torch.float32))
     task.null_level.copy_(torch.as_tensor(np.mean([im.raw_target().mean((1, 2)) for im in train], 0)))
+
+
+def set_threads(threads: int | None, num_workers: int = 0) -> int:
+    """Set torch's CPU threads: `threads`, or cores / (workers + 1) when DataLoader workers share the cores."""
+    if threads is None and num_workers > 0:
+        threads = max(1, (os.cpu_count() or 1) // (num_workers + 1))
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def check_splits(cfg: C.Experiment, dm) -> None:
+    """Refuse a run whose validation or (with ``test: true``) test split came out empty, naming the ways out."""
+    splits = getattr(dm, "splits", None)
+    if not splits or cfg.trainer.fast_dev_run:
+        return
+    groups = sorted({im.group for images in splits.values() for im in images})
+    shown = ", ".join(groups[:8]) + (" ..." if len(groups) > 8 else "")
+    ways = ("name the held-out groups with data.test_groups=[...] / data.val_groups=[...] (names or regular "
+            "expressions), cut each field into blocks that are split independently with data.spatial_blocks=4 "
+            "(folder data), or add fields")
+    if not splits.get("val"):
+        raise C.ConfigError(f"no validation fields: the data has {len(groups)} split group(s) ({shown}) and none "
+                            f"was left for validation. Ways out: {ways}.")
+    if cfg.test and not splits.get("test"):
+        raise C.ConfigError(f"no test fields: the data has {len(groups)} split group(s) ({shown}) and none was "
+                            f"left for testing, so no test or downstream metrics could be written. Ways out: {ways}; "
+                            "or set test=false to train without a test.")
 
 
 def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: bool) -> None:
@@ -149,6 +178,7 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
     torch.set_float32_matmul_precision("high")
     dm, task = build(cfg)
     attach_deployment(dm, task)
+    check_splits(cfg, dm)
 
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
@@ -161,6 +191,7 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
     cbs += [registry.build("callback", c.name, **c.args) for c in cfg.callbacks]
     cbs += list(callbacks or [])
     trainer_args = {k: v for k, v in cfg.trainer.model_dump().items() if v is not None}
+    set_threads(trainer_args.pop("threads", None), int(cfg.data.args.get("num_workers", 0) or 0))
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=make_loggers(cfg, run_dir), callbacks=cbs,
                         **trainer_args)
     if trainer.is_global_zero:

@@ -199,3 +199,20 @@ def test_fixed_normalization_uses_training_statistics_only():
             assert np.array_equal(im.input_stats, dm.input_stats)
     per_image = small_dm()
     assert np.allclose(per_image.splits["test"][0].raw_input(), dm.splits["test"][0].raw_input(), rtol=1e-4)
+
+
+def test_strict_hold_out_by_named_groups_and_regex():
+    groups = [f"pos{i:02d}" for i in range(1, 13)]
+    where = split_groups(groups, 0.25, 0.25, seed=0, test_groups=["pos12"], val_groups=["pos0[12]"])
+    assert [g for g, s in where.items() if s == "test"] == ["pos12"]
+    assert sorted(g for g, s in where.items() if s == "val") == ["pos01", "pos02"]
+    assert sum(s == "train" for s in where.values()) == 9
+    # test named, validation by fraction of all groups
+    where = split_groups(groups, 0.25, 0.25, seed=0, test_groups=["pos04"])
+    assert [g for g, s in where.items() if s == "test"] == ["pos04"] and sum(s == "val" for s in where.values()) == 3
+    with pytest.raises(ValueError, match="matches none of the 12 split groups"):
+        split_groups(groups, 0.25, 0.25, seed=0, test_groups=["pos99"])
+    with pytest.raises(ValueError, match="both"):
+        split_groups(groups, 0.25, 0.25, seed=0, test_groups=["pos01"], val_groups=["pos0."])
+    dm = small_dm(test_groups=["A1"], val_groups=["A2"])
+    assert {im.group for im in dm.splits["test"]} == {"A1"} and {im.group for im in dm.splits["val"]} == {"A2"}

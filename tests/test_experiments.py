@@ -201,3 +201,52 @@ def test_autoencoders_train_and_embed(tiny, tmp_path):
 
     summary = evaluate_run(tmp_path / "ae_vae", split="train", embeddings=True, max_images=3, log_wandb=False)
     assert 0 <= summary["embeddings/f1_mean"] <= 1 and "downstream/pixel_pearson" not in summary
+
+
+def test_empty_test_split_is_an_error_naming_the_ways_out(tiny, tmp_path, capsys):
+    from labelling.cli import main
+
+    two = [t for t in tiny if not t.startswith(("data.n_wells", "data.fields"))] + ["data.n_wells=2",
+                                                                                   "data.fields_per_well=1"]
+    assert main(["train", "nuclei_mse", *two, "--run-dir", str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert "no test fields" in err and "2 split group" in err and "test_groups" in err and "test=false" in err
+    assert fit("nuclei_mse", two + ["test=false"], run_dir=tmp_path / "ok")["global_step"] > 0
+
+
+def test_python_api_doc_example_runs(tmp_path, monkeypatch):
+    """docs/python_api.md: its example is real code that trains with an extra callback."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "python_api.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "python_api.md", "exec"), scope)
+    assert scope["timer"].seconds > 0 and np.isfinite(scope["metrics"]["val/pcc"])
+    assert (tmp_path / "runs" / "api_example" / "metrics.json").exists()
+
+
+def test_threads_setting_and_training_geometry_in_predict(tiny, tmp_path):
+    import torch
+
+    from labelling import predict
+    from labelling.train import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
+    run = tmp_path / "geo"
+    fit("nuclei_mse", tiny + ["trainer.max_epochs=1", "trainer.threads=1", "callbacks=[]", "test=false"], run_dir=run)
+    task, _ = load_task(run)
+    task.deploy["max_size"] = 32  # as if trained on fields binned to 32 px
+    raw = np.random.default_rng(0).gamma(2, 300, (64, 64)).astype(np.float32)
+    binned = predict.predict(task, raw)
+    task.deploy["max_size"] = 0
+    direct = predict.predict(task, raw.reshape(32, 2, 32, 2).mean((1, 3)))
+    assert binned.shape == (1, 64, 64)  # back at the input's size
+    # exactly: bin like training, predict at the binned size, resize the prediction back to the input's size
+    assert np.allclose(binned, predict.rescale(direct, 1.0, shape=(64, 64)), atol=1e-4)

@@ -222,8 +222,52 @@ def scatter_plots(table: pd.DataFrame, out_dir: str | Path, prefix: str = "") ->
     return paths
 
 
+def segmentation_warnings(table: pd.DataFrame, shape: tuple[int, int], max_fraction: float = 0.5) -> list[str]:
+    """Warnings when the *real* images' segmentation looks implausible, so downstream numbers are meaningless:
+    most of a field marked as foreground (a dim or diffuse channel thresholded into noise), or no objects."""
+    if not len(table):
+        return []
+    warnings = []
+    fraction = table["real_total_area"] / float(shape[0] * shape[1])
+    if (fraction > max_fraction).mean() > 0.5:
+        warnings.append(f"the real-image segmentation marks {fraction.median():.0%} of a typical field as foreground "
+                        f"({table['real_count'].median():.0f} objects): the channel may be too dim or diffuse for "
+                        "these segmentation settings, and every downstream number below may be meaningless. Look "
+                        "at segmentation_preview.png and try evaluate --seg offset=... min_size=...")
+    if (table["real_count"] == 0).mean() > 0.5:
+        warnings.append("the real-image segmentation finds no objects in most fields: downstream numbers are "
+                        "meaningless; check segmentation_preview.png and the --seg settings")
+    return warnings
+
+
+def segmentation_preview(real_images, pred_images, path: str | Path, seg_args: dict | None = None, n: int = 3) -> Path:
+    """Real and predicted fields with their segmentation outlines (the first `n`), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    pairs = list(zip(real_images, pred_images))[:n]
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(7, 3.4 * len(pairs)), squeeze=False)
+    for row, (real, pred) in enumerate(pairs):
+        for col, (img, title) in enumerate(((real, "real"), (pred, "predicted"))):
+            labels = segment(img, **(seg_args or {}))
+            lo, hi = np.percentile(img, (0.5, 99.5))
+            axes[row, col].imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            edges = np.ma.masked_where(~find_boundaries(labels), np.ones(labels.shape))
+            axes[row, col].imshow(edges, cmap="autumn", alpha=0.9)
+            axes[row, col].set_title(f"{title}: {int(labels.max())} objects", fontsize=9)
+            axes[row, col].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
 def write_report(table: pd.DataFrame, corr: pd.DataFrame, out_dir: str | Path, title: str = "Downstream",
-                 images: list[Path] | None = None, objects: pd.DataFrame | None = None) -> Path:
+                 images: list[Path] | None = None, objects: pd.DataFrame | None = None,
+                 warnings: list[str] | None = None) -> Path:
     """CSV tables (per image, agreement, per object) plus a Markdown and an HTML report with the plots."""
     from labelling import reports
 
@@ -242,7 +286,8 @@ def write_report(table: pd.DataFrame, corr: pd.DataFrame, out_dir: str | Path, t
     sections = [("Agreement of predicted with real, across images", summary),
                 ("Image-level means (95 % CI)", reports.mean_ci_table(extra)),
                 ("Per image", table)]
-    return reports.write_report(out_dir, title, sections, images or [], notes=REPORT_NOTES)
+    notes = "".join(f"WARNING: {w}\n\n" for w in warnings or []) + REPORT_NOTES
+    return reports.write_report(out_dir, title, sections, images or [], notes=notes)
 
 
 REPORT_NOTES = (

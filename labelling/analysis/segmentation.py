@@ -55,7 +55,8 @@ def segment(image: np.ndarray, method: str = "mean", block_size: int = 51, offse
         image: 2D fluorescence (any range).
         method: global threshold (``mean`` or ``otsu``).
         block_size: local threshold window (odd).
-        offset: subtracted from the local threshold (negative = more permissive).
+        offset: subtracted from the local threshold: positive is more permissive (more foreground),
+            negative is stricter (the default -0.02 was tuned on DSB2018 nuclei).
         opening: radius of the morphological opening (0 disables).
         blur: sigma of the Gaussian smoothing of the mask outline (0 disables).
         min_size: regions smaller than this many pixels are dropped.

@@ -64,12 +64,9 @@ class DownstreamEvaluation(_RunEndAnalysis):
         self.seg = seg or {}
 
     def analyse(self, module, images, out, trainer):
-        from labelling.analysis import downstream
-
-        table, corr, objects = studies.downstream_study(module, images, self.seg)
-        plots = downstream.scatter_plots(table, out)
-        downstream.write_report(table, corr, out, title=f"Downstream evaluation - {module.config.get('name', '')} "
-                                f"(test, n={len(images)})", images=plots, objects=objects)
+        title = f"Downstream evaluation - {module.config.get('name', '')} (test)"
+        table, corr, plots, warnings = studies.downstream_report(module, images, out, self.seg, title=title)
+        self.results["test/downstream/segmentation_warnings"] = float(len(warnings))
         self.results.update(evaluate.downstream_summary(corr, table, prefix="test/downstream/"))
         return {"agreement": corr, "per_image": table}, plots
 

@@ -43,14 +43,54 @@ class Image:
         return denormalize(self.target, self.target_stats).astype(np.float32)
 
 
+def match_groups(patterns: list[str], unique: list[str], what: str) -> set[str]:
+    """Groups named by `patterns` (exact names or regular expressions matching the whole name)."""
+    import re
+
+    chosen = set()
+    for pattern in patterns:
+        try:
+            hits = {g for g in unique if g == pattern or re.fullmatch(pattern, g)}
+        except re.error as err:
+            raise ValueError(f"data.{what}: '{pattern}' is not a valid regular expression ({err})") from None
+        if not hits:
+            shown = ", ".join(unique[:12]) + (" ..." if len(unique) > 12 else "")
+            raise ValueError(f"data.{what}: '{pattern}' matches none of the {len(unique)} split groups ({shown})")
+        chosen |= hits
+    return chosen
+
+
 def split_groups(groups: list[str], val_fraction: float, test_fraction: float, seed: int,
-                 strata: dict[str, str] | None = None) -> dict[str, str]:
+                 strata: dict[str, str] | None = None, test_groups: list[str] | None = None,
+                 val_groups: list[str] | None = None) -> dict[str, str]:
     """Assign each unique group to train/val/test with a seeded shuffle; each split gets >= 1 group if possible.
 
     With `strata` (group -> stratum, e.g. the phenotype of a well) the shuffled groups of each stratum are
-    dealt out in turn, so every split holds every stratum as far as the group counts allow.
+    dealt out in turn, so every split holds every stratum as far as the group counts allow. `test_groups` /
+    `val_groups` (names or regular expressions) fix those splits explicitly - a strict hold-out such as
+    "test on position 12" - and the fractions then apply only to what is left.
     """
     unique = sorted(set(groups))
+    fixed: dict[str, str] = {}
+    if test_groups:
+        fixed.update({g: "test" for g in match_groups(test_groups, unique, "test_groups")})
+    if val_groups:
+        for g in match_groups(val_groups, unique, "val_groups"):
+            if fixed.get(g) == "test":
+                raise ValueError(f"split group '{g}' is named by both data.test_groups and data.val_groups")
+            fixed[g] = "val"
+    if fixed:
+        rest = [g for g in unique if g not in fixed]
+        test_fraction = 0.0 if test_groups else test_fraction
+        val_fraction = 0.0 if val_groups else val_fraction
+        if not rest:
+            raise ValueError("data.test_groups/val_groups leave no group for training")
+        if test_fraction or val_fraction:
+            scale = len(unique) / len(rest)  # the fractions keep meaning "of all groups"
+            fixed.update(split_groups(rest, min(val_fraction * scale, 0.9), min(test_fraction * scale, 0.9), seed, strata))
+        else:
+            fixed.update({g: "train" for g in rest})
+        return fixed
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(unique))
     if strata:
@@ -156,6 +196,10 @@ class FluorescenceDataModule(L.LightningDataModule):
         batch_size: crops per batch.
         crops_per_epoch: random training crops per epoch.
         val_fraction, test_fraction: fraction of split groups held out.
+        test_groups, val_groups: split groups (names or regular expressions, e.g. ``["pos12"]`` or
+            ``["A.*"]``) held out explicitly; the fractions then split only the remaining groups.
+        seed: seed of splits, crops and augmentation (``data.seed``; defaults to the experiment's ``seed``,
+            so changing ``seed`` alone also changes the split).
         split_by: ``well`` or ``field`` (simulator) - the unit that never straddles splits.
         normalize: normalization of input and target: per image (``percentile``, ``zscore``, ``minmax``,
             ``none``) or ``fixed`` (percentile statistics of the whole training split, stored with the
@@ -163,7 +207,6 @@ class FluorescenceDataModule(L.LightningDataModule):
         target_transform: ``none``, ``rolling_ball``, ``golgi_enhance`` or ``gfp_mask`` (binary, not normalized).
         augment: dict for :class:`PairedAugment` (flip, rotate, scale, corrupt_p, max_severity).
         num_workers: DataLoader workers.
-        seed: seed of splits, crops and augmentation.
         n_wells, fields_per_well, field_size: simulated plate geometry (the default test split holds 4
             wells x 6 fields = 24 fields, both phenotypes).
     """
@@ -173,6 +216,7 @@ class FluorescenceDataModule(L.LightningDataModule):
                  crops_per_epoch: int = 512, val_fraction: float = 0.25, test_fraction: float = 0.25,
                  split_by: str = "well", normalize: str = "percentile", target_transform: str = "none",
                  augment: dict | None = None, num_workers: int = 0, seed: int = 0,
+                 test_groups: list[str] | None = None, val_groups: list[str] | None = None,
                  n_wells: int = 16, fields_per_well: int = 6, field_size: int = 256):
         super().__init__()
         self.organelles = [organelle] if isinstance(organelle, str) else list(organelle)
@@ -188,6 +232,7 @@ class FluorescenceDataModule(L.LightningDataModule):
         self.crop, self.batch_size, self.crops_per_epoch = crop, batch_size, crops_per_epoch
         self.val_crop = val_crop or crop
         self.val_fraction, self.test_fraction, self.split_by = val_fraction, test_fraction, split_by
+        self.test_groups, self.val_groups = list(test_groups or []), list(val_groups or [])
         self.norm, self.target_transform, self.num_workers, self.seed = normalize, target_transform, num_workers, seed
         self.augment_args = {"flip": True, **(augment or {})}
         PairedAugment(crop, **self.augment_args)  # fail fast on bad augmentation arguments
@@ -253,7 +298,8 @@ class FluorescenceDataModule(L.LightningDataModule):
             return
         pairs = [(x, self.transform_target(y), *rest) for x, y, *rest in self.load_pairs()]
         strata = {p[2]: p[4]["stratum"] for p in pairs if p[4] and "stratum" in p[4]}
-        where = split_groups([p[2] for p in pairs], self.val_fraction, self.test_fraction, self.seed, strata)
+        where = split_groups([p[2] for p in pairs], self.val_fraction, self.test_fraction, self.seed, strata,
+                             self.test_groups, self.val_groups)
         train = [p for p in pairs if where[p[2]] == "train"]
         # Dataset-level statistics from the training split only (fixed normalization, and the fixed view
         # of the stability study); test images never contribute to anything the model uses.
@@ -275,7 +321,7 @@ class FluorescenceDataModule(L.LightningDataModule):
                                         renormalize=self.normalize_raw))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(GridCrops(self.splits["val"] or self.splits["train"][:1], self.val_crop))
+        return self._loader(GridCrops(self.splits["val"], self.val_crop))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(GridCrops(self.splits["test"] or self.splits["val"], None), batch_size=1)
+        return self._loader(GridCrops(self.splits["test"], None), batch_size=1)

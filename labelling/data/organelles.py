@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.readers import find_pairs
+from labelling.data.transforms import bin_factor, bin_image
 
 
 class NucleiDataModule(FluorescenceDataModule):
@@ -98,9 +98,8 @@ class FolderDataModule(FluorescenceDataModule):
         out = []
         for pair in find_pairs(self.root, self.pattern, self.inputs, self.targets, self.split_by):
             x, y = pair.load()
-            if self.max_size and max(x.shape[1:]) > self.max_size:
-                f = int(np.ceil(max(x.shape[1:]) / self.max_size))
-                x, y = _bin(x, f), _bin(y, f)
+            factor = bin_factor(x.shape, self.max_size)
+            x, y = bin_image(x, factor), bin_image(y, factor)
             k = self.spatial_blocks
             H, W = x.shape[1] // k, x.shape[2] // k
             for i in range(k):
@@ -120,9 +119,3 @@ def resolve_root(root: str | Path) -> Path:
     if path.is_absolute() or path.exists():
         return path
     return ROOT / path if (ROOT / path).exists() else path
-
-
-def _bin(a: np.ndarray, f: int) -> np.ndarray:
-    C, H, W = a.shape
-    a = a[:, : H - H % f, : W - W % f]
-    return a.reshape(C, H // f, f, W // f, f).mean((2, 4)).astype(np.float32)

@@ -58,6 +58,21 @@ def dataset_stats(images: list[np.ndarray], max_pixels: int = 200_000, seed: int
     return norm_stats(pooled[:, None, :], "percentile")
 
 
+def bin_factor(shape: tuple[int, ...], max_size: int) -> int:
+    """Integer binning factor that brings the longer side of `shape` (.., H, W) to at most `max_size` (0: none)."""
+    longest = max(shape[-2:])
+    return int(np.ceil(longest / max_size)) if max_size and longest > max_size else 1
+
+
+def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
+    """Average `factor` x `factor` blocks of a (C, H, W) image (the remainder rows/columns are dropped)."""
+    if factor <= 1:
+        return image
+    c, h, w = image.shape
+    image = image[:, : h - h % factor, : w - w % factor]
+    return image.reshape(c, h // factor, factor, w // factor, factor).mean((2, 4)).astype(np.float32)
+
+
 def normalize(image: np.ndarray, stats: np.ndarray) -> np.ndarray:
     """Apply ``(x - offset) / scale`` per channel; `stats` is (C, 2) from :func:`norm_stats`."""
     return ((image - stats[:, :1, None]) / stats[:, 1:, None]).astype(np.float32)
