@@ -137,9 +137,16 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
         from labelling.trainstudies import training_cost
 
         tables["cost"] = training_cost(run_dir, out)
+    reports.write_report(out, f"Evaluation of {cfg.name} ({split}, n={len(images)})",
+                         [(name, df) for name, df in tables.items() if name != "downstream"],
+                         [p for p in plots if Path(p).exists()], notes=SUMMARY_NOTES, stem="summary")
     if log_wandb if log_wandb is not None else cfg.logger.wandb:
         _log_wandb(cfg, run_dir, tables, plots)
     return summary
+
+
+SUMMARY_NOTES = ("Every table here comes from the deployed prediction path. The downstream agreement with CIs "
+                 "and the null predictor is in report.md / report.html; this page gathers the other studies.")
 
 
 def downstream_summary(corr: pd.DataFrame, table: pd.DataFrame, prefix: str = "downstream/") -> dict[str, float]:

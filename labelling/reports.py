@@ -72,8 +72,8 @@ def _img_tag(path: Path, width: int = 360) -> str:
 
 
 def write_report(out_dir: Path, title: str, sections: list[tuple[str, pd.DataFrame]], images: list[Path],
-                 notes: str = "") -> Path:
-    """``report.md`` and a self-contained ``report.html`` (plots embedded as base64 PNG)."""
+                 notes: str = "", stem: str = "report") -> Path:
+    """``<stem>.md`` and a self-contained ``<stem>.html`` (plots embedded as base64 PNG)."""
     out_dir = Path(out_dir)
     md = [f"# {title}", ""] + ([notes, ""] if notes else [])
     page = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -85,6 +85,6 @@ def write_report(out_dir: Path, title: str, sections: list[tuple[str, pd.DataFra
         page += [f"<h2>{html.escape(heading)}</h2>", df.to_html(index=False, float_format=lambda v: f"{v:.3g}")]
     md += [f"![{Path(p).stem}]({Path(p).name})" for p in images]
     page += ["<h2>Plots</h2>"] + [_img_tag(p) for p in images if Path(p).exists()]
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    (out_dir / "report.html").write_text("\n".join(page) + "</body></html>\n")
-    return out_dir / "report.md"
+    (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
+    (out_dir / f"{stem}.html").write_text("\n".join(page) + "</body></html>\n")
+    return out_dir / f"{stem}.md"

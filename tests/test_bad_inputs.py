@@ -40,6 +40,7 @@ CONFIG_CASES = [
     (["net.dropout=2"], 2, "net.dropout=2: must be a number in [0, 1)"),
     (["net.depth=-1"], 2, "net.depth=-1: must be a positive integer"),
     (["net.width=0"], 2, "net.width=0: must be a positive integer"),
+    (["net.spatial_dims=3"], 2, "spatial_dims"),  # show refuses what train refuses
     (["data.crop=0"], 2, "data.crop=0: must be a positive integer"),
     (["data.crop=-8"], 2, "data.crop=-8: must be a positive integer"),
     (["data.crop=64.0"], 2, "data.crop=64.0: must be a positive integer"),

@@ -152,6 +152,7 @@ def test_folder_pairs_and_datamodule(tmp_path):
     dm.setup()
     assert sum(len(v) for v in dm.splits.values()) == 16  # 4 fields x 2x2 blocks
     assert next(iter(dm.train_dataloader()))["input"].shape == (2, 1, 16, 16)
+    assert dm.input_names == ["w2"] and dm.target_names == ["w1"]  # outputs and panels are named after these
 
 
 def test_folder_shape_mismatch_and_missing_channel(tmp_path):

@@ -250,3 +250,12 @@ def test_threads_setting_and_training_geometry_in_predict(tiny, tmp_path):
     assert binned.shape == (1, 64, 64)  # back at the input's size
     # exactly: bin like training, predict at the binned size, resize the prediction back to the input's size
     assert np.allclose(binned, predict.rescale(direct, 1.0, shape=(64, 64)), atol=1e-4)
+
+
+def test_panels_are_titled_with_the_channel_names():
+    from labelling.callbacks.panels import panel_figure
+
+    img = np.random.default_rng(0).random((2, 16, 16))
+    fig = panel_figure(img[0], img, img, ["DAPI", "MAP2"], input_name="phase")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == ["phase", "real DAPI", "predicted DAPI"] and "real MAP2" in titles
