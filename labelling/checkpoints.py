@@ -1,4 +1,4 @@
-"""Checkpoint loading with clear errors, and rebuilding a trained task from its embedded config.
+"""Checkpoint loading with clear errors (rebuilding a task from one: :func:`labelling.build.load_task`).
 
 Checkpoints are loaded weights-only (``torch.load(..., weights_only=True)``): tensors and plain data
 (dicts, lists, strings, numbers) only, so a crafted ``.ckpt`` cannot run code in ``predict``, ``evaluate``,
@@ -16,7 +16,7 @@ import torch
 
 from labelling.errors import CheckpointError
 
-__all__ = ["CheckpointError", "check_checkpoint", "load_task"]
+__all__ = ["CheckpointError", "check_checkpoint"]
 
 
 def _refusal(path: Path, err: Exception) -> CheckpointError:
@@ -56,28 +56,3 @@ def check_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt.get("labelling_config"), dict):
         raise CheckpointError(f"{path} has no embedded labelling config; was it written by labelling?")
     return ckpt
-
-
-def load_task(path: str | Path):
-    """Rebuild the Stainer (net + loss from the embedded config) and load its weights, in eval mode."""
-    from labelling import config as C
-
-    path = Path(path)
-    if path.is_dir():  # a run folder
-        for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt"):
-            if (path / name).exists():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"no checkpoints/best.ckpt or last.ckpt under run folder {path}")
-    ckpt = check_checkpoint(path)
-    try:
-        cfg = C.validate(ckpt["labelling_config"])
-    except C.ConfigError as err:
-        raise CheckpointError(f"{path}: its embedded config does not validate: {err}") from err
-    io = ckpt.get("labelling_io", {"in": 1, "out": 1})
-    from labelling.train import build_task
-
-    task = build_task(cfg, io["in"], io["out"])
-    task.load_state_dict(ckpt["state_dict"])
-    return task.eval(), cfg

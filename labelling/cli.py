@@ -19,29 +19,31 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     from labelling.sweep import run_sweep
 
-    run_sweep(args.experiment, storage=args.storage, n_trials=args.n_trials, overrides=args.overrides,
-              study_name=args.study_name, run_root=args.run_root)
+    study = run_sweep(args.experiment, storage=args.storage, n_trials=args.n_trials, overrides=args.overrides,
+                      study_name=args.study_name, run_root=args.run_root)
+    if any(t.state.name == "COMPLETE" for t in study.trials):
+        best = study.best_trial
+        print(json.dumps({"best_trial": best.number, "value": best.value, "params": best.params}, indent=2))
     return 0
 
 
 def _show(args) -> int:
     import yaml
 
-    from labelling import config as C
+    from labelling import config
 
-    cfg = C.load(args.experiment, args.overrides)
-    C.check_components(cfg)  # refuse exactly what train would refuse
-    print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    cfg = config.load(args.experiment, args.overrides)
+    config.check_components(cfg)  # refuse exactly what train would refuse
+    print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
     return 0
 
 
 def _list(args) -> int:
-    from labelling import config as C
-    from labelling import registry
+    from labelling import config, registry
 
     kinds = [args.kind] if args.kind else ["experiment", *registry.TABLES]
     for kind in kinds:
-        names = C.list_experiments() if kind == "experiment" else registry.names(kind)
+        names = config.list_experiments() if kind == "experiment" else registry.names(kind)
         print(f"{kind}: {', '.join(names)}")
     return 0
 
@@ -66,8 +68,10 @@ def _simulate(args) -> int:
 
 
 def output_paths(images: list[str], out: Path, suffix: str) -> list[Path]:
-    """One output per input, keeping the inputs' paths relative to their common folder (so two inputs
-    with the same file name never overwrite each other)."""
+    """One output per input, keeping the inputs' paths relative to their common folder.
+
+    So two inputs with the same file name never overwrite each other).
+    """
     import os
 
     paths = [Path(f).resolve() for f in images]
@@ -82,7 +86,7 @@ def _predict(args) -> int:
     from tqdm.auto import tqdm
 
     from labelling import predict
-    from labelling.checkpoints import load_task
+    from labelling.build import load_task
     from labelling.data.readers import read_image
 
     if args.tile < 16 or args.tile > 8192:
@@ -114,14 +118,14 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from labelling import config as C
+    from labelling import config
     from labelling.evaluate import evaluate_run
 
     every = args.all
     seg = {}
     for item in args.seg:
-        key, value = C._split(item)
-        seg[key.removeprefix("seg.")] = C.parse_value(value)
+        key, value = config._split(item)
+        seg[key.removeprefix("seg.")] = config.parse_value(value)
     summary = evaluate_run(args.run, scales=args.scales, split=args.split, max_images=args.max_images,
                            stability=args.stability or every, embeddings=args.embeddings or every,
                            drift=args.drift or every, seg=seg, log_wandb=None if args.wandb else False,
@@ -132,6 +136,7 @@ def _evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run one command; returns the exit status (2 for a config or input error)."""
     p = argparse.ArgumentParser(prog="labelling", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 

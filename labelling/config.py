@@ -45,6 +45,8 @@ class Component(BaseModel):
 
 
 class OptimConfig(BaseModel):
+    """Optimizer name, learning rate, weight decay and LR scheduler (cosine, plateau or null)."""
+
     model_config = ConfigDict(extra="forbid")
     name: str = "adamw"
     lr: float = Field(1e-3, gt=0)
@@ -77,6 +79,8 @@ class TrainerConfig(BaseModel):
 
 
 class LoggerConfig(BaseModel):
+    """Where runs are logged (CSV always; W&B, TensorBoard) and how many prediction panels."""
+
     model_config = ConfigDict(extra="forbid")
     wandb: bool = True
     project: str = "labelling"
@@ -284,6 +288,7 @@ def experiment_path(name_or_path: str | Path) -> Path:
 
 
 def list_experiments() -> list[str]:
+    """Experiment names in ``experiments/`` (files starting with ``_`` are bases, not experiments)."""
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
@@ -418,4 +423,5 @@ def to_dict(cfg: Experiment) -> dict:
 
 
 def save(cfg: Experiment, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

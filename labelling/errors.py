@@ -46,9 +46,12 @@ _SECRET_ENV = re.compile(r"(?i)(api_?key|token|secret|password|passwd)")
 
 
 def redact(text) -> str:
-    """`text` with secrets replaced by ``***``: URL passwords (``scheme://user:***@host``), ``api_key=...``-style
+    """`text` with secrets replaced by ``***``.
+
+    Covers URL passwords (``scheme://user:***@host``), ``api_key=...``-style
     values and the values of secret-looking environment variables (``*API_KEY*``, ``*TOKEN*``, ``*SECRET*``,
-    ``*PASSWORD*``)."""
+    ``*PASSWORD*``).
+    """
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
     text = _KEY_VALUE.sub(lambda m: f"{m['head']}***", text)
     for key, value in os.environ.items():

@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 
 from labelling import reports, studies
-from labelling.analysis import downstream as D
+from labelling.analysis import downstream
 
 
 def load_run(run: str | Path):
     """(task, cfg, datamodule with splits set up) of a run folder or checkpoint."""
     from labelling import registry
-    from labelling.checkpoints import load_task
+    from labelling.build import load_task
 
     task, cfg = load_task(run)
     dm = registry.build("data", cfg.data.name, **{"seed": cfg.seed, **cfg.data.args})
@@ -69,6 +69,7 @@ def plot_stability(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def run_dir_of(run: str | Path) -> Path:
+    """The run folder of a run folder or of a checkpoint inside its ``checkpoints/``."""
     return Path(run) if Path(run).is_dir() else Path(run).parent.parent
 
 
@@ -127,7 +128,7 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
     studies_wanted = {"phenotypes": phenotypes, "scaling_matrix": scaling_matrix, "learning_curve": learning_curve}
     if any(studies_wanted.values()):
         from labelling import config
-        from labelling.callbacks.analyses import run_training_studies
+        from labelling.trainstudies import run_training_studies
 
         study_cfg = config.validate(config.apply_overrides(config.to_dict(cfg), ["callbacks=[]", "logger.wandb=false"]))
         for name, df in run_training_studies(study_cfg, out / "studies", studies_wanted, max_images).items():
@@ -154,7 +155,7 @@ def downstream_summary(corr: pd.DataFrame, table: pd.DataFrame, prefix: str = "d
     out = {}
     for _, row in corr.iterrows():
         who = "" if row.get("predictor", "model") == "model" else "null/"
-        for key in (*D.AGREEMENT, "chance_p95"):
+        for key in (*downstream.AGREEMENT, "chance_p95"):
             for suffix in ("", "_lo", "_hi"):
                 value = row.get(f"{key}{suffix}")
                 if value is not None and np.isfinite(value):
@@ -162,7 +163,7 @@ def downstream_summary(corr: pd.DataFrame, table: pd.DataFrame, prefix: str = "d
         out[f"{prefix}{who}n"] = float(row["n"])
     for col in ("pixel_pearson", "object_f1", "pred_f1", "real_f1"):
         if col in table:
-            ci = D.mean_ci(table[col])
+            ci = downstream.mean_ci(table[col])
             out.update({f"{prefix}{col}": ci["mean"], f"{prefix}{col}_lo": ci["lo"], f"{prefix}{col}_hi": ci["hi"]})
     return {k: v for k, v in out.items() if np.isfinite(v)}
 
@@ -178,6 +179,7 @@ def stability_summary(stab: pd.DataFrame) -> dict[str, float]:
 
 
 def drift_summary(found: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """Headline drift numbers (mean online AUC, run lengths) from the drift study's tables."""
     online, runs = found["drift_online_auc"], found["drift_run_length"]
     out = {"drift/mean_auc": float(online["auc"].mean()) if len(online) else float("nan")}
     if len(runs):

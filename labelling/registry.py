@@ -32,6 +32,8 @@ TABLES: dict[str, dict[str, str]] = {
         "unet": "labelling.nets.unet:UNet",
         "conv_ae": "labelling.nets.autoencoder:ConvAutoencoder",
         "vae": "labelling.nets.autoencoder:VariationalAutoencoder",
+        "monai_basicunet": "labelling.nets.monai_nets:MonaiBasicUNet",
+        "monai_unet": "labelling.nets.monai_nets:MonaiUNet",
     },
     "loss": {
         "mse": "labelling.losses.basic:MSELoss",

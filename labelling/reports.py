@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from labelling.errors import redact
+
 
 def fmt_ci(value: float, lo: float | None = None, hi: float | None = None, digits: int = 3) -> str:
     """``0.912 [0.871, 0.944]``; ``n/a`` for a missing value."""
@@ -56,6 +58,7 @@ def mean_ci_table(values: dict[str, dict]) -> pd.DataFrame:
 
 
 def markdown(df: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table (three decimals), or a placeholder when empty."""
     return df.to_markdown(index=False, floatfmt=".3f") if len(df) else "_(empty)_"
 
 
@@ -88,3 +91,48 @@ def write_report(out_dir: Path, title: str, sections: list[tuple[str, pd.DataFra
     (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
     (out_dir / f"{stem}.html").write_text("\n".join(page) + "</body></html>\n")
     return out_dir / f"{stem}.md"
+
+
+class TrialConsole:
+    """The sweep's console: a progress bar over trials and one line per finished trial (an Optuna callback).
+
+    Each line holds the trial number, its state, its score, the best score so far and its parameters;
+    the per-epoch bars of the trials are off (each trial's full log is in its folder's CSV).
+    """
+
+    def __init__(self, total: int, metric: str, study_name: str):
+        from tqdm.auto import tqdm
+
+        self.metric, self.tqdm = metric, tqdm
+        self.bar = tqdm(total=total, desc=f"sweep {study_name}", unit="trial", disable=not _rank_zero())
+
+    def __call__(self, study, trial) -> None:
+        if trial.user_attrs.get("surplus"):
+            return
+        self.bar.update(1)
+        if _rank_zero():
+            self.tqdm.write(trial_line(study, trial, self.metric))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def trial_line(study, trial, metric: str) -> str:
+    """``trial 3 complete  val/pcc=0.512  best=0.540 (trial 1)  optim.lr=0.001 net.width=8`` (secrets redacted)."""
+    state = trial.state.name.lower()
+    value = trial.value if trial.value is not None else (
+        list(trial.intermediate_values.values())[-1] if trial.intermediate_values else None)
+    score = f"{metric}={value:.4g}" if value is not None else f"{metric}=-"
+    complete = [t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None]
+    best = ""
+    if complete:
+        top = (max if study.direction.name == "MAXIMIZE" else min)(complete, key=lambda t: t.value)
+        best = f"best={top.value:.4g} (trial {top.number})"
+    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    return redact(f"trial {trial.number} {state}  {score}  {best}  {params}".rstrip())

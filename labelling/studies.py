@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from labelling import predict as P
-from labelling.analysis import downstream as D
+from labelling import predict
+from labelling.analysis import downstream
 from labelling.analysis.corruptions import CORRUPTIONS, SEVERITIES, corrupt, grid
 
 
@@ -35,14 +35,14 @@ def predict_pairs(task, images, scale: float = 1.0, corruption=None, normalizati
     real, pred = [], []
     for i, im in enumerate(images):
         raw = corrupt_image(im.raw_input(), corruption, seed=i)
-        pred.append(P.predict(task, raw, scale=scale, tile=tile, normalization=normalization, name=im.key)[channel])
+        pred.append(predict.predict(task, raw, scale=scale, tile=tile, normalization=normalization, name=im.key)[channel])
         real.append(im.raw_target()[channel])
     return real, pred
 
 
 def true_nuclei(images, task) -> list[np.ndarray] | None:
     """The simulator's true nucleus masks when the (first) target is nuclei, else None."""
-    targets = P.deployment(task).get("targets", [])
+    targets = predict.deployment(task).get("targets", [])
     if targets[:1] == ["nuclei"] and all(im.extra and "nuclei" in im.extra for im in images):
         return [im.extra["nuclei"] for im in images]
     return None
@@ -62,22 +62,22 @@ def downstream_report(task, images, out, seg: dict | None = None, title: str = "
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     real, pred = predict_pairs(task, images)
-    null = [P.predict_null(task, im.raw_input())[0] for im in images]
-    table, corr, objects = D.evaluate_pairs(real, pred, [im.key for im in images], seg, true_nuclei(images, task),
+    null = [predict.predict_null(task, im.raw_input())[0] for im in images]
+    table, corr, objects = downstream.evaluate_pairs(real, pred, [im.key for im in images], seg, true_nuclei(images, task),
                                             return_objects=True, null_images=null, seed=seed)
-    warnings = D.segmentation_warnings(table, real[0].shape)
+    warnings = downstream.segmentation_warnings(table, real[0].shape)
     for warning in warnings:
         rank_zero_warn(f"{title}: {warning}")
-    plots = D.scatter_plots(table, out) + [D.segmentation_preview(real, pred, out / "segmentation_preview.png", seg)]
-    D.write_report(table, corr, out, title=f"{title} (n={len(images)})", images=plots, objects=objects,
+    plots = downstream.scatter_plots(table, out) + [downstream.segmentation_preview(real, pred, out / "segmentation_preview.png", seg)]
+    downstream.write_report(table, corr, out, title=f"{title} (n={len(images)})", images=plots, objects=objects,
                    warnings=warnings)
     return table, corr, plots, warnings
 
 
 def _summary_row(real, pred, seg, seed: int = 0) -> dict:
     """Pixel Pearson (mean and CI) plus Pearson and CCC of every downstream metric."""
-    table, corr = D.evaluate_pairs(real, pred, seg_args=seg, seed=seed)
-    pix = D.mean_ci(table["pixel_pearson"], seed=seed)
+    table, corr = downstream.evaluate_pairs(real, pred, seg_args=seg, seed=seed)
+    pix = downstream.mean_ci(table["pixel_pearson"], seed=seed)
     row = {"n": len(real), "pixel_pearson": pix["mean"], "pixel_pearson_lo": pix["lo"], "pixel_pearson_hi": pix["hi"]}
     for _, c in corr.iterrows():
         row[f"{c['metric']}_pearson"] = c["pearson"]
@@ -95,15 +95,15 @@ def input_change(task, images, corruption, normalization: str | None = None) -> 
     diffs = []
     for i, im in enumerate(images):
         raw = im.raw_input()
-        clean = P.normalize_input(task, raw, normalization)
-        diffs.append(np.mean((P.normalize_input(task, corrupt_image(raw, corruption, seed=i), normalization)
+        clean = predict.normalize_input(task, raw, normalization)
+        diffs.append(np.mean((predict.normalize_input(task, corrupt_image(raw, corruption, seed=i), normalization)
                               - clean) ** 2))
     return float(np.sqrt(np.mean(diffs)))
 
 
 def stability_modes(task) -> list[str]:
     """The model's own normalization, plus the fixed (dataset-statistics) view when it differs."""
-    own = P.deployment(task)["normalize"]
+    own = predict.deployment(task)["normalize"]
     return [own] if own == "fixed" else [own, "fixed"]
 
 
@@ -137,7 +137,7 @@ def crops_of(task, raws: list[np.ndarray], crop: int, normalization: str | None 
     """Non-overlapping crops of raw images normalized as deployed (whole image first, then cut)."""
     from labelling.analysis.embeddings import grid_crops
 
-    normed = [P.normalize_input(task, r, normalization) for r in raws]
+    normed = [predict.normalize_input(task, r, normalization) for r in raws]
     normed = [n for n in normed if min(n.shape[1:]) >= crop]
     if not normed:
         return np.zeros((0, raws[0].shape[0] if raws else 1, crop, crop), np.float32)
@@ -176,7 +176,7 @@ def embedding_study(task, train_images, test_images, control_images, crop: int, 
 
     Returns (F1 table, headline dict, projections, meta).
     """
-    from labelling.analysis import embeddings as E
+    from labelling.analysis import embeddings
 
     train = embed_images(task, [im.raw_input() for im in train_images], crop, 2 * max_crops, seed)
     emb, meta = corrupted_embeddings(task, test_images, crop, max_crops=max_crops, seed=seed)
@@ -186,15 +186,17 @@ def embedding_study(task, train_images, test_images, control_images, crop: int, 
         extra = pd.DataFrame({"corruption": "clean", "severity": 0, "corrupted": False, "source": "control"},
                              index=range(len(control)))
         meta = pd.concat([meta, extra], ignore_index=True)
-    table, projections = E.f1_table(train, emb, meta, reducers or E.REDUCERS, clusterers or E.CLUSTERERS, seed=seed)
-    return table, E.f1_headline(table), projections, meta
+    table, projections = embeddings.f1_table(train, emb, meta, reducers or embeddings.REDUCERS, clusterers or embeddings.CLUSTERERS, seed=seed)
+    return table, embeddings.f1_headline(table), projections, meta
 
 
 def drift_study(task, train_images, test_images, crop: int, windows=(5, 10, 20), erts=(32, 64, 128),
                 max_crops: int = 120, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """MMD test miss rates, online-MMD AUC tables and run lengths; the reference is *training* crops and
-    the in-distribution negatives are clean crops of test images the reference never saw."""
-    from labelling.analysis import drift as Dr
+    """MMD test miss rates, online-MMD AUC tables and run lengths.
+
+    The reference is *training* crops and the in-distribution negatives are clean crops of test images the reference never saw.
+    """
+    from labelling.analysis import drift
 
     reference = embed_images(task, [im.raw_input() for im in train_images], crop, 4 * max_crops, seed)
     emb, meta = corrupted_embeddings(task, test_images, crop, max_crops=max_crops, seed=seed)
@@ -202,10 +204,10 @@ def drift_study(task, train_images, test_images, crop: int, windows=(5, 10, 20),
     shifted = {(k, s): emb[((meta["corruption"] == k) & (meta["severity"] == s)).to_numpy()]
                for k, s in meta.loc[meta["corrupted"], ["corruption", "severity"]].drop_duplicates().itertuples(index=False)}
     windows = [w for w in windows if len(reference) >= 4 * w and len(clean) >= w]  # the detector needs 4W - 1
-    fnr = Dr.false_negative_rates(reference, {("clean", 0): clean, **shifted}, window=min(10, len(clean)),
+    fnr = drift.false_negative_rates(reference, {("clean", 0): clean, **shifted}, window=min(10, len(clean)),
                                   n_windows=20, n_permutations=100, seed=seed)
-    online = Dr.online_tables(reference, clean, shifted, windows=windows, erts=erts, n_windows=200, seed=seed)
+    online = drift.online_tables(reference, clean, shifted, windows=windows, erts=erts, n_windows=200, seed=seed)
     pools = {"clean (unseen)": clean, **{f"{k}{s:+d}": v for (k, s), v in shifted.items()}}
-    runs = pd.concat([Dr.run_lengths(reference, pools, window=w, ert=max(erts), n_streams=100, seed=seed)
+    runs = pd.concat([drift.run_lengths(reference, pools, window=w, ert=max(erts), n_streams=100, seed=seed)
                       for w in windows], ignore_index=True) if windows else pd.DataFrame()
     return {"drift_fnr": fnr, "drift_online_auc": online, "drift_run_length": runs}

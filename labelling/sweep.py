@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import math
 import os
 import socket
@@ -24,10 +23,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import lightning
 import yaml
+from lightning.pytorch.utilities import rank_zero_info
 
-from labelling import config as C
+from labelling import config, reports
 from labelling.errors import redact, redact_obj
 
 PARAM_TYPES = ("float", "int", "categorical")
@@ -50,52 +50,52 @@ def load_space(name_or_path: str | Path, overrides: list[str] | None = None) -> 
     """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = C.SWEEPS_DIR / f"{name_or_path}.yaml"
+        path = config.SWEEPS_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         if Path(name_or_path).suffix in (".yaml", ".yml"):
-            raise C.ConfigError(f"sweep file not found: {path}")
-        valid = sorted(p.stem for p in C.SWEEPS_DIR.glob("*.yaml"))
-        raise C.unknown("sweep", str(name_or_path), valid)
+            raise config.ConfigError(f"sweep file not found: {path}")
+        valid = sorted(p.stem for p in config.SWEEPS_DIR.glob("*.yaml"))
+        raise config.unknown("sweep", str(name_or_path), valid)
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise C.ConfigError(f"sweep {path}: invalid YAML: {err}") from None
+        raise config.ConfigError(f"sweep {path}: invalid YAML: {err}") from None
     if not isinstance(spec, dict):
-        raise C.ConfigError(f"sweep {path}: expected a mapping at the top level, got {type(spec).__name__}")
+        raise config.ConfigError(f"sweep {path}: expected a mapping at the top level, got {type(spec).__name__}")
     try:
         return _check_spec(spec, path, list(overrides or []))
-    except C.ConfigError as err:
-        raise C.ConfigError(f"sweep {path}: {err}") from None
+    except config.ConfigError as err:
+        raise config.ConfigError(f"sweep {path}: {err}") from None
 
 
 def _check_spec(spec: dict, path: Path, extra: list[str]) -> dict:
     for key in spec:
         if key not in SPEC_KEYS:
-            raise C.unknown("key", key, SPEC_KEYS)
+            raise config.unknown("key", key, SPEC_KEYS)
     spec.setdefault("experiment", path.stem)
     spec.setdefault("metric", "val/pcc")
     spec.setdefault("direction", "maximize")
     spec.setdefault("n_trials", 8)
     if spec["direction"] not in DIRECTIONS:
-        raise C.unknown("direction", spec["direction"], DIRECTIONS)
+        raise config.unknown("direction", spec["direction"], DIRECTIONS)
     for key in ("n_trials", "heartbeat"):
         if key in spec and not _positive_int(spec[key]):
-            raise C.ConfigError(f"{key} must be a positive integer, got {spec[key]!r}")
+            raise config.ConfigError(f"{key} must be a positive integer, got {spec[key]!r}")
     for key, valid in (("sampler", SAMPLER_KEYS), ("pruner", PRUNER_KEYS)):
         section = spec.get(key) or {}
         if not isinstance(section, dict):
-            raise C.ConfigError(f"{key} must be a mapping of {', '.join(valid)}, got {section!r}")
+            raise config.ConfigError(f"{key} must be a mapping of {', '.join(valid)}, got {section!r}")
         for k in section:
             if k not in valid:
-                raise C.unknown(f"{key} key", k, valid)
+                raise config.unknown(f"{key} key", k, valid)
     overrides = spec.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise C.ConfigError(f"overrides must be a list of key=value strings, got {overrides!r}")
+        raise config.ConfigError(f"overrides must be a list of key=value strings, got {overrides!r}")
     space = spec.get("space")
     if not space:
-        raise C.ConfigError("empty `space:`")
+        raise config.ConfigError("empty `space:`")
     if not isinstance(space, dict):
-        raise C.ConfigError(f"space must map dotted config paths to parameters, got {space!r}")
+        raise config.ConfigError(f"space must map dotted config paths to parameters, got {space!r}")
     for dotted, p in space.items():
         _check_param(dotted, p)
     _check_against_experiment(spec, extra)
@@ -108,47 +108,47 @@ def _positive_int(v) -> bool:
 
 def _check_param(dotted: str, p) -> None:
     if not isinstance(p, dict):
-        raise C.ConfigError(f"parameter {dotted} must be a mapping like {{type: float, low: 0.1, high: 1}}, got {p!r}")
+        raise config.ConfigError(f"parameter {dotted} must be a mapping like {{type: float, low: 0.1, high: 1}}, got {p!r}")
     if p.get("type") not in PARAM_TYPES:
-        raise C.unknown(f"parameter type of {dotted}", p.get("type"), PARAM_TYPES)
+        raise config.unknown(f"parameter type of {dotted}", p.get("type"), PARAM_TYPES)
     for key in p:
         if key not in PARAM_KEYS:
-            raise C.unknown(f"key of parameter {dotted}", key, PARAM_KEYS)
+            raise config.unknown(f"key of parameter {dotted}", key, PARAM_KEYS)
     if p["type"] == "categorical":
         if not isinstance(p.get("choices"), list) or not p["choices"]:
-            raise C.ConfigError(f"parameter {dotted}: a categorical needs a non-empty `choices:` list")
+            raise config.ConfigError(f"parameter {dotted}: a categorical needs a non-empty `choices:` list")
         return
     number, what = (int, "an integer") if p["type"] == "int" else ((int, float), "a number")
     for key in ("low", "high"):
         if isinstance(p.get(key), bool) or not isinstance(p.get(key), number):
-            raise C.ConfigError(f"parameter {dotted}: `{key}:` must be {what}, got {p.get(key)!r}")
+            raise config.ConfigError(f"parameter {dotted}: `{key}:` must be {what}, got {p.get(key)!r}")
     if p["low"] > p["high"]:
-        raise C.ConfigError(f"parameter {dotted}: low={p['low']} is greater than high={p['high']}")
+        raise config.ConfigError(f"parameter {dotted}: low={p['low']} is greater than high={p['high']}")
     if p.get("log") and p["low"] <= 0:
-        raise C.ConfigError(f"parameter {dotted}: a log-scale range needs low > 0, got low={p['low']}")
+        raise config.ConfigError(f"parameter {dotted}: a log-scale range needs low > 0, got low={p['low']}")
 
 
 def _check_against_experiment(spec: dict, extra: list[str]) -> None:
     """Validate the experiment with the sweep's overrides, metric and every parameter's extreme values."""
-    base = C.apply_overrides(C.load_raw(spec["experiment"]), list(spec.get("overrides") or []) + extra)
+    base = config.apply_overrides(config.load_raw(spec["experiment"]), list(spec.get("overrides") or []) + extra)
     fixed = {"monitor": spec["metric"], "monitor_mode": "max" if spec["direction"] == "maximize" else "min"}
-    cfg = C.validate(base)
-    monitors = C.MONITORS.get(cfg.task.name)
+    cfg = config.validate(base)
+    monitors = config.MONITORS.get(cfg.task.name)
     if monitors is not None and spec["metric"] not in monitors:
-        raise C.ConfigError(f"unknown metric '{spec['metric']}'.{C.suggest(spec['metric'], monitors)} "
+        raise config.ConfigError(f"unknown metric '{spec['metric']}'.{config.suggest(spec['metric'], monitors)} "
                             f"Valid (logged by task '{cfg.task.name}'): {', '.join(sorted(monitors))}")
     if monitors and monitors[spec["metric"]] != fixed["monitor_mode"]:
-        raise C.ConfigError(f"direction {spec['direction']} contradicts metric {spec['metric']} "
+        raise config.ConfigError(f"direction {spec['direction']} contradicts metric {spec['metric']} "
                             f"({'higher' if monitors[spec['metric']] == 'max' else 'lower'} is better)")
     low = {d: (p["choices"][0] if p["type"] == "categorical" else p["low"]) for d, p in spec["space"].items()}
     for dotted, p in spec["space"].items():
         values = p["choices"] if p["type"] == "categorical" else [p["low"], p["high"]]
         for value in values:
             try:
-                cfg = C.validate(C.apply_overrides(base, {**fixed, **low, dotted: value}))
-            except C.ConfigError as err:
-                raise C.ConfigError(f"search-space parameter {dotted}={value!r}: {err}") from None
-    C.check_components(cfg)  # argument names of components (net.widht, loss.under_weightt)
+                cfg = config.validate(config.apply_overrides(base, {**fixed, **low, dotted: value}))
+            except config.ConfigError as err:
+                raise config.ConfigError(f"search-space parameter {dotted}={value!r}: {err}") from None
+    config.check_components(cfg)  # argument names of components (net.widht, loss.under_weightt)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -195,13 +195,13 @@ def make_sampler(spec: dict):
     return TrialSeededTPESampler(seed=int(cfg.get("seed", 0)), n_startup_trials=cfg.get("n_startup_trials", 4))
 
 
-class PruningCallback(L.Callback):
+class PruningCallback(lightning.Callback):
     """Report the monitored metric to Optuna after each validation and stop unpromising trials."""
 
     def __init__(self, trial, monitor: str):
         self.trial, self.monitor = trial, monitor
 
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: lightning.Trainer, module: lightning.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[self.monitor])
@@ -214,21 +214,24 @@ class PruningCallback(L.Callback):
 
 
 def default_storage(exp: str, run_root: str | Path = "runs") -> str:
+    """The SQLite storage URL ``runs/<exp>/study.db`` (its folder is created)."""
     path = Path(run_root) / exp / "study.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
 
 def storage_url(url: str) -> str:
-    """Name a PostgreSQL driver that is installed: plain ``postgresql://`` (and ``postgres://``) URLs use
-    psycopg2 (``pip install 'labelling[hpo]'``); SQLAlchemy's own default (psycopg 3) is usually absent."""
+    """Name a PostgreSQL driver that is installed.
+
+    Plain ``postgresql://`` (and ``postgres://``) URLs use psycopg2 (``pip install 'labelling[hpo]'``); SQLAlchemy's own default (psycopg 3) is usually absent.
+    """
     scheme, sep, rest = url.partition("://")
     if sep and scheme in ("postgresql", "postgres"):
         if importlib.util.find_spec("psycopg2") is not None:
             return f"postgresql+psycopg2://{rest}"
         if importlib.util.find_spec("psycopg") is not None:
             return f"postgresql+psycopg://{rest}"
-        raise C.ConfigError(f"storage {redact(url)}: no PostgreSQL driver is installed; "
+        raise config.ConfigError(f"storage {redact(url)}: no PostgreSQL driver is installed; "
                             "pip install 'labelling[hpo]' (psycopg2-binary)")
     return url
 
@@ -247,9 +250,11 @@ def make_storage(url: str, heartbeat: int = 30):
 
 
 def _is_race(err: Exception, url: str) -> bool:
-    """Errors of workers racing to create the tables and the study (worth a retry), not of a wrong URL,
-    a missing driver or an unreachable server (permanent: reported at once)."""
-    if isinstance(err, (ImportError, C.ConfigError)) or type(err).__name__ in ("ArgumentError", "NoSuchModuleError"):
+    """Errors of workers racing to create the tables and the study (worth a retry).
+
+    Not those of a wrong URL, a missing driver or an unreachable server (permanent: reported at once).
+    """
+    if isinstance(err, (ImportError, config.ConfigError)) or type(err).__name__ in ("ArgumentError", "NoSuchModuleError"):
         return False
     text = str(err).lower()
     if type(err).__name__ == "OperationalError" and not url.startswith("sqlite"):
@@ -269,7 +274,7 @@ def open_study(url: str, study_name: str, spec: dict, sampler, pruner):
         except Exception as err:  # IntegrityError / DuplicatedStudyError / ProgrammingError from the race
             if attempt == 4 or not _is_race(err, url):
                 detail = str(getattr(err, "orig", None) or err).strip().splitlines()
-                raise C.ConfigError(f"cannot open the study storage {redact(url)}: {type(err).__name__}: "
+                raise config.ConfigError(f"cannot open the study storage {redact(url)}: {type(err).__name__}: "
                                     f"{redact(' '.join(line.strip() for line in detail))}") from None
             time.sleep(0.5 + attempt)
 
@@ -293,6 +298,7 @@ def _taken(study, before: int | None = None) -> int:
 
 
 def worker_id() -> str:
+    """``host:pid`` of this worker, recorded with every trial it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -321,11 +327,11 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
     pruner = optuna.pruners.MedianPruner(n_startup_trials=pr.get("n_startup_trials", 3),
                                          n_warmup_steps=pr.get("n_warmup_steps", 3))
     study = open_study(url, study_name, spec, make_sampler(spec), pruner)
-    base = C.load_raw(exp)
+    base = config.load_raw(exp)
     base_overrides = list(spec.get("overrides") or []) + list(overrides or [])
     total = n_trials or spec["n_trials"]
     if not _positive_int(total):
-        raise C.ConfigError(f"--n-trials must be a positive integer, got {total!r}")
+        raise config.ConfigError(f"--n-trials must be a positive integer, got {total!r}")
 
     def objective(trial) -> float:
         if _taken(study, before=trial.number) >= total:  # other workers took the last slots meanwhile
@@ -336,12 +342,13 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
         retried = retried_from(trial)
         number = retried if retried is not None else trial.number
         run_dir = out_dir / f"trial_{number:03d}"
-        raw = C.apply_overrides(C.apply_overrides(base, base_overrides), params)
-        raw = C.apply_overrides(raw, {"name": f"{exp}-t{number:03d}", "monitor": spec["metric"],
+        raw = config.apply_overrides(config.apply_overrides(base, base_overrides), params)
+        raw = config.apply_overrides(raw, {"name": f"{exp}-t{number:03d}", "monitor": spec["metric"],
                                       "monitor_mode": "max" if spec["direction"] == "maximize" else "min",
-                                      "resume": retried is not None, "logger.group": study_name})
-        cfg = C.validate(raw)
-        trial.set_user_attr("config", redact_obj(C.to_dict(cfg)))
+                                      "resume": retried is not None, "logger.group": study_name,
+                                      "trainer.enable_progress_bar": False})  # one bar over trials instead
+        cfg = config.validate(raw)
+        trial.set_user_attr("config", redact_obj(config.to_dict(cfg)))
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", worker_id())
         metrics = fit(cfg, run_dir=run_dir, callbacks=[PruningCallback(trial, spec["metric"])])
@@ -362,12 +369,16 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
     remaining = total - len(done)
     if remaining > 0:
         seed = (spec.get("sampler") or {}).get("seed", 0)
-        print(f"study '{study_name}' at {redact(url)}: {len(done)} trials done, running {remaining} more "
-              f"(worker {worker_id()}, TPE seed {seed} + trial number)")
-        study.optimize(objective, n_trials=remaining, catch=(FloatingPointError, SurplusTrial),
-                       callbacks=[stop_when_full])
+        rank_zero_info(f"study '{study_name}' at {redact(url)}: {len(done)} trials done, running {remaining} "
+                       f"more (worker {worker_id()}, TPE seed {seed} + trial number)")
+        console = reports.TrialConsole(remaining, spec["metric"], study_name)
+        try:
+            study.optimize(objective, n_trials=remaining, catch=(FloatingPointError, SurplusTrial),
+                           callbacks=[stop_when_full, console])
+        finally:
+            console.close()
     else:
-        print(f"study '{study_name}': all {len(done)} trials done; nothing to run")
+        rank_zero_info(f"study '{study_name}': all {len(done)} trials done; nothing to run")
     write_summary(study, out_dir, spec, storage=url)
     return study
 
@@ -408,4 +419,3 @@ def write_summary(study, out_dir: Path, spec: dict, storage: str | None = None) 
     fig.tight_layout()
     fig.savefig(out_dir / "history.png", dpi=80)
     plt.close(fig)
-    print(json.dumps({"best_trial": best.number, spec["metric"]: best.value, "params": best.params}, indent=2))

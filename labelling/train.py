@@ -8,24 +8,24 @@ import subprocess
 import time
 from pathlib import Path
 
-import lightning as L
+import lightning
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from labelling import config as C
-from labelling import registry
+from labelling import config, registry
+from labelling.build import build
 from labelling.callbacks.panels import PredictionPanels
 
 
 def git_commit() -> str:
     """Current commit (with ``-dirty`` when the tree has changes), or ``unknown`` outside git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=C.ROOT, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.ROOT, capture_output=True, text=True,
                              timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=C.ROOT, capture_output=True, text=True,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=config.ROOT, capture_output=True, text=True,
                                timeout=5).stdout.strip()
         return (sha or "unknown") + ("-dirty" if dirty and sha else "")
     except (OSError, subprocess.SubprocessError):
@@ -42,7 +42,8 @@ def wandb_mode() -> str:
     return "online" if netrc.exists() and "api.wandb.ai" in netrc.read_text() else "offline"
 
 
-def make_loggers(cfg: C.Experiment, run_dir: Path) -> list:
+def make_loggers(cfg: config.Experiment, run_dir: Path) -> list:
+    """CSV logger always; W&B and TensorBoard when the config asks for them and they are installed."""
     loggers: list = [CSVLogger(run_dir, name="csv")]  # version_N per (re)start: a resume keeps old logs
     if cfg.logger.wandb:
         try:
@@ -54,7 +55,7 @@ def make_loggers(cfg: C.Experiment, run_dir: Path) -> list:
             run_dir.mkdir(parents=True, exist_ok=True)
             loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity,
                                        group=cfg.logger.group, name=run_dir.name, save_dir=str(run_dir),
-                                       mode=wandb_mode(), config=C.to_dict(cfg), job_type="train"))
+                                       mode=wandb_mode(), config=config.to_dict(cfg), job_type="train"))
     if cfg.logger.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -62,23 +63,30 @@ def make_loggers(cfg: C.Experiment, run_dir: Path) -> list:
     return loggers
 
 
-def build_task(cfg: C.Experiment, in_channels: int, out_channels: int):
-    """Net + loss + LightningModule of a config (the net's channel counts come from the data)."""
-    net_args = dict(cfg.net.args)
-    if "size" in (registry.accepted_args(registry.get("net", cfg.net.name)) or []):
-        net_args.setdefault("size", cfg.data.args.get("crop", 64))  # fixed-size autoencoders
-    net = registry.build("net", cfg.net.name, in_channels=in_channels, out_channels=out_channels, **net_args)
-    loss = registry.build("loss", cfg.loss.name, **cfg.loss.args)
-    return registry.build("task", cfg.task.name, net=net, loss=loss, optim=cfg.optim.model_dump(),
-                          config=C.to_dict(cfg), **cfg.task.args)
+class LastCheckpoint(ModelCheckpoint):
+    """The one writer of ``last.ckpt`` (what a resume reads); ``best.ckpt`` is another callback's alone.
 
+    Written at each validation end (or epoch end without validation) and, with `every_n_train_steps`, also
+    every that many steps so a killed run loses at most that many; always at the end of training.
+    """
 
-def build(cfg: C.Experiment):
-    """Build (datamodule, task) from a validated config."""
-    data_args = {"seed": cfg.seed, **cfg.data.args}
-    dm = registry.build("data", cfg.data.name, **data_args)
-    out = dm.in_channels if cfg.task.name == "autoencoder" else dm.out_channels
-    return dm, build_task(cfg, dm.in_channels, out)
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None):
+        super().__init__(dirpath=dirpath, filename="last", save_top_k=1, every_n_train_steps=every_n_train_steps,
+                         enable_version_counter=False)
+        self.periodic = bool(every_n_train_steps)
+
+    def _save_now(self, trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self.periodic:
+            self._save_now(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_now(trainer)
 
 
 def attach_deployment(dm, task) -> None:
@@ -112,7 +120,7 @@ def set_threads(threads: int | None, num_workers: int = 0) -> int:
     return torch.get_num_threads()
 
 
-def check_splits(cfg: C.Experiment, dm) -> None:
+def check_splits(cfg: config.Experiment, dm) -> None:
     """Refuse a run whose validation or (with ``test: true``) test split came out empty, naming the ways out."""
     splits = getattr(dm, "splits", None)
     if not splits or cfg.trainer.fast_dev_run:
@@ -123,17 +131,19 @@ def check_splits(cfg: C.Experiment, dm) -> None:
             "expressions), cut each field into blocks that are split independently with data.spatial_blocks=4 "
             "(folder data), or add fields")
     if not splits.get("val"):
-        raise C.ConfigError(f"no validation fields: the data has {len(groups)} split group(s) ({shown}) and none "
+        raise config.ConfigError(f"no validation fields: the data has {len(groups)} split group(s) ({shown}) and none "
                             f"was left for validation. Ways out: {ways}.")
     if cfg.test and not splits.get("test"):
-        raise C.ConfigError(f"no test fields: the data has {len(groups)} split group(s) ({shown}) and none was "
+        raise config.ConfigError(f"no test fields: the data has {len(groups)} split group(s) ({shown}) and none was "
                             f"left for testing, so no test or downstream metrics could be written. Ways out: {ways}; "
                             "or set test=false to train without a test.")
 
 
 def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: bool) -> None:
-    """Load the best weights into `task`; for scale-free losses fit the affine de-normalization on the
-    training split and write it into the saved checkpoints, so tests, evaluation and deployment agree."""
+    """Load the best weights into `task`, and calibrate scale-free losses.
+
+    For scale-free losses fit the affine de-normalization on the training split and write it into the saved checkpoints, so tests, evaluation and deployment agree.
+    """
     from labelling.checkpoints import check_checkpoint
 
     best = checkpoint.best_model_path
@@ -156,7 +166,7 @@ def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: b
             torch.save(ckpt, path)
 
 
-def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_dir: str | Path | None = None,
+def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None, run_dir: str | Path | None = None,
         callbacks: list | None = None) -> dict[str, float]:
     """Train (and test) one experiment; returns its metrics.
 
@@ -164,17 +174,17 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
     ``metrics.json``, ``checkpoints/{best,last}.ckpt``, ``panels/*.png`` and the logger files. When
     ``resume`` is on and ``checkpoints/last.ckpt`` exists, training continues from it.
     """
-    if not isinstance(cfg, C.Experiment):
-        cfg = C.load(cfg, overrides)
+    if not isinstance(cfg, config.Experiment):
+        cfg = config.load(cfg, overrides)
     elif overrides:
-        cfg = C.validate(C.apply_overrides(C.to_dict(cfg), overrides))
-    C.check_components(cfg)
+        cfg = config.validate(config.apply_overrides(config.to_dict(cfg), overrides))
+    config.check_components(cfg)
     run_dir = Path(run_dir or Path(cfg.run_dir) / cfg.name)
     run_dir, finished = check_resume(cfg, run_dir)
     if finished is not None:
         rank_zero_info(f"{run_dir} already finished with this config; its metrics.json is left as it is")
         return finished
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    lightning.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     dm, task = build(cfg)
     attach_deployment(dm, task)
@@ -182,21 +192,18 @@ def fit(cfg: C.Experiment | str, overrides: list[str] | dict | None = None, run_
 
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
-                                 save_last=True, save_top_k=1, enable_version_counter=False)
-    cbs = [checkpoint]
-    if cfg.checkpoint_every:  # a killed run loses at most this many steps
-        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=cfg.checkpoint_every,
-                                   save_top_k=1, enable_version_counter=False))
+                                 save_top_k=1, enable_version_counter=False)
+    cbs = [checkpoint, LastCheckpoint(ckpt_dir, cfg.checkpoint_every or None)]  # two files, one writer each
     cbs += ([PredictionPanels(cfg.logger.panels, deferred=True)] if cfg.task.name == "stainer" else [])
     cbs += [registry.build("callback", c.name, **c.args) for c in cfg.callbacks]
     cbs += list(callbacks or [])
     trainer_args = {k: v for k, v in cfg.trainer.model_dump().items() if v is not None}
     set_threads(trainer_args.pop("threads", None), int(cfg.data.args.get("num_workers", 0) or 0))
-    trainer = L.Trainer(default_root_dir=str(run_dir), logger=make_loggers(cfg, run_dir), callbacks=cbs,
+    trainer = lightning.Trainer(default_root_dir=str(run_dir), logger=make_loggers(cfg, run_dir), callbacks=cbs,
                         **trainer_args)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        C.save(cfg, run_dir / "config.yaml")
+        config.save(cfg, run_dir / "config.yaml")
         (run_dir / "git.txt").write_text(git_commit() + "\n")
 
     resume = ckpt_dir / "last.ckpt"
@@ -232,7 +239,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume(cfg: C.Experiment, run_dir: Path) -> tuple[Path, dict | None]:
+def check_resume(cfg: config.Experiment, run_dir: Path) -> tuple[Path, dict | None]:
     """Decide what a run folder that already holds a run means for this config.
 
     Returns (run folder to use, stored metrics when the same run already finished, else None). A resume
@@ -251,11 +258,11 @@ def check_resume(cfg: C.Experiment, run_dir: Path) -> tuple[Path, dict | None]:
         return Path(f"{run_dir}-{n}"), None
     import yaml
 
-    old, new = _flatten(yaml.safe_load(stored_path.read_text()) or {}), _flatten(C.to_dict(cfg))
+    old, new = _flatten(yaml.safe_load(stored_path.read_text()) or {}), _flatten(config.to_dict(cfg))
     differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RUN_LENGTH_KEYS)
     if differ:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:8])
-        raise C.ConfigError(f"{run_dir} already holds a run with another config ({shown}). Resuming it would "
+        raise config.ConfigError(f"{run_dir} already holds a run with another config ({shown}). Resuming it would "
                             "mix two experiments. Start a fresh numbered run folder with resume=false, pick "
                             "another folder with name=... (or --run-dir), or delete the old run.")
     if metrics_path.exists() and old.get("trainer.max_epochs") == new.get("trainer.max_epochs"):

@@ -24,15 +24,12 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-import lightning as L
+import lightning
 import numpy as np
 import pandas as pd
 
-from labelling import config as C
-from labelling import predict as P
-from labelling import registry, reports, studies
-from labelling.analysis import downstream as D
-from labelling.analysis import generalization as G
+from labelling import config, predict, registry, reports, studies
+from labelling.analysis import downstream, generalization
 
 STUDY_DATA = "study"
 STUDY_KEYS = ("base", "phenotypes", "train_fields", "train_scale")
@@ -43,14 +40,16 @@ STUDY_KEYS = ("base", "phenotypes", "train_fields", "train_scale")
 def phenotype_of(image) -> int:
     """Phenotype label of a simulated field (``extra["phenotype"]``)."""
     if not image.extra or "phenotype" not in image.extra:
-        raise C.ConfigError(f"field {image.key} has no phenotype label: the phenotype study needs the simulator "
+        raise config.ConfigError(f"field {image.key} has no phenotype label: the phenotype study needs the simulator "
                             "(data.name simulated, nuclei, er, golgi, actin, gfp or nucleoli)")
     return int(image.extra["phenotype"])
 
 
 def field_order(images: list, seed: int) -> list:
-    """A fixed seeded order of fields, strata (phenotypes) interleaved: every prefix is a training set, so the
-    sets of a learning curve are nested, and a small one still holds every phenotype."""
+    """A fixed seeded order of fields, strata (phenotypes) interleaved.
+
+    Every prefix is a training set, so the sets of a learning curve are nested, and a small one still holds every phenotype.
+    """
     rng = np.random.default_rng(seed)
     ranked = sorted(images, key=lambda im: im.key)
     lanes: dict[str, list] = {}
@@ -75,7 +74,7 @@ class _Restricted:
 
 def _scaled(dm, image, scale: float):
     """The field resized by `scale` (input and target), normalized as the module normalizes fields."""
-    x, y = P.rescale(image.raw_input(), scale), P.rescale(image.raw_target(), scale)
+    x, y = predict.rescale(image.raw_input(), scale), predict.rescale(image.raw_target(), scale)
     if dm.binary_target:
         y = (y >= 0.5).astype(np.float32)
     extra = {k: v for k, v in (image.extra or {}).items() if not isinstance(v, np.ndarray)}  # masks: other size
@@ -92,10 +91,10 @@ def restrict(dm, phenotypes=None, train_fields: int | None = None, train_scale: 
         train = [im for im in train if phenotype_of(im) in wanted]
         val = [im for im in val if phenotype_of(im) in wanted]
         if not train:
-            raise C.ConfigError(f"no training fields of phenotype(s) {sorted(wanted)}; use more wells")
+            raise config.ConfigError(f"no training fields of phenotype(s) {sorted(wanted)}; use more wells")
     if train_fields is not None:
         if not 1 <= int(train_fields) <= len(train):
-            raise C.ConfigError(f"data.train_fields={train_fields}: the training split holds {len(train)} fields; "
+            raise config.ConfigError(f"data.train_fields={train_fields}: the training split holds {len(train)} fields; "
                                 "use more wells or fields per well")
         keep = {id(im) for im in field_order(train, seed)[: int(train_fields)]}
         train = [im for im in train if id(im) in keep]
@@ -126,9 +125,9 @@ def study_data(base: str = "simulated", phenotypes: list[int] | None = None, tra
         **args: arguments of the base module.
     """
     if base == STUDY_DATA:
-        raise C.ConfigError("data.base cannot be 'study' itself")
-    if not 0 < float(train_scale) <= P.MAX_SCALE:
-        raise C.ConfigError(f"data.train_scale={train_scale}: must be in (0, {P.MAX_SCALE:g}]")
+        raise config.ConfigError("data.base cannot be 'study' itself")
+    if not 0 < float(train_scale) <= predict.MAX_SCALE:
+        raise config.ConfigError(f"data.train_scale={train_scale}: must be in (0, {predict.MAX_SCALE:g}]")
     cls = registry.get("data", base)
     registry.check_args(cls, args, f"data '{base}'")
     if cls not in _CLASSES:
@@ -153,22 +152,22 @@ def registered():
             table.pop(STUDY_DATA, None)
 
 
-def study_config(experiment, overrides=None, **study) -> C.Experiment:
+def study_config(experiment, overrides=None, **study) -> config.Experiment:
     """The experiment with its data section wrapped in ``study`` data with the given restrictions."""
-    cfg = experiment if isinstance(experiment, C.Experiment) else C.load(experiment, overrides)
-    if isinstance(experiment, C.Experiment) and overrides:
-        cfg = C.validate(C.apply_overrides(C.to_dict(cfg), overrides))
-    raw = C.to_dict(cfg)
+    cfg = experiment if isinstance(experiment, config.Experiment) else config.load(experiment, overrides)
+    if isinstance(experiment, config.Experiment) and overrides:
+        cfg = config.validate(config.apply_overrides(config.to_dict(cfg), overrides))
+    raw = config.to_dict(cfg)
     data = {k: v for k, v in raw["data"].items() if k not in STUDY_KEYS and k != "name"}
     base = raw["data"].get("base", "simulated") if raw["data"]["name"] == STUDY_DATA else raw["data"]["name"]
     raw["data"] = {"name": STUDY_DATA, "base": base, **data, **{k: v for k, v in study.items() if v is not None}}
     with registered():
-        cfg = C.validate(raw)
-        C.check_components(cfg)
+        cfg = config.validate(raw)
+        config.check_components(cfg)
     return cfg
 
 
-def base_datamodule(cfg: C.Experiment):
+def base_datamodule(cfg: config.Experiment):
     """The unrestricted data module of a study config, set up: its test split is what every study scores."""
     args = {k: v for k, v in cfg.data.args.items() if k not in STUDY_KEYS}
     name = cfg.data.args.get("base", "simulated") if cfg.data.name == STUDY_DATA else cfg.data.name
@@ -177,7 +176,7 @@ def base_datamodule(cfg: C.Experiment):
     return dm
 
 
-class RecordSplits(L.Callback):
+class RecordSplits(lightning.Callback):
     """Writes ``study_splits.json``: key, well, phenotype and shape of every field each split of the run held."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -190,9 +189,9 @@ class RecordSplits(L.Callback):
         (Path(trainer.default_root_dir) / "study_splits.json").write_text(json.dumps(record, indent=1, default=int))
 
 
-def train_condition(cfg: C.Experiment, run_dir: Path):
+def train_condition(cfg: config.Experiment, run_dir: Path):
     """Train (or reuse) one run; returns (metrics, trained task, recorded splits)."""
-    from labelling.checkpoints import load_task
+    from labelling.build import load_task
     from labelling.train import check_resume, fit
 
     with registered():
@@ -206,8 +205,8 @@ def train_condition(cfg: C.Experiment, run_dir: Path):
 def evaluate_condition(task, images, scale: float = 1.0, seg: dict | None = None, seed: int = 0, channel: int = 0):
     """(per-image table, agreement table with null rows) of `images` predicted at `scale` as deployed."""
     real, pred = studies.predict_pairs(task, images, scale=scale, channel=channel)
-    null = [P.predict_null(task, im.raw_input())[channel] for im in images]
-    table, corr = D.evaluate_pairs(real, pred, [im.key for im in images], seg, studies.true_nuclei(images, task),
+    null = [predict.predict_null(task, im.raw_input())[channel] for im in images]
+    table, corr = downstream.evaluate_pairs(real, pred, [im.key for im in images], seg, studies.true_nuclei(images, task),
                                    null_images=null, seed=seed)
     table.insert(1, "phenotype", [(im.extra or {}).get("phenotype") for im in images])
     return table, corr
@@ -236,7 +235,7 @@ def _heatmaps(table: pd.DataFrame, rows: str, cols: str, values: list[str], path
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(values), figsize=(3.6 * len(values), 3.2), squeeze=False)
     for ax, value in zip(axes[0], values):
-        m = G.matrix(table, rows, cols, value).set_index(f"{rows} \\ {cols}")
+        m = generalization.matrix(table, rows, cols, value).set_index(f"{rows} \\ {cols}")
         ax.imshow(m.to_numpy(float), vmin=-0.1 if value.endswith("pearson") else None, vmax=1.0, cmap="viridis")
         for (i, j), v in np.ndenumerate(m.to_numpy(float)):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=9)
@@ -296,17 +295,17 @@ def phenotype_generalization(experiment, overrides=None, out_dir: str | Path = "
             table, corr = evaluate_condition(task, images, seg=seg, seed=seed)
             results[(label, p)] = (table, corr)
             per_image.append(table.assign(train_phenotype=label, test_phenotype=p))
-    df = G.condition_table(results, ("train_phenotype", "test_phenotype"), seed=seed)
+    df = generalization.condition_table(results, ("train_phenotype", "test_phenotype"), seed=seed)
     df.insert(2, "n_train_fields", df["train_phenotype"].map(sizes))
     out.mkdir(parents=True, exist_ok=True)
     pd.concat(per_image, ignore_index=True).to_csv(out / "per_image.csv", index=False)
     reports.write_table(df, out, "phenotype_generalization")
     sections = [("Model and null predictor per (train, test) phenotype", df)]
     for value in ("pixel_pearson", "count_ccc"):
-        m = G.matrix(df.astype({"train_phenotype": str}), "train_phenotype", "test_phenotype", value)
+        m = generalization.matrix(df.astype({"train_phenotype": str}), "train_phenotype", "test_phenotype", value)
         reports.write_table(m, out, f"phenotype_matrix_{value}")
         sections.append((f"{value}: rows trained on, columns tested on", m))
-    gap = G.diagonal_gap(df.astype({"train_phenotype": str}), "train_phenotype", "test_phenotype")
+    gap = generalization.diagonal_gap(df.astype({"train_phenotype": str}), "train_phenotype", "test_phenotype")
     reports.write_table(gap, out, "phenotype_gap")
     sections.append(("Transfer gap of pixel Pearson (other phenotype minus own)", gap))
     plot = _heatmaps(df.astype({"train_phenotype": str}), "train_phenotype", "test_phenotype",
@@ -337,16 +336,16 @@ def scaling_matrix(experiment, overrides=None, out_dir: str | Path = "runs/studi
         _, task, _ = train_condition(study_config(base_cfg, train_scale=float(a)), out / "runs" / f"train_scale_{a:g}")
         for s in predict_scales:
             results[(float(a), float(s))] = evaluate_condition(task, images, scale=float(s), seg=seg, seed=seed)
-    df = G.condition_table(results, ("train_scale", "predict_scale"), seed=seed)
+    df = generalization.condition_table(results, ("train_scale", "predict_scale"), seed=seed)
     df.insert(2, "relative_scale", df["predict_scale"] / df["train_scale"])
     out.mkdir(parents=True, exist_ok=True)
     reports.write_table(df, out, "scaling_matrix")
     sections = [("Model and null predictor per (train, predict) scale", df)]
     for value in ("pixel_pearson", "count_ccc"):
-        m = G.matrix(df, "train_scale", "predict_scale", value)
+        m = generalization.matrix(df, "train_scale", "predict_scale", value)
         reports.write_table(m, out, f"scaling_matrix_{value}")
         sections.append((f"{value}: rows trained at, columns predicted at", m))
-    gap = G.diagonal_gap(df, "train_scale", "predict_scale")
+    gap = generalization.diagonal_gap(df, "train_scale", "predict_scale")
     reports.write_table(gap, out, "scaling_gap")
     sections.append(("Pixel Pearson off the matched scale minus matched", gap))
     plot = _heatmaps(df, "train_scale", "predict_scale", ["pixel_pearson", "count_ccc"], out / "scaling_matrix.png",
@@ -386,12 +385,12 @@ def learning_curve(experiment, overrides=None, out_dir: str | Path = "runs/studi
                     "best_val_pcc": metrics.get(f"best/{base_cfg.monitor}", np.nan)}
         for split in splits:
             results[(n, split)] = evaluate_condition(task, dm.splits[split][: max_images or None], seg=seg, seed=seed)
-    df = G.condition_table(results, ("n_train_fields", "split"), seed=seed)
+    df = generalization.condition_table(results, ("n_train_fields", "split"), seed=seed)
     for key in ("global_step", "fit_seconds", "best_val_pcc"):
         df[key] = df["n_train_fields"].map(lambda n, key=key: extra[n][key])
     out.mkdir(parents=True, exist_ok=True)
     reports.write_table(df, out, "learning_curve")
-    summary = pd.DataFrame([{"split": s, "value": v, **G.learning_curve_summary(df, v, s)}
+    summary = pd.DataFrame([{"split": s, "value": v, **generalization.learning_curve_summary(df, v, s)}
                             for s in splits for v in ("pixel_pearson", "count_ccc")])
     reports.write_table(summary, out, "learning_curve_summary")
     plot = _learning_plot(df, out / "learning_curve.png")
@@ -415,3 +414,15 @@ NOTES = ("Every model predicts through the deployed path (training normalization
          "fields that no condition trained on. `null` is the blind predictor (the model's training-mean "
          "intensity everywhere): a model must beat it. Brackets / `_lo`, `_hi`: bootstrap 95 % CIs over images; n "
          "is the number of test images of the condition.")
+
+
+def run_training_studies(cfg, out: Path, which: dict, max_images: int | None = None) -> dict:
+    """Run the selected training studies of an experiment config into `out`; returns their tables."""
+    tables = {}
+    if which.get("phenotypes"):
+        tables["phenotypes"] = phenotype_generalization(cfg, out_dir=out / "phenotypes", max_images=max_images)
+    if which.get("scaling_matrix"):
+        tables["scaling_matrix"] = scaling_matrix(cfg, out_dir=out / "scaling_matrix", max_images=max_images)
+    if which.get("learning_curve"):
+        tables["learning_curve"] = learning_curve(cfg, out_dir=out / "learning_curve", max_images=max_images)
+    return tables

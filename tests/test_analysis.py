@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from skimage import draw
 
-from labelling.analysis import downstream as D
+from labelling.analysis import downstream
 from labelling.analysis.corruptions import (
     BLUR_RADIUS,
     CONTRAST_GAIN,
@@ -17,7 +17,7 @@ from labelling.analysis.corruptions import (
     disk_kernel,
 )
 from labelling.analysis.segmentation import iou_matrix, match, segment
-from labelling.data import preprocess as P
+from labelling.data import preprocess
 from labelling.data.simulate import simulate_field
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -83,20 +83,20 @@ def test_segmentation_on_dsb2018_true_mask():
 
 def test_image_metrics_and_object_table():
     img, truth = blobs()
-    m = D.image_metrics(img, truth)
+    m = downstream.image_metrics(img, truth)
     assert m["count"] == 6 and m["total_area"] == (truth > 0).sum()
     assert m["total_intensity"] == pytest.approx(img[truth > 0].sum(), rel=1e-5)
-    t = D.object_table(truth, img)
+    t = downstream.object_table(truth, img)
     assert len(t) == 6 and t["area"].sum() == m["total_area"]
     assert t["total_intensity"].sum() == pytest.approx(m["total_intensity"], rel=1e-4)
 
 
 def test_correlate_matches_scipy():
     rng = np.random.default_rng(0)
-    real = pd.DataFrame({m: rng.random(10) for m in D.IMAGE_METRICS})
+    real = pd.DataFrame({m: rng.random(10) for m in downstream.IMAGE_METRICS})
     pred = real * 2 + rng.random((10, 4)) * 0.3
-    c = D.correlate(real, pred, n_boot=50).set_index("metric")
-    for m in D.IMAGE_METRICS:
+    c = downstream.correlate(real, pred, n_boot=50).set_index("metric")
+    for m in downstream.IMAGE_METRICS:
         assert c.loc[m, "pearson"] == pytest.approx(stats.pearsonr(real[m], pred[m])[0])
         assert c.loc[m, "spearman"] == pytest.approx(stats.spearmanr(real[m], pred[m])[0])
 
@@ -106,7 +106,7 @@ def test_evaluate_pairs_report(tmp_path):
     pairs = [(blobs(n=k, size=128, seed=k)[0], blobs(n=k + 1, size=128, seed=k)[0] * 1.5) for k in range(2, 8)]
     reals, preds = zip(*pairs)
     nulls = [np.full_like(r, 0.3) for r in reals]
-    table, corr, objects = D.evaluate_pairs(reals, preds, return_objects=True, null_images=nulls)
+    table, corr, objects = downstream.evaluate_pairs(reals, preds, return_objects=True, null_images=nulls)
     c = corr[corr["predictor"] == "model"].set_index("metric")
     null = corr[corr["predictor"] == "null"].set_index("metric")
     assert c.loc["count", "pearson"] == pytest.approx(1.0)  # perfectly correlated ...
@@ -118,8 +118,8 @@ def test_evaluate_pairs_report(tmp_path):
     real_objects = objects[objects["source"] == "real"]
     assert len(real_objects) == table["real_count"].sum()  # one row per segmented object
     assert real_objects.groupby("image")["area"].sum().tolist() == table["real_total_area"].tolist()
-    plots = D.scatter_plots(table, tmp_path)
-    md = D.write_report(table, corr, tmp_path, images=plots, objects=objects)
+    plots = downstream.scatter_plots(table, tmp_path)
+    md = downstream.write_report(table, corr, tmp_path, images=plots, objects=objects)
     assert (tmp_path / "objects.csv").exists()
     assert len(plots) == 4 and all(p.exists() for p in plots)
     text = md.read_text()
@@ -131,30 +131,30 @@ def test_evaluate_pairs_report(tmp_path):
 def test_thresholds_and_gfp_mask():
     img, truth = blobs()
     for method in ("otsu", "mean"):  # both separate background (~0) from blobs (>= 0.6)
-        assert 0.03 < P.threshold(img, method) < 0.5
+        assert 0.03 < preprocess.threshold(img, method) < 0.5
     with pytest.raises(ValueError, match="otsu"):
-        P.threshold(img, "median")
-    assert P.local_threshold(img, 20).shape == img.shape
-    mask = P.gfp_mask(img)
+        preprocess.threshold(img, "median")
+    assert preprocess.local_threshold(img, 20).shape == img.shape
+    mask = preprocess.gfp_mask(img)
     assert ((mask > 0) == (truth > 0)).mean() > 0.97
     noise = np.random.default_rng(0).normal(100, 3, (64, 64)).astype(np.float32)
-    assert P.gfp_mask(noise).sum() == 0  # a GFP-negative field stays empty
+    assert preprocess.gfp_mask(noise).sum() == 0  # a GFP-negative field stays empty
 
 
 def test_rolling_ball_fast_path_removes_background():
     img, truth = blobs(size=128)
     yy, xx = np.mgrid[:128, :128]
     bg = 0.5 + 0.004 * xx + 0.002 * yy
-    out = P.rolling_ball(img + bg, radius=30)
+    out = preprocess.rolling_ball(img + bg, radius=30)
     assert abs(np.median(out[truth == 0])) < 0.05
     assert out[truth > 0].mean() > 0.5
-    exact = P.rolling_ball(img + bg, radius=30, downsample=1)
+    exact = preprocess.rolling_ball(img + bg, radius=30, downsample=1)
     assert np.abs(out - exact)[truth == 0].mean() < 0.05
 
 
 def test_golgi_enhancement_clips_low_and_rescales():
     img = np.linspace(0, 1, 1000, dtype=np.float32).reshape(40, 25)
-    out = P.enhance_golgi(img, low_quantile=0.6)
+    out = preprocess.enhance_golgi(img, low_quantile=0.6)
     assert out.min() == 0 and out.max() == pytest.approx(1.0)
     assert (out == 0).mean() == pytest.approx(0.6, abs=0.01)
 
@@ -194,7 +194,7 @@ def test_agreement_ccc_bias_mae_against_formulas_and_ci_covers():
     rng = np.random.default_rng(0)
     real = rng.gamma(4, 10, 30)
     pred = 1.8 * real + rng.normal(0, 2, 30)  # highly correlated but 1.8x too many
-    a = D.agreement(real, pred, n_boot=300, n_shuffle=300)
+    a = downstream.agreement(real, pred, n_boot=300, n_shuffle=300)
     assert a["pearson"] == pytest.approx(stats.pearsonr(real, pred)[0]) and a["pearson"] > 0.95
     assert a["spearman"] == pytest.approx(stats.spearmanr(real, pred)[0])
     cov = np.mean((real - real.mean()) * (pred - pred.mean()))
@@ -205,7 +205,7 @@ def test_agreement_ccc_bias_mae_against_formulas_and_ci_covers():
     for key in ("pearson", "ccc", "bias", "mae"):
         assert a[f"{key}_lo"] <= a[key] <= a[f"{key}_hi"], key
     assert a["n"] == 30 and a["chance_p95"] < 0.5
-    const = D.agreement(real, np.full(30, 5.0), n_boot=50, n_shuffle=50)
+    const = downstream.agreement(real, np.full(30, 5.0), n_boot=50, n_shuffle=50)
     assert const["pearson"] == 0 and const["ccc"] == 0 and const["constant"] == 1.0
 
 
@@ -216,7 +216,7 @@ def test_bootstrap_ci_coverage_is_about_95_percent():
     cov = [[1, true_r], [true_r, 1]]
     for _ in range(trials):
         x = rng.multivariate_normal([0, 0], cov, 60)
-        a = D.agreement(x[:, 0], x[:, 1], n_boot=1000, n_shuffle=10, seed=int(rng.integers(1 << 30)))
+        a = downstream.agreement(x[:, 0], x[:, 1], n_boot=1000, n_shuffle=10, seed=int(rng.integers(1 << 30)))
         covered += a["pearson_lo"] <= true_r <= a["pearson_hi"]
     assert 0.90 <= covered / trials <= 0.99
 
@@ -225,6 +225,6 @@ def test_shuffled_chance_level_is_calibrated():
     """Unrelated values exceed chance_p95 in about 5 % of samples, not more."""
     rng = np.random.default_rng(2)
     hits = sum(abs(a["pearson"]) > a["chance_p95"]
-               for a in (D.agreement(rng.random(20), rng.random(20), n_boot=10, n_shuffle=200,
+               for a in (downstream.agreement(rng.random(20), rng.random(20), n_boot=10, n_shuffle=200,
                                     seed=int(rng.integers(1 << 30))) for _ in range(200)))
     assert hits / 200 < 0.1

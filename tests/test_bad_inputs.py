@@ -20,10 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
-from labelling import cli
-from labelling import config as C
+from labelling import cli, config
 from labelling.app import logic
-from labelling.checkpoints import CheckpointError, check_checkpoint, load_task
+from labelling.build import load_task
+from labelling.checkpoints import CheckpointError, check_checkpoint
 from labelling.data.readers import ImageError, image_shape, read_image
 from tests.conftest import TINY
 
@@ -178,7 +178,7 @@ def test_folder_data_case(overrides, code, fragment, capfd, tmp_path):
         return
     check("show", [exp, *overrides], code, fragment, capfd, tmp_path)
     if code == 0:
-        args = C.load(exp, overrides).data.args
+        args = config.load(exp, overrides).data.args
         assert args["inputs"] == ["w2"] and args["targets"] == ["w1"]  # never ['w', '2']
     else:
         check("train", [exp, *TINY, *overrides, "--run-dir", tmp_path / "run"], code, fragment, capfd, tmp_path)
@@ -195,7 +195,7 @@ def test_experiment_file_case(text, code, fragment, capfd, tmp_path):
         check("train", [exp, *TINY, "--run-dir", tmp_path / "run"], code, fragment, capfd, tmp_path)
         assert not (tmp_path / "run").exists()
     elif "sibling" in text:
-        assert C.load(exp).net.args["width"] == 8
+        assert config.load(exp).net.args["width"] == 8
 
 
 @pytest.mark.parametrize("change,code,fragment", SWEEP_CASES, ids=[str(c[0])[:60] for c in SWEEP_CASES])
@@ -392,8 +392,8 @@ PREDICT_CASES = [
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from tests.conftest import TINY
     from labelling.train import fit
+    from tests.conftest import TINY
 
     run = tmp_path_factory.mktemp("predict") / "run"
     fit("nuclei_mse", TINY + ["trainer.max_epochs=1", "callbacks=[]", "test=false"], run_dir=run)

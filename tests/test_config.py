@@ -1,71 +1,70 @@
 import pytest
 
-from labelling import config as C
-from labelling import registry
-from labelling.train import build
+from labelling import config, registry
+from labelling.build import build
 
 
 def test_unknown_top_key_lists_valid_keys():
-    raw = C.load_raw("golgi_asym")
+    raw = config.load_raw("golgi_asym")
     raw["optimiser"] = {"lr": 1}
-    with pytest.raises(C.ConfigError) as e:
-        C.validate(raw)
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(raw)
     assert "optimiser" in str(e.value) and "optim" in str(e.value) and "trainer" in str(e.value)
 
 
 def test_unknown_nested_key_suggests_fix():
-    with pytest.raises(C.ConfigError, match=r"trainer\.max_epoch.*Did you mean 'trainer\.max_epochs'"):
-        C.load("golgi_asym", ["trainer.max_epoch=3"])
+    with pytest.raises(config.ConfigError, match=r"trainer\.max_epoch.*Did you mean 'trainer\.max_epochs'"):
+        config.load("golgi_asym", ["trainer.max_epoch=3"])
 
 
 def test_unknown_component_name_lists_choices():
-    cfg = C.load("golgi_asym", ["loss.name=asymetric"])
-    with pytest.raises(C.ConfigError) as e:
+    cfg = config.load("golgi_asym", ["loss.name=asymetric"])
+    with pytest.raises(config.ConfigError) as e:
         build(cfg)
     msg = str(e.value)
     assert "asymetric" in msg and "Did you mean 'asymmetric'" in msg and "pearson" in msg
 
 
 def test_unknown_component_argument_lists_valid_arguments():
-    cfg = C.load("golgi_asym", ["data.crp=64"])
-    with pytest.raises(C.ConfigError, match="crp.*crop"):
+    cfg = config.load("golgi_asym", ["data.crp=64"])
+    with pytest.raises(config.ConfigError, match="crp.*crop"):
         build(cfg)
 
 
 def test_crop_must_fit_depth():
-    with pytest.raises(C.ConfigError, match="divisible"):
-        C.load("golgi_asym", ["data.crop=60", "net.depth=3"])
+    with pytest.raises(config.ConfigError, match="divisible"):
+        config.load("golgi_asym", ["data.crop=60", "net.depth=3"])
 
 
 def test_unknown_experiment_lists_experiments():
-    with pytest.raises(C.ConfigError, match="golgi_asym"):
-        C.load("golgi_asymm")
+    with pytest.raises(config.ConfigError, match="golgi_asym"):
+        config.load("golgi_asymm")
 
 
 def test_overrides_are_typed():
-    cfg = C.load("nuclei_mse", ["optim.lr=3e-4", "net.width=8", "trainer.devices=2", "data.augment={flip: false}"])
+    cfg = config.load("nuclei_mse", ["optim.lr=3e-4", "net.width=8", "trainer.devices=2", "data.augment={flip: false}"])
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.net.args["width"] == 8 and cfg.trainer.devices == 2
     assert cfg.data.args["augment"] == {"flip": False}
 
 
 def test_override_without_equals_is_an_error():
-    with pytest.raises(C.ConfigError, match="key=value"):
-        C.load("nuclei_mse", ["optim.lr"])
+    with pytest.raises(config.ConfigError, match="key=value"):
+        config.load("nuclei_mse", ["optim.lr"])
 
 
 def test_new_component_name_drops_parent_arguments():
-    raw = C.load_raw("gfp_bce")  # base loss is mse; gfp_bce switches to bce with pos_weight
+    raw = config.load_raw("gfp_bce")  # base loss is mse; gfp_bce switches to bce with pos_weight
     assert raw["loss"] == {"name": "bce", "pos_weight": 1.0}
-    raw = C.load_raw("golgi_asym")
+    raw = config.load_raw("golgi_asym")
     assert raw["data"]["crop"] == 64 and raw["data"]["name"] == "golgi"  # same name merges
 
 
 def test_every_experiment_validates_and_builds():
     from labelling.data.organelles import resolve_root
 
-    for name in C.list_experiments():
-        cfg = C.load(name, ["data.n_wells=3", "data.fields_per_well=1", "data.field_size=64"])
+    for name in config.list_experiments():
+        cfg = config.load(name, ["data.n_wells=3", "data.fields_per_well=1", "data.field_size=64"])
         if cfg.data.name == "folder" and not resolve_root(cfg.data.args["root"]).exists():
             continue  # real data absent: validated above, not built
         dm, task = build(cfg)
@@ -74,7 +73,7 @@ def test_every_experiment_validates_and_builds():
 
 
 def test_registry_unknown_kind():
-    with pytest.raises(C.ConfigError, match="loss"):
+    with pytest.raises(config.ConfigError, match="loss"):
         registry.build("losss", "mse")
 
 
@@ -82,53 +81,53 @@ def test_registry_unknown_kind():
 @pytest.mark.parametrize("bad", [{"depth": 0}, {"width": 0}, {"dropout": 1.0}, {"dropout": -0.1}, {"depth": 2.5}])
 def test_every_net_refuses_bad_sizes_naming_itself(name, bad):
     key = next(iter(bad))
-    with pytest.raises(C.ConfigError, match=rf"net '{name}': {key} must be"):
+    with pytest.raises(config.ConfigError, match=rf"net '{name}': {key} must be"):
         registry.build("net", name, **bad)
 
 
 def test_builder_value_errors_become_config_errors_naming_the_component():
-    with pytest.raises(C.ConfigError, match="net 'unet': unknown norm 'batchh'"):
+    with pytest.raises(config.ConfigError, match="net 'unet': unknown norm 'batchh'"):
         registry.build("net", "unet", norm="batchh")
-    with pytest.raises(C.ConfigError, match="data 'nuclei': unknown target_transform"):
+    with pytest.raises(config.ConfigError, match="data 'nuclei': unknown target_transform"):
         registry.build("data", "nuclei", target_transform="rolling")
 
 
 def test_every_experiment_passes_the_component_check():
-    for name in C.list_experiments():
-        C.check_components(C.load(name))
+    for name in config.list_experiments():
+        config.check_components(config.load(name))
 
 
 def test_component_check_finds_what_validation_cannot():
-    cfg = C.load("golgi_asym", ["net.widht=8"])  # schema and values are fine; the name is not an argument
-    with pytest.raises(C.ConfigError, match="widht.*Did you mean 'width'"):
-        C.check_components(cfg)
-    with pytest.raises(C.ConfigError, match="callback name 'downstrem'"):
-        C.check_components(C.load("golgi_asym", ["callbacks=[{name: downstrem}]"]))
+    cfg = config.load("golgi_asym", ["net.widht=8"])  # schema and values are fine; the name is not an argument
+    with pytest.raises(config.ConfigError, match="widht.*Did you mean 'width'"):
+        config.check_components(cfg)
+    with pytest.raises(config.ConfigError, match="callback name 'downstrem'"):
+        config.check_components(config.load("golgi_asym", ["callbacks=[{name: downstrem}]"]))
 
 
 def test_all_value_problems_are_reported_at_once():
-    with pytest.raises(C.ConfigError) as err:
-        C.load("golgi_asym", ["optim.scheduler=cosin", "net.width=0", "data.crop=-8", "monitor=val/pccc"])
+    with pytest.raises(config.ConfigError) as err:
+        config.load("golgi_asym", ["optim.scheduler=cosin", "net.width=0", "data.crop=-8", "monitor=val/pccc"])
     for fragment in ("optim.scheduler", "net.width=0", "data.crop=-8", "val/pccc"):
         assert fragment in str(err.value)
 
 
 def test_single_channel_string_is_a_one_element_list(tmp_path):
-    raw = C.load_raw("golgi_asym")
+    raw = config.load_raw("golgi_asym")
     raw["data"] = {"name": "folder", "root": str(tmp_path), "pattern": "(?P<channel>w\\d)", "inputs": "brightfield",
                    "targets": 3}
-    cfg = C.validate(raw)
+    cfg = config.validate(raw)
     assert cfg.data.args["inputs"] == ["brightfield"] and cfg.data.args["targets"] == ["3"]
-    assert C.to_dict(cfg)["data"]["inputs"] == ["brightfield"]
+    assert config.to_dict(cfg)["data"]["inputs"] == ["brightfield"]
 
 
 def test_extends_resolves_next_to_the_file_then_in_experiments(tmp_path):
     (tmp_path / "_base.yaml").write_text("data: {name: er}\n")  # a local parent wins over experiments/_base
     (tmp_path / "a.yaml").write_text("extends: _base\n")
-    assert C.load(tmp_path / "a.yaml").data.name == "er"
+    assert config.load(tmp_path / "a.yaml").data.name == "er"
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.yaml").write_text("extends: _base\n")  # no local parent: experiments/_base.yaml
-    assert C.load_raw(tmp_path / "sub" / "b.yaml")["data"]["name"] == "nuclei"
+    assert config.load_raw(tmp_path / "sub" / "b.yaml")["data"]["name"] == "nuclei"
     (tmp_path / "c.yaml").write_text("extends: golgi_asym\n")  # a parent must not extend again
-    with pytest.raises(C.ConfigError, match="only one level"):
-        C.load_raw(tmp_path / "c.yaml")
+    with pytest.raises(config.ConfigError, match="only one level"):
+        config.load_raw(tmp_path / "c.yaml")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from labelling.analysis import drift as Dr
+from labelling.analysis import drift
 
 
 def test_mmd2_matches_brute_force_unbiased_estimate():
@@ -12,14 +12,14 @@ def test_mmd2_matches_brute_force_unbiased_estimate():
     xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / 42
     yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
     xy = sum(k(a, b) for a in x for b in y) / 35
-    assert Dr.mmd2(x, y, s) == pytest.approx(xx + yy - 2 * xy)
+    assert drift.mmd2(x, y, s) == pytest.approx(xx + yy - 2 * xy)
 
 
 def test_mmd_test_detects_shift_and_not_noise():
     rng = np.random.default_rng(1)
     ref = rng.normal(size=(60, 5))
-    _, p_same = Dr.mmd_test(ref, rng.normal(size=(30, 5)), 200)
-    _, p_shift = Dr.mmd_test(ref, rng.normal(size=(30, 5)) + 1.0, 200)
+    _, p_same = drift.mmd_test(ref, rng.normal(size=(30, 5)), 200)
+    _, p_shift = drift.mmd_test(ref, rng.normal(size=(30, 5)) + 1.0, 200)
     assert p_shift < 0.01 < p_same
 
 
@@ -44,7 +44,7 @@ def _mean_run_length(sample, ert, window, n_refs=8, n_streams=25, seed=0):
     runs = []
     for r in range(n_refs):
         rng = np.random.default_rng([seed, r])
-        det = Dr.OnlineMMD(sample(rng, 400), window=window, ert=ert, seed=seed * 1000 + r)
+        det = drift.OnlineMMD(sample(rng, 400), window=window, ert=ert, seed=seed * 1000 + r)
         for _ in range(n_streams):
             hit = det.run(sample(rng, 30 * ert))
             runs.append(30 * ert if hit is None else hit)
@@ -82,7 +82,7 @@ def test_acceptance_check_gaussian_reference_400x8_window_10(ert):
     rng = np.random.default_rng(2024)
     runs = []
     for s in range(8):
-        det = Dr.OnlineMMD(rng.standard_normal((400, 8)), window=10, ert=ert, seed=s)
+        det = drift.OnlineMMD(rng.standard_normal((400, 8)), window=10, ert=ert, seed=s)
         for _ in range(25):
             hit = det.run(rng.standard_normal((30 * ert, 8)))
             runs.append(30 * ert if hit is None else hit)
@@ -96,12 +96,12 @@ def test_online_mmd_detects_a_shift_within_about_one_window():
     delays = []
     for s in range(5):  # shifted from the first stream sample: no chance of a false alarm first
         rng = np.random.default_rng(10 + s)
-        det = Dr.OnlineMMD(rng.standard_normal((400, 8)), window=10, ert=500, n_bootstraps=5000, seed=s)
+        det = drift.OnlineMMD(rng.standard_normal((400, 8)), window=10, ert=500, n_bootstraps=5000, seed=s)
         delays.append(det.run(rng.standard_normal((100, 8)) + 1.5))
         assert delays[-1] is not None and delays[-1] <= 10
     assert np.mean(delays) <= 6
     rng = np.random.default_rng(0)  # after a clean stretch (a false alarm there has probability ~4 %)
-    det = Dr.OnlineMMD(rng.standard_normal((400, 8)), window=10, ert=500, n_bootstraps=5000)
+    det = drift.OnlineMMD(rng.standard_normal((400, 8)), window=10, ert=500, n_bootstraps=5000)
     hit = det.run(np.concatenate([rng.standard_normal((20, 8)), rng.standard_normal((100, 8)) + 1.5]))
     assert hit is not None and 20 < hit <= 30
 
@@ -109,7 +109,7 @@ def test_online_mmd_detects_a_shift_within_about_one_window():
 def test_online_mmd_incremental_statistic_equals_batch_and_memory_is_bounded():
     rng = np.random.default_rng(2)
     w = 6
-    det = Dr.OnlineMMD(rng.normal(size=(80, 4)), window=w, ert=64, n_bootstraps=300)
+    det = drift.OnlineMMD(rng.normal(size=(80, 4)), window=w, ert=64, n_bootstraps=300)
     assert det.thresholds.shape == (w,) and det.threshold == det.thresholds[-1]
     state = lambda: sum(v.nbytes for v in vars(det).values() if isinstance(v, np.ndarray))  # noqa: E731
     size = state()
@@ -125,7 +125,7 @@ def test_online_mmd_incremental_statistic_equals_batch_and_memory_is_bounded():
 
 def test_online_mmd_run_matches_update_loop_and_old_keyword():
     rng = np.random.default_rng(5)
-    det = Dr.OnlineMMD(rng.normal(size=(120, 3)), window=5, ert=8, n_bootstrap=500, seed=3)
+    det = drift.OnlineMMD(rng.normal(size=(120, 3)), window=5, ert=8, n_bootstrap=500, seed=3)
     assert det.n_bootstraps == 500
     for _ in range(20):
         stream = rng.normal(size=(300, 3)) + rng.choice([0.0, 0.3])
@@ -143,14 +143,14 @@ def test_online_mmd_run_matches_update_loop_and_old_keyword():
 
 def test_online_mmd_rejects_too_small_reference():
     with pytest.raises(ValueError, match=r"window=15 .*at least 59 .*got 30"):
-        Dr.OnlineMMD(np.random.default_rng(0).normal(size=(30, 4)), window=15)
-    Dr.OnlineMMD(np.random.default_rng(0).normal(size=(59, 4)), window=15, ert=16, n_bootstraps=100)
+        drift.OnlineMMD(np.random.default_rng(0).normal(size=(30, 4)), window=15)
+    drift.OnlineMMD(np.random.default_rng(0).normal(size=(59, 4)), window=15, ert=16, n_bootstraps=100)
 
 
 def test_no_repeat_stream_has_no_duplicate_inside_a_window():
     rng = np.random.default_rng(6)
     for n_pool, w in [(10, 10), (15, 10), (19, 10), (40, 10), (7, 2)]:
-        idx = Dr._no_repeat_stream(n_pool, 500, w, rng)
+        idx = drift._no_repeat_stream(n_pool, 500, w, rng)
         assert len(idx) == 500 and idx.max() < n_pool
         assert all(len(set(idx[i:i + w])) == w for i in range(len(idx) - w + 1))
 
@@ -162,7 +162,7 @@ def test_run_lengths_shorter_for_a_shifted_pool():
     rng = np.random.default_rng(7)
     ref = rng.normal(size=(200, 4))
     pools = {"clean": rng.normal(size=(300, 4)), "shifted": rng.normal(size=(300, 4)) + 1.0}
-    t = Dr.run_lengths(ref, pools, window=5, ert=32, n_streams=40, seed=1).set_index("name")
+    t = drift.run_lengths(ref, pools, window=5, ert=32, n_streams=40, seed=1).set_index("name")
     assert set(t.columns) >= {"window", "ert", "mean_run_length", "median_run_length", "sd", "n_streams",
                               "censored", "ci_low", "ci_high"}
     assert t.loc["shifted", "mean_run_length"] < 8 < 16 < t.loc["clean", "mean_run_length"]
@@ -173,7 +173,7 @@ def test_online_tables_and_fnr_tables_have_expected_shape():
     rng = np.random.default_rng(4)
     ref, clean = rng.normal(size=(60, 3)), rng.normal(size=(60, 3))
     shifted = {("blur", 5): rng.normal(size=(40, 3)) + 2, ("blur", 1): rng.normal(size=(40, 3)) + 0.1}
-    t = Dr.online_tables(ref, clean, shifted, windows=(2, 5, 20), erts=(32, 64), n_windows=40)  # 20: too large
+    t = drift.online_tables(ref, clean, shifted, windows=(2, 5, 20), erts=(32, 64), n_windows=40)  # 20: too large
     assert len(t) == 2 * 2 * 2 and set(t.window) == {2, 5}
     assert set(t.columns) >= {"auc", "balanced_accuracy", "tpr", "fpr", "window", "ert", "n_windows"}
     assert "auc_ert" not in t.columns and (t.n_windows == 40).all()
@@ -182,7 +182,23 @@ def test_online_tables_and_fnr_tables_have_expected_shape():
     assert strong["auc"].mean() > 0.95 and strong["auc"].mean() > weak
     assert (strong["tpr"] > 0.9).all() and t["fpr"].max() < 0.2
     assert np.allclose(t.balanced_accuracy, (t.tpr + 1 - t.fpr) / 2)
-    empty = Dr.online_tables(ref[:10], clean, shifted, windows=(5,), erts=(32,), n_windows=5)
+    empty = drift.online_tables(ref[:10], clean, shifted, windows=(5,), erts=(32,), n_windows=5)
     assert empty.empty and {"auc", "balanced_accuracy"} <= set(empty.columns)
-    fnr = Dr.false_negative_rates(ref, {("clean", 0): clean, **shifted}, window=10, n_windows=8, n_permutations=40)
+    fnr = drift.false_negative_rates(ref, {("clean", 0): clean, **shifted}, window=10, n_windows=8, n_permutations=40)
     assert fnr.set_index(["corruption", "severity"]).loc[("blur", 5), "false_negative_rate"] == 0.0
+
+
+def test_unbiased_mmd_matches_torchdrift_up_to_the_kernel_diagonal():
+    """torchdrift's kernel MMD keeps the kernel diagonal (all ones) in its within-sample sums; ours drops it.
+
+    So theirs = ours + 1/(n-1) + 1/(m-1) for the same Gaussian bandwidth.
+    """
+    torch = pytest.importorskip("torch")
+    torchdrift_mmd = pytest.importorskip("torchdrift.detectors.mmd")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 5)), rng.normal(0.5, 1.0, size=(17, 5))
+    ours = drift.mmd2(x, y, sigma=1.7)
+    theirs = torchdrift_mmd.kernel_mmd(torch.from_numpy(x), torch.from_numpy(y), n_perm=None,
+                                       kernel=torchdrift_mmd.GaussianKernel(lengthscale=1.7))
+    assert float(theirs) == pytest.approx(ours + 1 / 11 + 1 / 16, rel=1e-9, abs=1e-12)
+    assert ours > 0.01  # a real shift, so the comparison is not between two zeros

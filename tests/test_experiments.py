@@ -2,26 +2,42 @@
 
 import json
 
+import lightning
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from labelling import config as C
-from labelling.checkpoints import CheckpointError, check_checkpoint, load_task
+from labelling import config
+from labelling.build import load_task
+from labelling.checkpoints import CheckpointError, check_checkpoint
 from labelling.train import fit
 
 
-@pytest.mark.parametrize("name", C.list_experiments())
+class WeightProbe(lightning.Callback):
+    """The task's parameters at the start and at the end of fitting."""
+
+    def on_fit_start(self, trainer, module):
+        self.before = {k: v.detach().clone() for k, v in module.named_parameters()}
+
+    def on_fit_end(self, trainer, module):
+        self.after = {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+@pytest.mark.parametrize("name", config.list_experiments())
 def test_experiment_runs_one_batch(name, tiny, tmp_path):
-    data = C.load_raw(name)["data"]
+    data = config.load_raw(name)["data"]
     if data["name"] == "folder":
         from labelling.data.organelles import resolve_root
 
         if not resolve_root(data["root"]).exists():
             pytest.skip(f"real data {data['root']} is absent")
-    metrics = fit(name, tiny + ["trainer.fast_dev_run=1"], run_dir=tmp_path / name)
+    probe = WeightProbe()
+    metrics = fit(name, tiny + ["trainer.fast_dev_run=1"], run_dir=tmp_path / name, callbacks=[probe])
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/pcc"])
     assert -1.0 <= metrics["val/pcc"] <= 1.0
+    changed = [k for k, v in probe.before.items() if not torch.equal(v, probe.after[k])]
+    assert changed, "one training step left every parameter unchanged"
     assert (tmp_path / name / "config.yaml").exists() and (tmp_path / name / "metrics.json").exists()
 
 
@@ -188,15 +204,27 @@ def test_run_end_analyses_and_evaluate_all(tiny, tmp_path):
 
 
 def test_autoencoders_train_and_embed(tiny, tmp_path):
-    import torch
+    from torch.nn import functional
+
+    from labelling.build import build
 
     for name in ("ae_conv", "ae_vae"):
         run = tmp_path / name
         metrics = fit(name, tiny + ["trainer.max_epochs=2", "net.latent_dim=8"], run_dir=run)
         assert np.isfinite(metrics["val/loss"]) and metrics["best/val/loss"] <= metrics["val/loss"] + 1e-6
         assert (run / "panels" / "samples.png").exists() and (run / "panels" / "convergence.png").exists()
-        task, _ = load_task(run)
-        assert task.embed(torch.zeros(3, 1, 32, 32)).shape == (3, 8)
+        task, cfg = load_task(run)
+        torch.manual_seed(cfg.seed)
+        dm, untrained = build(cfg)  # same architecture and initialisation, no training
+        dm.setup("fit")
+        x = next(iter(dm.val_dataloader()))["input"][:4]
+        with torch.no_grad():
+            trained_mse = functional.mse_loss(task.net(x), x).item()
+            untrained_mse = functional.mse_loss(untrained.eval().net(x), x).item()
+        assert trained_mse < untrained_mse, (name, trained_mse, untrained_mse)
+        emb = task.embed(x)
+        assert emb.shape == (4, 8) and torch.isfinite(emb).all()
+        assert not torch.allclose(emb[0], emb[1]), "two different crops share an embedding"
     from labelling.evaluate import evaluate_run
 
     summary = evaluate_run(tmp_path / "ae_vae", split="train", embeddings=True, max_images=3, log_wandb=False)

@@ -5,7 +5,7 @@ import pytest
 import tifffile
 import torch
 
-from labelling import predict as P
+from labelling import predict
 from labelling.data.transforms import norm_stats, normalize
 from labelling.losses.basic import MSELoss, PearsonLoss
 from labelling.nets.unet import UNet
@@ -28,8 +28,8 @@ def make_task(net, loss=None, normalize="percentile"):
 
 
 def test_tiles_cover_the_image_flush():
-    assert P.tile_starts(100, 32, 24) == [0, 24, 48, 68]
-    assert P.tile_starts(20, 32, 24) == [0]
+    assert predict.tile_starts(100, 32, 24) == [0, 24, 48, 68]
+    assert predict.tile_starts(20, 32, 24) == [0]
 
 
 @pytest.mark.parametrize("blend", ["gaussian", "linear"])
@@ -38,7 +38,7 @@ def test_tiled_equals_untiled_within_tolerance(net, blend):
     x = torch.nn.functional.avg_pool2d(torch.from_numpy(x)[None], 3, 1, 1)[0].numpy()  # some structure
     with torch.no_grad():
         full = net(torch.from_numpy(x)[None])[0].numpy()
-    tiled = P.predict_tiled(net, x, tile=64, overlap=0.5, blend=blend)
+    tiled = predict.predict_tiled(net, x, tile=64, overlap=0.5, blend=blend)
     assert tiled.shape == full.shape
     span = full.max() - full.min()
     assert np.abs(tiled - full).mean() < 0.01 * span
@@ -49,37 +49,37 @@ def test_blending_hides_seams_better_than_no_blending(net):
     x = np.random.default_rng(1).normal(size=(1, 128, 128)).astype(np.float32)
     with torch.no_grad():
         full = net(torch.from_numpy(x)[None])[0].numpy()
-    err_blend = np.abs(P.predict_tiled(net, x, tile=64, overlap=0.5, blend="gaussian") - full).mean()
-    err_plain = np.abs(P.predict_tiled(net, x, tile=64, overlap=0.0, blend="constant") - full).mean()
+    err_blend = np.abs(predict.predict_tiled(net, x, tile=64, overlap=0.5, blend="gaussian") - full).mean()
+    err_plain = np.abs(predict.predict_tiled(net, x, tile=64, overlap=0.0, blend="constant") - full).mean()
     assert err_blend < err_plain
 
 
 def test_window_is_positive_and_peaks_in_the_centre():
     for mode in ("gaussian", "linear"):
-        w = P.blend_window(32, mode)
+        w = predict.blend_window(32, mode)
         assert w.min() > 0 and w[16, 16] == pytest.approx(w.max(), rel=0.02) and w[0, 0] < 0.1
     with pytest.raises(ValueError, match="gaussian"):
-        P.blend_window(8, "cosine")
+        predict.blend_window(8, "cosine")
 
 
 def test_predict_normalizes_like_training_and_denormalizes_with_stored_stats(net, tmp_path):
     task = make_task(net)
     img = np.random.default_rng(2).gamma(2, 100, (90, 70)).astype(np.float32)
     for scale in (0.7, 1.0, 1.3):
-        y = P.predict(task, img, tile=32, scale=scale)
+        y = predict.predict(task, img, tile=32, scale=scale)
         assert y.shape == (2, 90, 70) and np.isfinite(y).all()
-    y = P.predict(task, img, tile=32)
-    net_out = P.predict_tiled(net, normalize(img[None], norm_stats(img[None], "percentile")), 32)
+    y = predict.predict(task, img, tile=32)
+    net_out = predict.predict_tiled(net, normalize(img[None], norm_stats(img[None], "percentile")), 32)
     assert np.allclose(y[0], net_out[0] * 50 + 100, atol=1e-2)  # de-normalized with the stored training stats
     assert np.allclose(y[1], net_out[1] * 2 + 10, atol=1e-3)
     # fixed normalization uses the stored dataset statistics, not the image's own
     fixed = make_task(net, normalize="fixed")
-    y_fixed = P.predict(fixed, img, tile=32)
-    assert np.allclose(y_fixed[0], P.predict_tiled(net, (img[None] - 200) / 400, 32)[0] * 50 + 100, atol=1e-2)
+    y_fixed = predict.predict(fixed, img, tile=32)
+    assert np.allclose(y_fixed[0], predict.predict_tiled(net, (img[None] - 200) / 400, 32)[0] * 50 + 100, atol=1e-2)
     # a gain change of the raw image is cancelled by per-image normalization but reaches a fixed model
-    assert np.allclose(P.predict(task, img * 1.5, tile=32), y, atol=1e-3)
-    assert not np.allclose(P.predict(fixed, img * 1.5, tile=32), y_fixed, atol=1e-1)
-    path = P.write_ome_tiff(tmp_path / "p.ome.tif", y, ["a", "b"])
+    assert np.allclose(predict.predict(task, img * 1.5, tile=32), y, atol=1e-3)
+    assert not np.allclose(predict.predict(fixed, img * 1.5, tile=32), y_fixed, atol=1e-1)
+    path = predict.write_ome_tiff(tmp_path / "p.ome.tif", y, ["a", "b"])
     back = tifffile.imread(path)
     assert back.shape == (2, 90, 70) and np.allclose(back, y)
     assert "OME" in tifffile.TiffFile(path).ome_metadata
@@ -88,22 +88,22 @@ def test_predict_normalizes_like_training_and_denormalizes_with_stored_stats(net
 def test_predict_refuses_bad_input_and_bad_output(net):
     task = make_task(net)
     with pytest.raises(ValueError, match="NaN"):
-        P.predict(task, np.full((8, 8), np.nan, np.float32))
+        predict.predict(task, np.full((8, 8), np.nan, np.float32))
     with pytest.raises(ValueError, match="input channel"):
-        P.predict(task, np.zeros((3, 32, 32), np.float32))
+        predict.predict(task, np.zeros((3, 32, 32), np.float32))
     for scale in (0, -1, 100):
         with pytest.raises(ValueError, match="scale"):
-            P.predict(task, np.ones((32, 32), np.float32), scale=scale)
+            predict.predict(task, np.ones((32, 32), np.float32), scale=scale)
     broken = make_task(net)
     broken.target_stats.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="NaN"):
-        P.predict(broken, np.random.default_rng(0).random((32, 32)).astype(np.float32), tile=32)
+        predict.predict(broken, np.random.default_rng(0).random((32, 32)).astype(np.float32), tile=32)
 
 
 def test_null_predictor_is_the_training_mean_whatever_the_input(net):
     task = make_task(net)
-    a = P.predict_null(task, np.zeros((40, 50)))
-    b = P.predict_null(task, np.random.default_rng(0).random((40, 50)))
+    a = predict.predict_null(task, np.zeros((40, 50)))
+    b = predict.predict_null(task, np.random.default_rng(0).random((40, 50)))
     assert a.shape == (2, 40, 50) and np.array_equal(a, b) and np.allclose(a[0], 120) and np.allclose(a[1], 11)
 
 
@@ -111,7 +111,7 @@ def test_affine_calibration_matches_training_moments(net):
     task = make_task(net, PearsonLoss())
     rng = np.random.default_rng(3)
     raws = [rng.gamma(2, 100, (64, 64)).astype(np.float32) for _ in range(3)]
-    outs = [P.network_output(task, r) for r in raws]
+    outs = [predict.network_output(task, r) for r in raws]
     targets = [o * 7.0 + 300.0 for o in outs]  # targets an exact affine function of the output
-    stats = P.calibrate_affine(task, raws, targets)
+    stats = predict.calibrate_affine(task, raws, targets)
     assert np.allclose(stats[:, 1], 7.0, rtol=1e-3) and np.allclose(stats[:, 0], 300.0, rtol=1e-3)

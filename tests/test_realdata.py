@@ -3,13 +3,13 @@
 
 import pytest
 
-from labelling import config as C
+from labelling import config
 from labelling.data.organelles import resolve_root
 from labelling.train import fit
 
 
 def _need(exp):
-    root = C.load_raw(exp)["data"]["root"]
+    root = config.load_raw(exp)["data"]["root"]
     if not resolve_root(root).exists():
         pytest.skip(f"{root} is absent (real data lives in ../shared/data)")
 

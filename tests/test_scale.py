@@ -89,7 +89,6 @@ def _sweep_file(tmp_path, n_trials):
 @pytest.mark.skipif(not os.environ.get("LABELLING_TEST_PG_URL"), reason="set LABELLING_TEST_PG_URL (.ci/run starts PostgreSQL)")
 def test_many_workers_share_one_postgres_study(tmp_path):
     import optuna
-
     import sqlalchemy
 
     server = os.environ["LABELLING_TEST_PG_URL"]

@@ -7,7 +7,7 @@ import optuna
 import pytest
 import yaml
 
-from labelling import config as C
+from labelling import config
 from labelling.errors import redact
 from labelling.sweep import load_space, make_sampler, run_sweep, storage_url, suggest, write_summary
 from tests.conftest import TINY
@@ -31,7 +31,7 @@ def sweep_file(tmp_path, tiny):
     return path
 
 
-def test_two_trial_sweep_resumes(sweep_file, tmp_path, monkeypatch):
+def test_two_trial_sweep_resumes(sweep_file, tmp_path, monkeypatch, capsys):
     root = tmp_path / "runs"
     # W&B records the command line in every run's metadata: a password given there must not reach it
     monkeypatch.setattr(sys, "argv", ["labelling", "sweep", "x", "--storage", f"postgresql://u:{SECRET}@h/db"])
@@ -40,6 +40,11 @@ def test_two_trial_sweep_resumes(sweep_file, tmp_path, monkeypatch):
     first = study.trials[0].params
     study = run_sweep(sweep_file, run_root=root)  # same command: resumes, runs only the missing trial
     assert len(study.trials) == 2 and study.trials[0].params == first
+    # the console: one line per finished trial with its number, state, score, best so far and parameters
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("trial ")]
+    assert [ln.split()[:3] for ln in lines] == [["trial", "0", "complete"], ["trial", "1", "complete"]], lines
+    assert all("val/pcc=" in ln and "best=" in ln and "optim.lr=" in ln for ln in lines)
+    assert f"(trial {study.best_trial.number})" in lines[-1]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     study = run_sweep(sweep_file, run_root=root)  # nothing left to do
     assert len(study.trials) == 2
@@ -57,18 +62,18 @@ def test_two_trial_sweep_resumes(sweep_file, tmp_path, monkeypatch):
 def test_sweep_space_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"experiment": "golgi_asym", "space": {"optimm.lr": {"type": "float", "low": 0, "high": 1}}}))
-    with pytest.raises(C.ConfigError, match="optim"):
+    with pytest.raises(config.ConfigError, match="optim"):
         load_space(bad)
     bad.write_text(yaml.safe_dump({"experiment": "golgi_asym", "space": {"optim.lr": {"type": "floatt"}}}))
-    with pytest.raises(C.ConfigError, match="categorical"):
+    with pytest.raises(config.ConfigError, match="categorical"):
         load_space(bad)
     bad.write_text(yaml.safe_dump({"experiment": "golgi_asym", "trials": 3, "space": {}}))
-    with pytest.raises(C.ConfigError, match="n_trials"):
+    with pytest.raises(config.ConfigError, match="n_trials"):
         load_space(bad)
 
 
 def test_repo_sweeps_are_valid():
-    for path in C.SWEEPS_DIR.glob("*.yaml"):
+    for path in config.SWEEPS_DIR.glob("*.yaml"):
         spec = load_space(path)
         assert spec["n_trials"] >= 1 and spec["space"]
 

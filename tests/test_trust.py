@@ -7,10 +7,9 @@ import pytest
 import tifffile
 import torch
 
-from labelling import predict as P
-from labelling import studies
-from labelling.analysis import downstream as D
-from labelling.checkpoints import load_task
+from labelling import predict, studies
+from labelling.analysis import downstream
+from labelling.build import load_task
 from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.transforms import denormalize
 from labelling.losses.basic import MSELoss
@@ -45,13 +44,13 @@ def test_a_blind_model_scores_nothing_but_the_old_leaky_evaluation_gave_it_a_hig
     attach_deployment(plate, task)
     images = plate.splits["test"]
     real, pred = studies.predict_pairs(task, images)
-    _, corr = D.evaluate_pairs(real, pred, seed=0)
+    _, corr = downstream.evaluate_pairs(real, pred, seed=0)
     honest = corr.set_index("metric")
     assert abs(honest.loc["mean_intensity", "pearson"]) < 0.3 and abs(honest.loc["total_intensity", "pearson"]) < 0.3
     # the bug this guards against: de-normalizing with each test image's own target statistics
     leaky = [denormalize(task.predict(torch.from_numpy(im.input[None]))[0].numpy(), im.target_stats)[0]
              for im in images]
-    _, corr_leaky = D.evaluate_pairs(real, leaky, seed=0)
+    _, corr_leaky = downstream.evaluate_pairs(real, leaky, seed=0)
     assert corr_leaky.set_index("metric").loc["mean_intensity", "pearson"] > 0.5
 
 
@@ -92,7 +91,7 @@ def test_pearson_run_is_calibrated_on_training_fields_and_evaluate_equals_predic
     dm = FluorescenceDataModule(**{"seed": cfg.seed, **cfg.data.args, "organelle": "nuclei"})
     dm.setup()
     train = dm.splits["train"][:32]
-    expected = P.calibrate_affine(task, [im.raw_input() for im in train], [im.raw_target() for im in train])
+    expected = predict.calibrate_affine(task, [im.raw_input() for im in train], [im.raw_target() for im in train])
     assert np.allclose(task.target_stats.numpy(), expected, rtol=1e-4, atol=1e-3)
     # the prediction written by `labelling predict` is the one the report scored
     im = dm.splits["test"][0]

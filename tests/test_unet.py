@@ -15,17 +15,30 @@ def test_unet_keeps_any_size_and_returns_embedding(size, depth):
     assert torch.allclose(net(x), y)
 
 
+def _expected_std(init: str, fan_in: int, fan_out: int) -> float:
+    """Weight standard deviation each scheme promises (conv weights, fans include the kernel area)."""
+    return {"default": (1 / fan_in) ** 0.5 / 3**0.5,  # PyTorch: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
+            "kaiming": (2 / fan_out) ** 0.5,  # fan-out mode, ReLU gain
+            "xavier": (2 / (fan_in + fan_out)) ** 0.5,  # uniform with bound sqrt(6/(fan_in+fan_out))
+            "orthogonal": (1 / fan_in) ** 0.5}[init]  # orthonormal rows of length fan_in
+
+
 @pytest.mark.parametrize("init", INITS)
 def test_inits_are_deterministic_under_seed_and_differ(init):
     torch.manual_seed(0)
-    a = UNet(width=4, init=init).down[0][0].weight.clone()
+    a = UNet(width=16, init=init).down[1][0].weight.clone()  # Conv2d(16, 32, 3x3)
     torch.manual_seed(0)
-    b = UNet(width=4, init=init).down[0][0].weight
+    b = UNet(width=16, init=init).down[1][0].weight
     assert torch.equal(a, b)
-    if init == "xavier":
-        torch.manual_seed(0)
-        k = UNet(width=4, init="kaiming").down[0][0].weight
-        assert not torch.allclose(k, b)
+    fan_in, fan_out = 16 * 9, 32 * 9
+    assert b.std().item() == pytest.approx(_expected_std(init, fan_in, fan_out), rel=0.08)
+    if init == "orthogonal":
+        rows = b.flatten(1)
+        assert torch.allclose(rows @ rows.T, torch.eye(32), atol=1e-4)
+    for other in INITS:
+        if other != init:
+            torch.manual_seed(0)
+            assert not torch.allclose(UNet(width=16, init=other).down[1][0].weight, b), (init, other)
 
 
 def test_dropout_active_only_in_training():

@@ -67,8 +67,10 @@ def _check(severity: int) -> int:
 
 
 def disk_kernel(radius: float, supersample: int = 8, alias_sigma: float = 0.5) -> np.ndarray:
-    """Normalized defocus kernel: a supersampled pillbox of `radius`, softened by a Gaussian of
-    `alias_sigma` (as in the common ImageNet-C defocus blur), so even radius 0.5 blurs a little."""
+    """Normalized defocus kernel: a supersampled pillbox of `radius`, softened by a Gaussian.
+
+    The Gaussian of `alias_sigma` (as in the common ImageNet-C defocus blur) makes even radius 0.5 blur a little.
+    """
     r = int(np.ceil(radius)) + 1
     ax = (np.arange((2 * r + 1) * supersample) + 0.5) / supersample - r - 0.5
     yy, xx = np.meshgrid(ax, ax, indexing="ij")
@@ -80,6 +82,7 @@ def disk_kernel(radius: float, supersample: int = 8, alias_sigma: float = 0.5) -
 
 
 def defocus_blur(image: np.ndarray, severity: int, rng=None) -> np.ndarray:
+    """Disk blur of radius ``BLUR_RADIUS[|severity|]`` (defocus either way)."""
     radius = BLUR_RADIUS[abs(_check(severity))]
     if radius == 0:
         return image.copy()
@@ -92,6 +95,7 @@ def _range(image: np.ndarray) -> tuple[float, float]:
 
 
 def contrast(image: np.ndarray, severity: int, rng=None) -> np.ndarray:
+    """Scale the contrast around the mean by ``CONTRAST_GAIN[severity]``."""
     gain = CONTRAST_GAIN[_check(severity) + 5]
     if gain == 1.0:
         return image.copy()
@@ -100,6 +104,7 @@ def contrast(image: np.ndarray, severity: int, rng=None) -> np.ndarray:
 
 
 def brightness(image: np.ndarray, severity: int, rng=None) -> np.ndarray:
+    """Add ``BRIGHTNESS_BIAS[severity]`` times the image's standard deviation."""
     bias = BRIGHTNESS_BIAS[_check(severity) + 5]
     if bias == 0:
         return image.copy()

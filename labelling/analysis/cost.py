@@ -57,6 +57,8 @@ def cost_table(crops_per_second: float, n_crops: float | None = None, prices: di
         crops_per_second: measured training throughput (crops per wall-clock second) of the reference run.
         n_crops: training crops one run needs; or give `epochs` and `crops_per_epoch`.
         prices: a table as returned by :func:`load_prices` (default: the shipped one).
+        epochs: training epochs of one run (with `crops_per_epoch`, instead of `n_crops`).
+        crops_per_epoch: random crops per epoch (with `epochs`).
         runs: how many such trainings (e.g. the trials of a sweep, the conditions of a study).
         measured_on: label of the first row, the measured machine itself (no price).
 

@@ -146,7 +146,8 @@ def evaluate_pairs(real_images, pred_images, names=None, seg_args: dict | None =
     """Segment every real and predicted image, measure both, compare.
 
     Args:
-        real_images, pred_images: sequences of 2D arrays in the same intensity units.
+        real_images: sequence of real 2D images.
+        pred_images: predicted 2D images, in the same intensity units as `real_images`.
         names: image names for the table.
         seg_args: arguments of :func:`segment`.
         true_labels: optional true instance masks; adds object F1 of real and predicted segmentations.
@@ -223,8 +224,10 @@ def scatter_plots(table: pd.DataFrame, out_dir: str | Path, prefix: str = "") ->
 
 
 def segmentation_warnings(table: pd.DataFrame, shape: tuple[int, int], max_fraction: float = 0.5) -> list[str]:
-    """Warnings when the *real* images' segmentation looks implausible, so downstream numbers are meaningless:
-    most of a field marked as foreground (a dim or diffuse channel thresholded into noise), or no objects."""
+    """Warnings when the *real* images' segmentation looks implausible, so downstream numbers are meaningless.
+
+    That is: most of a field marked as foreground (a dim or diffuse channel thresholded into noise), or no objects.
+    """
     if not len(table):
         return []
     warnings = []

@@ -1,7 +1,6 @@
 """Drift detection on image embeddings: kernel MMD two-sample test and an online MMD detector.
 
-* :func:`mmd_test` - unbiased MMD^2 with a Gaussian kernel (median-heuristic bandwidth) and a
-  permutation p-value.
+* :func:`mmd_test` - unbiased MMD^2, Gaussian kernel (median-heuristic bandwidth), permutation p-value.
 * :class:`OnlineMMD` - sliding-window MMD^2 of the last ``W`` stream samples against a reference set,
   calibrated so that its *expected run time* (ERT) on clean data holds (Cobb et al. 2021, "Sequential
   multivariate change detection with calibrated and memoryless false detection rates"; the idea behind
@@ -43,10 +42,8 @@ window removes most of the detector-to-detector scatter of the run length (a fix
 otherwise made one detector fire in the first ``W`` steps 17 % to 72 % of the time instead of 27 %), and
 (2) with ``b_W`` from step ``W`` alone the hazard after step ``W`` was 5-15 % above ``1/ert``. All
 simulated statistics come from one precomputed reference kernel matrix by index arithmetic (no kernel
-is re-evaluated).
-
-Each :meth:`OnlineMMD.update` costs O((n_ref + W) * d) and the state is a fixed-size window, whatever
-the stream length.
+is re-evaluated). Each :meth:`OnlineMMD.update` costs O((n_ref + W) * d) and the state is a fixed-size
+window, whatever the stream length.
 """
 
 from __future__ import annotations
@@ -56,6 +53,7 @@ import pandas as pd
 
 
 def sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pairwise squared Euclidean distances between the rows of x and y."""
     return np.maximum((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T, 0.0)
 
 
@@ -66,6 +64,7 @@ def median_sigma(x: np.ndarray) -> float:
 
 
 def kernel(x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian kernel matrix ``exp(-|x - y|^2 / (2 sigma^2))``."""
     return np.exp(-sq_dists(x, y) / (2 * sigma**2))
 
 
@@ -81,6 +80,7 @@ def mmd2_from_kernel(k: np.ndarray, n: int) -> float:
 
 
 def mmd2(x: np.ndarray, y: np.ndarray, sigma: float | None = None) -> float:
+    """Unbiased MMD^2 of samples x and y (Gaussian kernel, median-heuristic bandwidth by default)."""
     z = np.concatenate([x, y])
     sigma = sigma or median_sigma(z)
     return mmd2_from_kernel(kernel(z, z, sigma), len(x))
@@ -110,6 +110,11 @@ def false_negative_rates(reference: np.ndarray, shifted: dict, window: int = 20,
     Args:
         reference: (n, d) clean embeddings.
         shifted: {(corruption, severity): (m, d) embeddings}; ("clean", 0) gives the false-positive rate.
+        window: samples per test window.
+        n_windows: windows drawn per (corruption, severity).
+        alpha: significance level of each test.
+        n_permutations: permutations of each test's null distribution.
+        seed: seed of the window draws and permutations.
     """
     rng = np.random.default_rng(seed)
     sigma = median_sigma(reference)
@@ -128,8 +133,10 @@ def false_negative_rates(reference: np.ndarray, shifted: dict, window: int = 20,
 
 
 def min_reference_size(window: int) -> int:
-    """Fewest reference samples :class:`OnlineMMD` takes for ``window``: W - 1 initial + 2W - 1 simulated
-    stream samples + a reference subset of at least W + 1."""
+    """Fewest reference samples :class:`OnlineMMD` takes for ``window``.
+
+    That is W - 1 initial + 2W - 1 simulated stream samples + a reference subset of at least W + 1.
+    """
     return 4 * window - 1
 
 
@@ -139,6 +146,8 @@ def _window_sums(c: np.ndarray, kzz: np.ndarray, window: int) -> tuple[np.ndarra
     Args:
         c: (..., L) per-sample cross sums with the reference subset.
         kzz: (..., L, L) kernel among the samples, diagonal zeroed.
+        window: samples per window.
+
     Returns:
         (cross, within): (..., L - window + 1) sums of ``c`` and of the ``kzz`` block of each window.
     """
@@ -360,9 +369,15 @@ def run_lengths(reference: np.ndarray, streams: dict, window: int = 10, ert: flo
         streams: {name: (m, d) pool}; a stream is drawn from the pool without a sample repeating inside a
             window (duplicates inflate the within-window kernel term). An in-distribution pool (clean
             samples the reference never saw) should give a mean near ``ert``; shifted pools less.
+        window: samples per detector window.
+        ert: expected run time in-distribution that each detector is calibrated to.
         n_streams: streams per pool, spread over ``n_detectors`` detectors (seeds seed, seed + 1, ...)
             shared by all pools, so the mean also averages over the reference split.
         max_length: a stream that has not fired after this many steps is censored (default 10 * ert).
+        seed: seed of the detectors and the stream draws.
+        n_detectors: detectors built on different reference splits.
+        n_bootstraps: simulated clean streams for each detector's thresholds (None: :class:`OnlineMMD`'s default).
+
     Returns:
         One row per pool: name, window, ert, mean_run_length, median_run_length, sd, n_streams, censored
         (fraction), ci_low, ci_high (normal 95 % CI of the mean; censored runs count as max_length).

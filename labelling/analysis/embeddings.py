@@ -202,8 +202,10 @@ def detection_f1(labels: np.ndarray, corrupted: np.ndarray, seed: int | Sequence
 
 def shuffled_f1(labels: np.ndarray, corrupted: np.ndarray, n_shuffles: int = 200,
                 seed: int | Sequence[int] = 0) -> np.ndarray:
-    """Permutation null: F1 of the same clustering against `n_shuffles` shuffled copies of `corrupted`
-    (ties broken by coin flips as in :func:`detection_f1`)."""
+    """Permutation null: F1 of the same clustering against `n_shuffles` shuffled copies of `corrupted`.
+
+    (Ties broken by coin flips as in :func:`detection_f1`).
+    """
     corrupted = np.asarray(corrupted, bool)
     rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 1])
     perms = np.stack([rng.permutation(corrupted) for _ in range(n_shuffles)]) if n_shuffles else \
@@ -233,6 +235,9 @@ def f1_table(train_emb: np.ndarray, emb: np.ndarray, meta: pd.DataFrame, reducer
         meta: columns ``corruption`` ("clean" or a kind), ``severity``, (``corrupted``, = corruption !=
             "clean"; not needed) and optionally ``source``: "test" rows and "control" rows (clean crops of
             other unseen images). Without ``source`` every row is "test".
+        reducers: names of the 2-D projections to compare.
+        clusterers: names of the clusterings to compare.
+        seed: seed of the subsampling, projections, clusterings and coin flips.
         n_shuffles: permutations for the chance level.
 
     Each comparison is balanced: the clean test crops vs the same number of one (corruption, severity)
@@ -322,9 +327,11 @@ def _group_name(kind, sev) -> str:
 
 
 def f1_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Wide view: reducer x clusterer rows, one F1 column per corruption/severity, plus ``mean``,
-    ``control`` and the chance columns ``chance_mean``/``chance_p95`` (null of the mean row) and
-    ``control_chance_p95``."""
+    """Wide view: reducer x clusterer rows, one F1 column per corruption/severity.
+
+    Plus ``mean``, ``control`` and the chance columns ``chance_mean``/``chance_p95`` (null of the mean row) and
+    ``control_chance_p95``.
+    """
     t = table.assign(group=[_group_name(k, s) for k, s in zip(table["corruption"], table["severity"])])
     wide = t.pivot_table(index=["reducer", "clusterer"], columns="group", values="f1", sort=False)
     wide.columns.name = None

@@ -64,6 +64,7 @@ def condition_table(results: dict, keys: tuple[str, ...], metrics=("count",), se
             (a scalar when there is one key).
         keys: names of the condition columns, e.g. ``("train_phenotype", "test_phenotype")``.
         metrics: downstream metrics to report (see :func:`condition_rows`).
+        seed: seed of the bootstrap confidence intervals.
     """
     parts = []
     for condition, (per_image, agreement) in results.items():
@@ -78,8 +79,10 @@ def condition_table(results: dict, keys: tuple[str, ...], metrics=("count",), se
 
 
 def matrix(table: pd.DataFrame, rows: str, cols: str, value: str, predictor: str = "model") -> pd.DataFrame:
-    """Pivot of one value, `rows` down and `cols` across, for one predictor; the row labels are a column
-    (``"<rows> \\ <cols>"``) so the table writes as CSV/Markdown without an index."""
+    r"""Pivot of one value, `rows` down and `cols` across, for one predictor.
+
+    The row labels are a column (``"<rows> \ <cols>"``) so the table writes as CSV/Markdown without an index.
+    """
     sub = table[table["predictor"] == predictor] if "predictor" in table else table
     pivot = sub.pivot_table(index=rows, columns=cols, values=value, aggfunc="first", sort=True, dropna=False)
     pivot.columns = [str(c) for c in pivot.columns]

@@ -97,6 +97,11 @@ def analyse(task, cfg, run_dir: Path, image: np.ndarray, tile: int = 256, progre
     """Prediction (the deployed path), segmentation, downstream metrics and drift verdict for one image.
 
     Args:
+        task: the trained task (from :func:`labelling.build.load_task`).
+        cfg: its experiment config.
+        run_dir: its run folder (holds the drift reference).
+        image: the raw transmitted-light image.
+        tile: tile side of the tiled prediction.
         progress: optional callable(fraction, text) for a progress indicator.
     """
     from labelling import predict, studies
@@ -142,6 +147,7 @@ def overlay(bf: np.ndarray, pred: np.ndarray, labels: np.ndarray | None = None) 
 
 
 def to_png_bytes(rgb: np.ndarray) -> bytes:
+    """Encode an (H, W, 3) uint8 image as PNG bytes."""
     from PIL import Image
 
     buf = io.BytesIO()

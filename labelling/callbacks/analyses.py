@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
+import lightning
 
 from labelling import evaluate, reports, studies
 
 
-class _RunEndAnalysis(L.Callback):
+class _RunEndAnalysis(lightning.Callback):
     folder, prefix = "analysis", "analysis"
 
     def __init__(self, max_images: int = 8):
@@ -23,7 +23,7 @@ class _RunEndAnalysis(L.Callback):
     def analyse(self, module, images, out: Path, trainer) -> tuple[dict, list[Path]]:
         raise NotImplementedError
 
-    def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_test_end(self, trainer: lightning.Trainer, module: lightning.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         images = trainer.datamodule.splits.get("test", [])[: self.max_images]
@@ -111,8 +111,9 @@ class DriftAnalysis(_RunEndAnalysis):
 
 
 class TrainingStudies(_RunEndAnalysis):
-    """Studies that train more models of this experiment: phenotype generalization (train on one simulated
-    phenotype, test on the other), the train x predict scaling matrix (thesis Table 2) and a learning curve.
+    """Studies that train more models of this experiment.
+
+    Phenotype generalization (train on one simulated phenotype, test on the other), the train x predict scaling matrix (thesis Table 2) and a learning curve.
 
     Args:
         phenotypes, scaling_matrix, learning_curve: which studies to run (each trains several models).
@@ -135,8 +136,10 @@ class TrainingStudies(_RunEndAnalysis):
                                                                            *self.overrides]))
         import torch
 
+        from labelling import trainstudies
+
         with torch.inference_mode(False), torch.enable_grad():  # test hooks run without autograd
-            tables = run_training_studies(cfg, out, self.which, self.max_images)
+            tables = trainstudies.run_training_studies(cfg, out, self.which, self.max_images)
         for name, df in tables.items():
             model = df[df.get("predictor", "model") == "model"] if "predictor" in df else df
             if "pixel_pearson" in model:
@@ -144,21 +147,7 @@ class TrainingStudies(_RunEndAnalysis):
         return {}, sorted(out.glob("*/*.png"))
 
 
-def run_training_studies(cfg, out: Path, which: dict, max_images: int | None = None) -> dict:
-    """Run the selected training studies of an experiment config into `out`; returns their tables."""
-    from labelling import trainstudies as T
-
-    tables = {}
-    if which.get("phenotypes"):
-        tables["phenotypes"] = T.phenotype_generalization(cfg, out_dir=out / "phenotypes", max_images=max_images)
-    if which.get("scaling_matrix"):
-        tables["scaling_matrix"] = T.scaling_matrix(cfg, out_dir=out / "scaling_matrix", max_images=max_images)
-    if which.get("learning_curve"):
-        tables["learning_curve"] = T.learning_curve(cfg, out_dir=out / "learning_curve", max_images=max_images)
-    return tables
-
-
-class TrainingCost(L.Callback):
+class TrainingCost(lightning.Callback):
     """Measured training throughput of this run -> hours and USD on named AWS GPU instances (``cost.md``).
 
     The throughput is measured over the training epochs only (validation excluded); GPU speed-ups and

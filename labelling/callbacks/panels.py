@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
+import lightning
 import numpy as np
 
 
@@ -36,7 +36,7 @@ def panel_figure(bf: np.ndarray, real: np.ndarray, pred: np.ndarray, names: list
     return fig
 
 
-class PredictionPanels(L.Callback):
+class PredictionPanels(lightning.Callback):
     """At the end of fit, predict `n` validation images and save/log panels.
 
     Args:
@@ -48,11 +48,11 @@ class PredictionPanels(L.Callback):
         self.n, self.dirpath, self.deferred = n, dirpath, deferred
         self.paths: list[Path] = []
 
-    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: lightning.Trainer, module: lightning.LightningModule) -> None:
         if not self.deferred:  # fit() renders deferred panels itself, after loading the best weights
             self.render(trainer, module)
 
-    def render(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def render(self, trainer: lightning.Trainer, module: lightning.LightningModule) -> None:
         """Predict the first `n` validation fields through the deployed path and save/log the panels."""
         if not trainer.is_global_zero or self.n == 0 or trainer.sanity_checking:
             return
@@ -83,7 +83,7 @@ class PredictionPanels(L.Callback):
                 logger.log_image("val/panels", logged, caption=[i.key for i in images])
 
 
-class AutoencoderSamples(L.Callback):
+class AutoencoderSamples(lightning.Callback):
     """At the end of fit: a grid of validation crops and their reconstructions, and the convergence curve.
 
     Args:
@@ -94,7 +94,7 @@ class AutoencoderSamples(L.Callback):
         self.n = n
         self.paths: list[Path] = []
 
-    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: lightning.Trainer, module: lightning.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         import matplotlib

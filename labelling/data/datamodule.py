@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lightning as L
+import lightning
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -112,6 +112,7 @@ def split_groups(groups: list[str], val_fraction: float, test_fraction: float, s
 
 
 def to_batch(x, y, xs, ys, index) -> dict:
+    """The typed batch dict: input, target, their normalization statistics and the image index."""
     return {"input": torch.from_numpy(x), "target": torch.from_numpy(y), "input_stats": torch.from_numpy(xs),
             "target_stats": torch.from_numpy(ys), "index": index}
 
@@ -185,7 +186,7 @@ class GridCrops(Dataset):
                         np.ascontiguousarray(img.target[:, t:t + h, l:l + w]), img.input_stats, img.target_stats, k)
 
 
-class FluorescenceDataModule(L.LightningDataModule):
+class FluorescenceDataModule(lightning.LightningDataModule):
     """Brightfield -> fluorescence data from the built-in plate simulator (base class of every source).
 
     Args:

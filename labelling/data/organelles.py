@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.readers import find_pairs
 from labelling.data.transforms import bin_factor, bin_image

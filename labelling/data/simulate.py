@@ -13,7 +13,8 @@ dispersed Golgi and fewer stress fibres.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -214,6 +215,7 @@ def simulate_field(
 
 
 def well_name(index: int, cols: int = 12) -> str:
+    """Plate well name of a running index (A1, A2, ... row-major, `cols` per row)."""
     return f"{ROWS[index // cols % len(ROWS)]}{index % cols + 1}"
 
 

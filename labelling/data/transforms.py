@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-import albumentations as A
+import albumentations
 import cv2
 import numpy as np
 
@@ -113,12 +113,12 @@ class PairedAugment:
         self.source = int(math.ceil(crop * grow)) + (2 if grow > 1 else 0)
         ops = []
         if flip:
-            ops += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+            ops += [albumentations.HorizontalFlip(p=0.5), albumentations.VerticalFlip(p=0.5), albumentations.RandomRotate90(p=0.5)]
         if rotate or tuple(scale) != (1.0, 1.0):
-            ops.append(A.Affine(rotate=(-rotate, rotate), scale=tuple(scale), interpolation=cv2.INTER_LINEAR,
+            ops.append(albumentations.Affine(rotate=(-rotate, rotate), scale=tuple(scale), interpolation=cv2.INTER_LINEAR,
                                 border_mode=cv2.BORDER_REFLECT_101, p=1.0))
-        ops.append(A.CenterCrop(crop, crop))
-        self.geometry = A.Compose(ops, seed=seed)
+        ops.append(albumentations.CenterCrop(crop, crop))
+        self.geometry = albumentations.Compose(ops, seed=seed)
         self._targets = 1
 
     def reseed(self, seed: int) -> None:

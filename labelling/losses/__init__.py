@@ -39,6 +39,7 @@ class WeightedSum(nn.Module):
 
 
 def build_loss(name: str, **args) -> nn.Module:
+    """Build a registered loss by name (see ``registry.TABLES['loss']``)."""
     from labelling import registry
 
     return registry.build("loss", name, **args)

@@ -7,8 +7,8 @@ task applies that activation before computing image metrics or writing predictio
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 
 class MSELoss(nn.Module):
@@ -17,7 +17,7 @@ class MSELoss(nn.Module):
     activation = None
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(pred, target)
+        return functional.mse_loss(pred, target)
 
 
 def pearson_per_image(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -51,7 +51,7 @@ class BCELoss(nn.Module):
         self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(pred, target, pos_weight=self.pos_weight)
+        return functional.binary_cross_entropy_with_logits(pred, target, pos_weight=self.pos_weight)
 
 
 class AsymmetricLoss(nn.Module):

@@ -100,5 +100,5 @@ class VariationalAutoencoder(ConvAutoencoder):
         logvar = logvar.clamp(-10, 10)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         self.kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu**2 - logvar.exp(), dim=1))
-        y = self.decode(z)
+        y = self.decode(self.dropout(z))
         return (y, mu) if return_embedding else y

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 INITS = ("default", "kaiming", "xavier", "orthogonal")
 NORMS = ("batch", "instance", "group", "none")
@@ -117,10 +117,10 @@ class UNet(nn.Module):
         m = 2**self.depth
         ph, pw = (-H) % m, (-W) % m
         if ph or pw:  # reflect needs pad < size; replicate handles tiny inputs
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
+            x = functional.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
         skips = []
         for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            x = block(x if i == 0 else functional.max_pool2d(x, 2))
             skips.append(x)
         bottleneck = skips.pop()
         x = bottleneck

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import lightning as L
+import lightning
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
-from labelling import registry
 from labelling.losses.basic import pearson_per_image
+from labelling.tasks.stainer import configure_optimizers
 
 
-class Autoencoding(L.LightningModule):
+class Autoencoding(lightning.LightningModule):
     """Train an autoencoder net on ``batch["input"]``; logs ``train/loss``, ``val/loss``, ``val/pcc``.
 
     Args:
@@ -48,7 +48,7 @@ class Autoencoding(L.LightningModule):
                  on_step=stage == "train", on_epoch=True)
         if stage != "train":
             self.log(f"{stage}/pcc", pearson_per_image(y, x).mean(), sync_dist=True, batch_size=len(x))
-            self.log(f"{stage}/mse", F.mse_loss(y, x), sync_dist=True, batch_size=len(x))
+            self.log(f"{stage}/mse", functional.mse_loss(y, x), sync_dist=True, batch_size=len(x))
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -67,8 +67,7 @@ class Autoencoding(L.LightningModule):
                                  "train/loss": float(m.get("train/loss_epoch", float("nan")))})
 
     def configure_optimizers(self):
-        o = self.optim
-        return registry.build("optim", o["name"], params=self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        return configure_optimizers(self, self.optim)  # the Stainer's optimizer and scheduler rules
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["labelling_config"] = self.config

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import lightning as L
+import lightning
 import torch
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
@@ -11,7 +11,7 @@ from labelling import registry
 from labelling.losses.basic import pearson_per_image
 
 
-class Stainer(L.LightningModule):
+class Stainer(lightning.LightningModule):
     """Train `net` with `loss`; logs ``train/loss``, ``val/loss``, ``val/pcc``, ``val/ssim`` (and ``test/*``).
 
     Args:
@@ -98,20 +98,33 @@ class Stainer(L.LightningModule):
         return self.predict(batch["input"])
 
     def configure_optimizers(self):
-        o = self.optim
-        opt = registry.build("optim", o["name"], params=self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-        sched = o.get("scheduler")
-        if not sched:
-            return opt
-        if sched == "cosine":
-            epochs = max(1, int(self.trainer.max_epochs or 1)) if self._trainer else 1
-            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)}
-        if sched == "plateau":
-            return {"optimizer": opt, "lr_scheduler": {
-                "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2),
-                "monitor": "val/loss"}}
-        raise ValueError(f"unknown scheduler '{sched}'; valid: cosine, plateau, null")
+        return configure_optimizers(self, self.optim)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["labelling_config"] = self.config
         checkpoint["labelling_io"] = {"in": self.net.in_channels, "out": self.net.out_channels}
+
+
+SCHEDULERS = ("cosine", "plateau", None)  # valid ``optim.scheduler`` values
+
+
+def configure_optimizers(module, optim: dict):
+    """Optimizer (from the registry) and optional LR scheduler of `module`, as Lightning expects them.
+
+    Args:
+        module: the LightningModule (its trainer's ``max_epochs`` sets the cosine period).
+        optim: ``{name, lr, weight_decay, scheduler}``; scheduler is one of :data:`SCHEDULERS`.
+    """
+    opt = registry.build("optim", optim["name"], params=module.parameters(), lr=optim["lr"],
+                         weight_decay=optim["weight_decay"])
+    sched = optim.get("scheduler")
+    if not sched:
+        return opt
+    if sched == "cosine":
+        epochs = max(1, int(module.trainer.max_epochs or 1)) if module._trainer else 1
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)}
+    if sched == "plateau":
+        return {"optimizer": opt, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2),
+            "monitor": "val/loss"}}
+    raise ValueError(f"unknown scheduler '{sched}'; valid: cosine, plateau, null")
