@@ -120,7 +120,7 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
         tables["embeddings_f1"] = f1
         summary.update({f"embeddings/{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
     if drift:
-        found = studies.drift_study(task, dm.splits["train"], images, crop)
+        found = studies.drift_study(task, dm.splits["val"], images, crop)
         for name, df in found.items():
             reports.write_table(df, out, name)
         tables.update(found)

@@ -183,7 +183,7 @@ def test_run_end_analyses_and_evaluate_all(tiny, tmp_path):
     tiny = [t for t in tiny if not t.startswith("data.n_wells") and not t.startswith("data.fields")]
     cbs = ("callbacks=[{name: stability, max_images: 2}, {name: embeddings, max_images: 4, reducers: [pca], "
            "clusterers: [kmeans, dbscan]}, {name: drift, max_images: 4}]")
-    metrics = fit("nuclei_robust", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1", cbs],
+    metrics = fit("nuclei_robust", tiny + ["data.n_wells=16", "data.fields_per_well=2", "trainer.max_epochs=1", cbs],
                   run_dir=run)
     assert "test/stability/percentile/blur_+5_pcc" in metrics and "test/stability/fixed/contrast_-5_pcc" in metrics
     assert {"test/embeddings/f1_mean", "test/embeddings/f1_sd", "test/embeddings/chance_p95"} <= set(metrics)

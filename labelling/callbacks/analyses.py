@@ -105,7 +105,7 @@ class DriftAnalysis(_RunEndAnalysis):
 
     def analyse(self, module, images, out, trainer):
         dm = trainer.datamodule
-        found = studies.drift_study(module, dm.splits["train"], images, dm.crop)
+        found = studies.drift_study(module, dm.splits["val"], images, dm.crop)
         self.results.update({f"test/{k}": v for k, v in evaluate.drift_summary(found).items()})
         return found, []
 
