@@ -110,17 +110,20 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
             plots += plot_stability(stab, out)
             tables["stability"] = stab
             summary.update(stability_summary(stab))
+    # both studies look at the same corrupted test crops: embed them once
+    test_embeddings = studies.corrupted_embeddings(task, images, crop) if embeddings and drift else None
     if embeddings:
         from labelling.analysis.embeddings import f1_summary, plot_projections
 
-        f1, headline, proj, meta = studies.embedding_study(task, dm.splits["train"], images, dm.splits["val"], crop)
+        f1, headline, proj, meta = studies.embedding_study(task, dm.splits["train"], images, dm.splits["val"], crop,
+                                                            test_embeddings=test_embeddings)
         reports.write_table(f1_summary(f1), out, "embeddings_f1")
         plot_projections(proj, meta, out / "embeddings.png")
         plots.append(out / "embeddings.png")
         tables["embeddings_f1"] = f1
         summary.update({f"embeddings/{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
     if drift:
-        found = studies.drift_study(task, dm.splits["val"], images, crop)
+        found = studies.drift_study(task, dm.splits["val"], images, crop, test_embeddings=test_embeddings)
         for name, df in found.items():
             reports.write_table(df, out, name)
         tables.update(found)

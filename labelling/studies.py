@@ -9,7 +9,8 @@ Rules that make the numbers mean what they say:
   evaluated image's target is used to produce its prediction;
 * every downstream score has the null predictor (training-mean intensity) beside it;
 * corruptions act on the raw image upstream of the deployed normalization, with a camera model;
-* embeddings of unseen images are compared with a reference of *training* images.
+* embedding reducers are fitted on clean *training* crops; the drift reference is clean *validation*
+  fields (never trained on), and its negatives are clean test fields it never saw.
 """
 
 from __future__ import annotations
@@ -29,15 +30,21 @@ def corrupt_image(raw: np.ndarray, corruption: tuple[str, int] | None, seed: int
     return np.stack([corrupt(c, corruption[0], corruption[1], seed=seed) for c in raw])
 
 
+def corrupt_images(images, corruption: tuple[str, int] | None = None) -> list[np.ndarray]:
+    """Raw inputs of `images`, each corrupted with ``(kind, severity)`` (noise seeded by the image's index)."""
+    return [corrupt_image(im.raw_input(), corruption, seed=i) for i, im in enumerate(images)]
+
+
 def predict_pairs(task, images, scale: float = 1.0, corruption=None, normalization: str | None = None,
-                  channel: int = 0, tile: int = 256) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(real targets, predictions) of `images` in target units, for one output channel."""
-    real, pred = [], []
-    for i, im in enumerate(images):
-        raw = corrupt_image(im.raw_input(), corruption, seed=i)
-        pred.append(predict.predict(task, raw, scale=scale, tile=tile, normalization=normalization, name=im.key)[channel])
-        real.append(im.raw_target()[channel])
-    return real, pred
+                  channel: int = 0, tile: int = 256, raws: list[np.ndarray] | None = None):
+    """(real targets, predictions) of `images` in target units, for one output channel.
+
+    `raws` are the inputs to predict when already made (default: :func:`corrupt_images` of `corruption`).
+    """
+    raws = corrupt_images(images, corruption) if raws is None else raws
+    pred = [predict.predict(task, raw, scale=scale, tile=tile, normalization=normalization, name=im.key)[channel]
+            for raw, im in zip(raws, images)]
+    return [im.raw_target()[channel] for im in images], pred
 
 
 def true_nuclei(images, task) -> list[np.ndarray] | None:
@@ -63,14 +70,16 @@ def downstream_report(task, images, out, seg: dict | None = None, title: str = "
     out.mkdir(parents=True, exist_ok=True)
     real, pred = predict_pairs(task, images)
     null = [predict.predict_null(task, im.raw_input())[0] for im in images]
-    table, corr, objects = downstream.evaluate_pairs(real, pred, [im.key for im in images], seg, true_nuclei(images, task),
-                                            return_objects=True, null_images=null, seed=seed)
+    table, corr, objects = downstream.evaluate_pairs(real, pred, [im.key for im in images], seg,
+                                                     true_nuclei(images, task), return_objects=True,
+                                                     null_images=null, seed=seed)
     warnings = downstream.segmentation_warnings(table, real[0].shape)
     for warning in warnings:
         rank_zero_warn(f"{title}: {warning}")
-    plots = downstream.scatter_plots(table, out) + [downstream.segmentation_preview(real, pred, out / "segmentation_preview.png", seg)]
+    preview = downstream.segmentation_preview(real, pred, out / "segmentation_preview.png", seg)
+    plots = downstream.scatter_plots(table, out) + [preview]
     downstream.write_report(table, corr, out, title=f"{title} (n={len(images)})", images=plots, objects=objects,
-                   warnings=warnings)
+                            warnings=warnings)
     return table, corr, plots, warnings
 
 
@@ -90,14 +99,11 @@ def scaling_study(task, images, scales=(0.7, 1.0, 1.3), seg: dict | None = None)
     return pd.DataFrame([{"scale": s, **_summary_row(*predict_pairs(task, images, scale=s), seg)} for s in scales])
 
 
-def input_change(task, images, corruption, normalization: str | None = None) -> float:
+def input_change(task, clean_raws, corrupted_raws, normalization: str | None = None) -> float:
     """RMS change of the *network input* (normalized units) caused by a raw-image corruption."""
-    diffs = []
-    for i, im in enumerate(images):
-        raw = im.raw_input()
-        clean = predict.normalize_input(task, raw, normalization)
-        diffs.append(np.mean((predict.normalize_input(task, corrupt_image(raw, corruption, seed=i), normalization)
-                              - clean) ** 2))
+    diffs = [np.mean((predict.normalize_input(task, bad, normalization)
+                      - predict.normalize_input(task, good, normalization)) ** 2)
+             for good, bad in zip(clean_raws, corrupted_raws)]
     return float(np.sqrt(np.mean(diffs)))
 
 
@@ -120,13 +126,14 @@ def stability_study(task, images, kinds=tuple(CORRUPTIONS), severities=SEVERITIE
 
     modes = modes or stability_modes(task)
     conditions = [(m, None) for m in modes] + [(m, c) for m in modes for c in grid(kinds, severities)]
-    rows, clean = [], {}
+    rows, clean, clean_raws = [], {}, corrupt_images(images)
     for mode, corruption in tqdm(conditions, desc="stability", disable=not progress):
-        row = _summary_row(*predict_pairs(task, images, corruption=corruption, normalization=mode), seg)
+        raws = corrupt_images(images, corruption) if corruption else clean_raws
+        row = _summary_row(*predict_pairs(task, images, normalization=mode, raws=raws), seg)
         kind, sev = corruption or ("clean", 0)
         base = clean.setdefault(mode, row)
         rows.append({"mode": mode, "corruption": kind, "severity": sev,
-                     "input_rms_change": input_change(task, images, corruption, mode) if corruption else 0.0,
+                     "input_rms_change": input_change(task, clean_raws, raws, mode) if corruption else 0.0,
                      **row, **{f"delta_{k}": row[k] - base[k] for k in row if k.endswith(("pearson", "ccc"))}})
     return pd.DataFrame(rows)
 
@@ -157,9 +164,9 @@ def embed_images(task, raws: list[np.ndarray], crop: int, max_crops: int | None 
 def corrupted_embeddings(task, images, crop: int, kinds=("blur", "contrast", "brightness", "noise"),
                          severities=(-5, -3, 3, 5), max_crops: int = 120, seed: int = 0):
     """Embeddings of clean and raw-corrupted crops of `images` -> (embeddings (N, D), meta table)."""
-    parts, rows = [], []
+    parts, rows, clean = [], [], corrupt_images(images)
     for corruption in [None] + grid(kinds, severities):
-        raws = [corrupt_image(im.raw_input(), corruption, seed=i) for i, im in enumerate(images)]
+        raws = [corrupt_image(raw, corruption, seed=i) for i, raw in enumerate(clean)]
         emb = embed_images(task, raws, crop, max_crops, seed)
         kind, sev = corruption or ("clean", 0)
         parts.append(emb)
@@ -171,44 +178,47 @@ def corrupted_embeddings(task, images, crop: int, kinds=("blur", "contrast", "br
 
 
 def embedding_study(task, train_images, test_images, control_images, crop: int, reducers=None, clusterers=None,
-                    max_crops: int = 120, seed: int = 0):
+                    max_crops: int = 120, seed: int = 0, test_embeddings=None):
     """F1 of telling corrupted from clean test crops, reducers fitted on clean *training* crops only.
 
+    `test_embeddings` = :func:`corrupted_embeddings` of `test_images` when already computed (for drift).
     Returns (F1 table, headline dict, projections, meta).
     """
     from labelling.analysis import embeddings
 
     train = embed_images(task, [im.raw_input() for im in train_images], crop, 2 * max_crops, seed)
-    emb, meta = corrupted_embeddings(task, test_images, crop, max_crops=max_crops, seed=seed)
+    emb, meta = test_embeddings or corrupted_embeddings(task, test_images, crop, max_crops=max_crops, seed=seed)
     if control_images:
         control = embed_images(task, [im.raw_input() for im in control_images], crop, max_crops, seed)
         emb = np.concatenate([emb, control])
         extra = pd.DataFrame({"corruption": "clean", "severity": 0, "corrupted": False, "source": "control"},
                              index=range(len(control)))
         meta = pd.concat([meta, extra], ignore_index=True)
-    table, projections = embeddings.f1_table(train, emb, meta, reducers or embeddings.REDUCERS, clusterers or embeddings.CLUSTERERS, seed=seed)
+    table, projections = embeddings.f1_table(train, emb, meta, reducers or embeddings.REDUCERS,
+                                             clusterers or embeddings.CLUSTERERS, seed=seed)
     return table, embeddings.f1_headline(table), projections, meta
 
 
 def drift_study(task, reference_images, test_images, crop: int, windows=(5, 10, 20), erts=(32, 64, 128),
-                max_crops: int = 120, seed: int = 0) -> dict[str, pd.DataFrame]:
+                max_crops: int = 120, seed: int = 0, test_embeddings=None) -> dict[str, pd.DataFrame]:
     """MMD test miss rates, online-MMD AUC tables and run lengths.
 
     The reference should be clean fields the network never trained on (the validation split): a trained
     network embeds its own training crops differently from new ones, so a reference of training crops makes
     every new clean image look drifted (measured: mean run length 58 at ERT 128 on clean test fields). The
-    in-distribution negatives are clean crops of test fields the reference never saw.
+    in-distribution negatives are clean crops of test fields the reference never saw. `test_embeddings` =
+    :func:`corrupted_embeddings` of `test_images` when already computed (for the embedding study).
     """
     from labelling.analysis import drift
 
     reference = embed_images(task, [im.raw_input() for im in reference_images], crop, 4 * max_crops, seed)
-    emb, meta = corrupted_embeddings(task, test_images, crop, max_crops=max_crops, seed=seed)
+    emb, meta = test_embeddings or corrupted_embeddings(task, test_images, crop, max_crops=max_crops, seed=seed)
     clean = emb[(meta["corruption"] == "clean").to_numpy()]
     shifted = {(k, s): emb[((meta["corruption"] == k) & (meta["severity"] == s)).to_numpy()]
                for k, s in meta.loc[meta["corrupted"], ["corruption", "severity"]].drop_duplicates().itertuples(index=False)}
     windows = [w for w in windows if len(reference) >= 4 * w and len(clean) >= w]  # the detector needs 4W - 1
     fnr = drift.false_negative_rates(reference, {("clean", 0): clean, **shifted}, window=min(10, len(clean)),
-                                  n_windows=20, n_permutations=100, seed=seed)
+                                     n_windows=20, n_permutations=100, seed=seed)
     online = drift.online_tables(reference, clean, shifted, windows=windows, erts=erts, n_windows=200, seed=seed)
     pools = {"clean (unseen)": clean, **{f"{k}{s:+d}": v for (k, s), v in shifted.items()}}
     runs = pd.concat([drift.run_lengths(reference, pools, window=w, ert=max(erts), n_streams=100, seed=seed)

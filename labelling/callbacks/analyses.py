@@ -101,7 +101,7 @@ class EmbeddingAnalysis(_RunEndAnalysis):
 
 
 class DriftAnalysis(_RunEndAnalysis):
-    """MMD test miss rates, online-MMD AUC tables and run lengths (reference: training crops)."""
+    """MMD test miss rates, online-MMD AUC tables and run lengths (reference: validation fields)."""
 
     def analyse(self, module, images, out, trainer):
         dm = trainer.datamodule
@@ -129,14 +129,12 @@ class TrainingStudies(_RunEndAnalysis):
         self.overrides = list(overrides or [])
 
     def analyse(self, module, images, out, trainer):
-        from labelling import config
-
-        cfg = config.validate(module.config)
-        cfg = config.validate(config.apply_overrides(config.to_dict(cfg), ["callbacks=[]", "logger.wandb=false",
-                                                                           *self.overrides]))
         import torch
 
-        from labelling import trainstudies
+        from labelling import config, trainstudies
+
+        cfg = config.validate(config.apply_overrides(module.config, ["callbacks=[]", "logger.wandb=false",
+                                                                     *self.overrides]))
 
         with torch.inference_mode(False), torch.enable_grad():  # test hooks run without autograd
             tables = trainstudies.run_training_studies(cfg, out, self.which, self.max_images)
