@@ -110,6 +110,10 @@ class Experiment(BaseModel):
     trainer: TrainerConfig = TrainerConfig()
     callbacks: list[Component] = []
     logger: LoggerConfig = LoggerConfig()
+    # named override sets, e.g. ``profiles: {gpu: {net: {width: 64}, trainer: {precision: bf16-mixed}}}``,
+    # applied by ``profile=gpu`` (command-line overrides still win)
+    profile: str | None = None
+    profiles: dict[str, dict] = {}
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -397,9 +401,22 @@ def _field_paths(model: type[BaseModel], loc) -> list[str]:
     return [f"{prefix}.{f}" if prefix else f for f in model.model_fields]
 
 
+def apply_profile(raw: dict, overrides: list[str] | dict[str, Any] | None = None) -> dict:
+    """Merge the profile ``raw["profile"]`` names (from ``raw["profiles"]``), then the overrides again on top."""
+    name = raw.get("profile")
+    if not name:
+        return raw
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict) or name not in profiles:
+        raise unknown("profile", str(name), sorted(profiles) if isinstance(profiles, dict) else [])
+    if not isinstance(profiles[name], dict):
+        raise ConfigError(f"profile {name}: expected a mapping of config sections, got {profiles[name]!r}")
+    return apply_overrides(_deep_merge(raw, profiles[name]), overrides or [])
+
+
 def load(name_or_path: str | Path, overrides: list[str] | dict | None = None) -> Experiment:
-    """Load, merge, override and validate an experiment in one call."""
-    return validate(apply_overrides(load_raw(name_or_path), overrides or []))
+    """Load, merge, override (with a ``profile=...`` applied) and validate an experiment in one call."""
+    return validate(apply_profile(apply_overrides(load_raw(name_or_path), overrides or []), overrides))
 
 
 def check_components(cfg: Experiment) -> None:

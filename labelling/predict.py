@@ -176,6 +176,31 @@ def denormalize_output(task, y: np.ndarray) -> np.ndarray:
     return (y if stats is None else denormalize(y, stats)).astype(np.float32)
 
 
+def read_input(task, path: str | Path, channel: int | None = None, rgb: str | None = None,
+               planes: int | str | list[int] | None = None) -> np.ndarray:
+    """Read a raw input file as the model takes it: (Cin, H, W).
+
+    A 2.5D model (trained on z planes, ``deploy["planes"]``) takes the same planes from a z-stack file
+    (`planes` overrides them); another multi-channel model takes a file with exactly its channel count; a
+    one-channel model reads a 2D image (`channel` / `rgb` pick from an RGB or multichannel file).
+    """
+    from labelling.data.readers import ImageError, image_header, read_image
+
+    in_channels = task.net.in_channels
+    planes = planes if planes is not None else deployment(task).get("planes")
+    if planes is not None:
+        image = read_image(path, channel=channel, rgb=rgb, planes=planes)
+    elif in_channels == 1:
+        image = read_image(path, channel=channel, rgb=rgb)[None]
+    else:
+        shape, _ = image_header(path)
+        image = read_image(path, planes="all") if len(shape) >= 3 else read_image(path)[None]
+    if len(image) != in_channels:
+        raise ImageError(f"{path}: the model takes {in_channels} input channel(s) "
+                         f"({', '.join(deployment(task)['inputs'])}), this file gives {len(image)}")
+    return image
+
+
 def check_image(raw: np.ndarray, in_channels: int, name: str = "image") -> np.ndarray:
     """(H, W) or (C, H, W) raw image with finite pixels and the channel count the model expects."""
     raw = np.asarray(raw)

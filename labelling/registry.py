@@ -41,6 +41,8 @@ TABLES: dict[str, dict[str, str]] = {
         "bce": "labelling.losses.basic:BCELoss",
         "asymmetric": "labelling.losses.basic:AsymmetricLoss",
         "gradient": "labelling.losses.basic:GradientLoss",
+        "spotlight": "labelling.losses.structure:SpotlightLoss",
+        "msssim": "labelling.losses.structure:MSSSIMLoss",
         "sum": "labelling.losses:WeightedSum",
     },
     "optim": {

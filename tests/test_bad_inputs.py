@@ -307,7 +307,13 @@ IMAGE_CASES = [
     ("rgb.png", lambda p: Image.fromarray(RGB).save(p), {"rgb": "mean"}, None),
     ("two.tif", lambda p: tifffile.imwrite(p, STACK, imagej=True, metadata={"axes": "CYX"}), {"channel": 1}, None),
     ("grey_rgb.png", lambda p: Image.fromarray(np.repeat(RGB[..., :1], 3, -1)).save(p), {}, None),
-    ("z.tif", lambda p: tifffile.imwrite(p, STACK, imagej=True, metadata={"axes": "ZYX"}), {}, None),
+    ("z.tif", lambda p: tifffile.imwrite(p, STACK, imagej=True, metadata={"axes": "ZYX"}), {},
+     "z.tif: a z-stack of 2 planes (48x40 px) is never cut silently"),
+    ("z2.tif", lambda p: tifffile.imwrite(p, STACK, imagej=True, metadata={"axes": "ZYX"}), {"planes": 2},
+     "z2.tif: plane(s) [2] do not exist; the stack has 2 planes (0..1)"),
+    ("z3.tif", lambda p: tifffile.imwrite(p, STACK, imagej=True, metadata={"axes": "ZYX"}), {"planes": "1-2"},
+     "z3.tif: planes must be an index, a list of indices or a range like '4:9'"),
+    ("grey2.tif", lambda p: tifffile.imwrite(p, STACK[0]), {"planes": 0}, "grey2.tif: planes were chosen but"),
 ]
 
 

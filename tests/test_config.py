@@ -131,3 +131,22 @@ def test_extends_resolves_next_to_the_file_then_in_experiments(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: golgi_asym\n")  # a parent must not extend again
     with pytest.raises(config.ConfigError, match="only one level"):
         config.load_raw(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("name", ["isl_dapi", "mlcp_dna", "worm_gfp"])
+def test_real_data_experiments_have_a_gpu_profile_selected_by_one_override(name):
+    from labelling.config import load
+
+    cpu, gpu = load(name), load(name, ["profile=gpu"])
+    assert cpu.trainer.precision == "32-true" and gpu.trainer.precision == "bf16-mixed"
+    assert gpu.net.args["width"] > cpu.net.args["width"] and gpu.data.args["crop"] > cpu.data.args["crop"]
+    assert gpu.data.args["num_workers"] > 0
+    # a command-line override still wins over the profile
+    assert load(name, ["profile=gpu", "net.width=8"]).net.args["width"] == 8
+
+
+def test_unknown_profile_names_the_valid_ones():
+    from labelling.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="unknown profile 'tpu'.*gpu"):
+        load("isl_dapi", ["profile=tpu"])

@@ -217,3 +217,32 @@ def test_strict_hold_out_by_named_groups_and_regex():
         split_groups(groups, 0.25, 0.25, seed=0, test_groups=["pos01"], val_groups=["pos0."])
     dm = small_dm(test_groups=["A1"], val_groups=["A2"])
     assert {im.group for im in dm.splits["test"]} == {"A1"} and {im.group for im in dm.splits["val"]} == {"A2"}
+
+
+def test_foreground_crops_draw_stained_regions_on_sparse_images():
+    """Uniform crops of a sparse image are mostly empty; foreground-aware sampling fixes the share asked for."""
+    from labelling.data.datamodule import Image, PairedAugment, RandomCrops
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(4):
+        y = np.zeros((1, 256, 256), np.float32)
+        if i < 2:  # two blocks with three small nuclei each, two empty blocks (padded montage tiles)
+            for cy, cx in rng.integers(10, 246, (3, 2)):
+                y[0, cy - 6:cy + 6, cx - 6:cx + 6] = 1.0
+        y += 0.01 * rng.random(y.shape).astype(np.float32)
+        x = rng.random((1, 256, 256)).astype(np.float32)
+        stats = np.array([[0.0, 1.0]], np.float32)
+        images.append(Image(x, y, stats, stats, f"g{i}", f"k{i}"))
+
+    def share(foreground):
+        crops = RandomCrops(images, 400, PairedAugment(32), seed=1, foreground=foreground)
+        return np.mean([(crops[i]["target"] > 0.5).float().mean().item() >= 0.02 for i in range(400)])
+
+    uniform, focused = share(0.0), share(0.8)
+    assert uniform < 0.1  # ~3 % of the area is stained
+    assert 0.75 < focused <= 0.9 + 1e-9
+    with pytest.raises(ValueError, match="foreground_crops must be a share"):
+        from labelling.data.datamodule import FluorescenceDataModule
+
+        FluorescenceDataModule(foreground_crops=1.5)

@@ -64,3 +64,54 @@ def test_weighted_sum_matches_manual_sum():
 def test_weighted_sum_refuses_mixed_activations():
     with pytest.raises(ValueError, match="mixes"):
         WeightedSum([{"name": "bce"}, {"name": "mse"}])
+
+
+def _spots(n: int = 4, size: int = 48, seed: int = 0) -> torch.Tensor:
+    """Sparse bright blobs on a dim background (a nuclear stain)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    img = torch.zeros(n, 1, size, size)
+    for i in range(n):
+        for cy, cx in torch.randint(6, size - 6, (3, 2), generator=g).tolist():
+            img[i, 0] += torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0)
+    return img + 0.02 * torch.rand(n, 1, size, size, generator=g)
+
+
+def test_otsu_threshold_separates_foreground_from_background():
+    from labelling.losses.structure import otsu_threshold
+
+    target = _spots()
+    thr = otsu_threshold(target)
+    assert thr.shape == (4, 1, 1, 1)
+    frac = (target > thr).float().mean().item()
+    assert 0.01 < frac < 0.3  # the blobs, not the background and not everything
+
+
+def test_spotlight_loss_punishes_a_missed_blob_more_than_mse_does():
+    target = _spots()
+    blank = torch.full_like(target, target.mean().item())  # the dim, blurred field plain MSE tolerates
+    spot, mse = registry.build("loss", "spotlight"), registry.build("loss", "mse")
+    # relative to an error of the same MSE spread over the background, missing the blobs costs more
+    background_error = target + (blank - target).pow(2).mean().sqrt() * torch.sign(torch.randn_like(target))
+    assert mse(blank, target).item() == pytest.approx(mse(background_error, target).item(), rel=0.05)
+    assert spot(blank, target).item() > 2 * spot(background_error, target).item()
+
+
+def test_ms_ssim_is_one_at_the_target_and_drops_with_blur_and_noise():
+    from torch.nn import functional
+
+    from labelling.losses.structure import ms_ssim
+
+    target = _spots()
+    assert torch.allclose(ms_ssim(target, target), torch.ones(4, 1), atol=1e-5)
+    blurred = functional.avg_pool2d(target, 5, 1, 2)
+    noisy = target + 0.2 * torch.randn_like(target)
+    assert (ms_ssim(blurred, target) < 0.99).all() and (ms_ssim(noisy, target) < ms_ssim(blurred, target)).all()
+    assert ms_ssim(target[..., :9, :9], target[..., :9, :9]).shape == (4, 1)  # too small for 3 scales: fewer
+
+
+@pytest.mark.parametrize(("name", "args"), [("spotlight", {"softness": 0}), ("spotlight", {"dice_weight": -1}),
+                                            ("msssim", {"alpha": 2}), ("msssim", {"pixel": "huber"})])
+def test_structure_losses_refuse_bad_arguments(name, args):
+    with pytest.raises(Exception, match=next(iter(args))):
+        registry.build("loss", name, **args)

@@ -121,11 +121,45 @@ class RandomCrops(Dataset):
     """`length` random crops per epoch from a list of images, augmented with :class:`PairedAugment`."""
 
     def __init__(self, images: list[Image], length: int, augment: PairedAugment, seed: int = 0,
-                 renormalize=None):
+                 renormalize=None, foreground: float = 0.0, min_fraction: float = 0.02):
         self.images, self.length, self.augment, self.seed = images, length, augment, seed
         self.renormalize = renormalize  # raw (C, H, W) -> normalized, for corruption augmentation
         self.rng = np.random.default_rng(seed)
         self._worker = None
+        # Foreground-aware sampling: on sparse real images most uniform crops hold only background (43 % of
+        # mlcp_dna's, 69 % of isl_dapi's), so a share `foreground` of the crops is drawn until one holds at
+        # least `min_fraction` foreground pixels (the target above the training split's triangle threshold).
+        self.foreground, self.min_fraction = float(foreground), float(min_fraction)
+        self.tables: list[np.ndarray] = []
+        self.pixels: list[np.ndarray] = []
+        self.weights = None
+        if self.foreground > 0:
+            threshold = foreground_threshold(images)
+            for img in images:  # summed-area tables: the foreground count of any crop in O(1)
+                mask = (img.target > threshold).any(0)
+                self.tables.append(np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0))).astype(np.int64))
+                self.pixels.append(np.flatnonzero(mask).astype(np.int64))
+            counts = np.array([len(p) for p in self.pixels], float)
+            self.weights = counts / counts.sum() if counts.sum() > 0 else None
+
+    def _position(self, k: int, H: int, W: int, s: int) -> tuple[int, int]:
+        return int(self.rng.integers(H - s + 1)), int(self.rng.integers(W - s + 1))
+
+    def _foreground_crop(self, s: int) -> tuple[int, int, int] | None:
+        """(image, top, left) of a crop with enough foreground, or None after 10 tries."""
+        for _ in range(10):  # a crop around a random foreground pixel (at a random place in the crop)
+            k = int(self.rng.choice(len(self.images), p=self.weights))
+            H, W = self.images[k].input.shape[1:]
+            if H < s or W < s:
+                return None
+            y, x = divmod(int(self.pixels[k][self.rng.integers(len(self.pixels[k]))]), W)
+            top = int(np.clip(y - self.rng.integers(s), 0, H - s))
+            left = int(np.clip(x - self.rng.integers(s), 0, W - s))
+            t = self.tables[k]
+            count = t[top + s, left + s] - t[top, left + s] - t[top + s, left] + t[top, left]
+            if count >= self.min_fraction * s * s:
+                return k, top, left
+        return None
 
     def __len__(self) -> int:
         return self.length
@@ -140,9 +174,12 @@ class RandomCrops(Dataset):
             seed = [self.seed, rank, (info.seed % 2**31) if info else 0]
             self.rng = np.random.default_rng(seed)
             self.augment.reseed(int(np.random.default_rng(seed).integers(2**31)))
-        k = int(self.rng.integers(len(self.images)))
-        img = self.images[k]
         s = self.augment.source
+        chosen = None
+        if self.weights is not None and self.rng.random() < self.foreground:
+            chosen = self._foreground_crop(s)
+        k = chosen[0] if chosen else int(self.rng.integers(len(self.images)))
+        img = self.images[k]
         H, W = img.input.shape[1:]
         x, y = img.input, img.target
         if self.augment.corrupt_p > 0 and self.renormalize is not None:
@@ -156,9 +193,24 @@ class RandomCrops(Dataset):
             pad = ((0, 0), (0, max(0, s - H)), (0, max(0, s - W)))
             x, y = np.pad(x, pad, mode="reflect"), np.pad(y, pad, mode="reflect")
             H, W = x.shape[1:]
-        top, left = int(self.rng.integers(H - s + 1)), int(self.rng.integers(W - s + 1))
+        top, left = chosen[1:] if chosen else self._position(k, H, W, s)
         xc, yc = self.augment(x[:, top:top + s, left:left + s], y[:, top:top + s, left:left + s])
         return to_batch(xc, yc, img.input_stats, img.target_stats, k)
+
+
+def foreground_threshold(images: list[Image], samples: int = 200_000, seed: int = 0) -> float:
+    """Triangle threshold of the pooled (normalized) targets of `images`: what counts as stained foreground.
+
+    The triangle method suits fluorescence, where a dominant background peak hides rare bright objects
+    (Otsu's threshold then lands inside the background noise).
+    """
+    from skimage.filters import threshold_triangle
+
+    rng = np.random.default_rng(seed)
+    per = max(1, samples // max(1, len(images)))
+    pooled = np.concatenate([rng.choice(img.target.ravel(), min(per, img.target.size), replace=False)
+                             for img in images])
+    return float(threshold_triangle(pooled)) if np.ptp(pooled) > 0 else float(pooled.max())
 
 
 class GridCrops(Dataset):
@@ -207,6 +259,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
             model: contrast and brightness changes of the microscope then reach the network).
         target_transform: ``none``, ``rolling_ball``, ``golgi_enhance`` or ``gfp_mask`` (binary, not normalized).
         augment: dict for :class:`PairedAugment` (flip, rotate, scale, corrupt_p, max_severity).
+        foreground_crops: share of training crops drawn to contain stained foreground (at least 2 % of the
+            crop above the training targets' triangle threshold); the rest are uniform. 0 samples uniformly.
         num_workers: DataLoader workers.
         n_wells, fields_per_well, field_size: simulated plate geometry (the default test split holds 4
             wells x 6 fields = 24 fields, both phenotypes).
@@ -216,7 +270,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
                  batch_size: int = 16,
                  crops_per_epoch: int = 512, val_fraction: float = 0.25, test_fraction: float = 0.25,
                  split_by: str = "well", normalize: str = "percentile", target_transform: str = "none",
-                 augment: dict | None = None, num_workers: int = 0, seed: int = 0,
+                 augment: dict | None = None, foreground_crops: float = 0.0, num_workers: int = 0, seed: int = 0,
                  test_groups: list[str] | None = None, val_groups: list[str] | None = None,
                  n_wells: int = 16, fields_per_well: int = 6, field_size: int = 256):
         super().__init__()
@@ -236,6 +290,9 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         self.test_groups, self.val_groups = list(test_groups or []), list(val_groups or [])
         self.norm, self.target_transform, self.num_workers, self.seed = normalize, target_transform, num_workers, seed
         self.augment_args = {"flip": True, **(augment or {})}
+        if not 0 <= foreground_crops <= 1:
+            raise ValueError(f"foreground_crops must be a share in [0, 1], got {foreground_crops}")
+        self.foreground_crops = foreground_crops
         PairedAugment(crop, **self.augment_args)  # fail fast on bad augmentation arguments
         self.plate = dict(n_wells=n_wells, fields_per_well=fields_per_well, size=field_size)
         self.splits: dict[str, list[Image]] = {}
@@ -319,7 +376,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         aug = PairedAugment(self.crop, seed=self.seed, **self.augment_args)
         return self._loader(RandomCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed,
-                                        renormalize=self.normalize_raw))
+                                        renormalize=self.normalize_raw, foreground=self.foreground_crops))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(GridCrops(self.splits["val"], self.val_crop))

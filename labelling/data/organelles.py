@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from labelling.data.datamodule import FluorescenceDataModule
-from labelling.data.readers import find_pairs
+from labelling.data.readers import find_pairs, parse_planes
 from labelling.data.transforms import bin_factor, bin_image
 
 
@@ -66,20 +66,32 @@ class FolderDataModule(FluorescenceDataModule):
         spatial_blocks: cut every field into k x k blocks that are split independently - a spatial
             hold-out for data sets with a single field.
         max_size: downsample fields whose longer side exceeds this (area averaging), 0 to keep.
+        planes: z planes used as input channels (2.5D): an index, a list or a range like ``"4:9"``. An
+            input name containing ``{z}`` stands for one file per plane (``z_depth-{z},channel-PHASE``);
+            otherwise every input file is a z-stack and these planes are taken from it. The same planes
+            are taken from the stack given to ``predict``.
         **kw: everything :class:`FluorescenceDataModule` takes (crop, batch_size, normalize, ...).
     """
 
     def __init__(self, root: str, pattern: str, inputs: list[str], targets: list[str],
-                 spatial_blocks: int = 1, max_size: int = 0, **kw):
+                 spatial_blocks: int = 1, max_size: int = 0, planes: int | str | list[int] | None = None, **kw):
         super().__init__(organelle=kw.pop("organelle", "nuclei"), **kw)
         root = str(resolve_root(root))
-        self.root, self.pattern, self.inputs, self.targets = root, pattern, list(inputs), list(targets)
+        self.root, self.pattern, self.targets = root, pattern, list(targets)
         self.spatial_blocks, self.max_size = spatial_blocks, max_size
+        self.planes = None if planes is None else parse_planes(planes, None, "data.planes")
+        per_plane = [name for name in inputs if "{z}" in name]
+        if per_plane and self.planes is None:
+            raise ValueError(f"input {per_plane[0]!r} names one file per plane ({{z}}); set data.planes, "
+                             "e.g. '4:9'")
+        # per-plane files become one input channel each; stack files keep their name (planes read from them)
+        self.inputs = [name.replace("{z}", str(z)) for name in inputs for z in (self.planes if "{z}" in name else [None])]
+        self.stacks = [name for name in inputs if "{z}" not in name] if self.planes is not None else []
         find_pairs(root, pattern, self.inputs, self.targets)  # fail at construction, not mid-training
 
     @property
     def in_channels(self) -> int:  # type: ignore[override]
-        return len(self.inputs)
+        return len(self.input_names)
 
     @property
     def out_channels(self) -> int:
@@ -87,7 +99,13 @@ class FolderDataModule(FluorescenceDataModule):
 
     @property
     def input_names(self) -> list[str]:
-        return list(self.inputs)
+        return [f"{name}[z={z}]" if name in self.stacks else name for name in self.inputs
+                for z in (self.planes if name in self.stacks else [None])]
+
+    @property
+    def deploy_planes(self) -> list[int] | None:
+        """Planes ``predict`` takes from a z-stack input (None: 2D inputs)."""
+        return self.planes
 
     @property
     def target_names(self) -> list[str]:
@@ -96,7 +114,7 @@ class FolderDataModule(FluorescenceDataModule):
     def load_pairs(self):
         out = []
         for pair in find_pairs(self.root, self.pattern, self.inputs, self.targets, self.split_by):
-            x, y = pair.load()
+            x, y = self._load(pair)
             factor = bin_factor(x.shape, self.max_size)
             x, y = bin_image(x, factor), bin_image(y, factor)
             k = self.spatial_blocks
@@ -108,6 +126,11 @@ class FolderDataModule(FluorescenceDataModule):
                     group = pair.group if k == 1 else f"{pair.group}:b{i}{j}"
                     out.append((x[sl], y[sl], group, key, {"files": [str(p) for p in pair.inputs + pair.targets]}))
         return out
+
+
+    def _load(self, pair):
+        """Inputs of a pair: per-plane files as they are, stack files reduced to the chosen planes."""
+        return pair.load(self.planes, [name in self.stacks for name in self.inputs])
 
 
 def resolve_root(root: str | Path) -> Path:

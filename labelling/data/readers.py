@@ -16,12 +16,12 @@ import numpy as np
 from labelling.errors import ImageError
 
 __all__ = ["IMAGE_SUFFIXES", "RGB_MODES", "ImageError", "Pair", "check_image", "find_pairs", "image_header",
-           "image_shape", "read_image", "read_ome_zarr", "write_ome_zarr"]
+           "image_shape", "parse_planes", "read_image", "read_ome_zarr", "write_ome_zarr"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".zarr")
 RGB_MODES = ("luminance", "mean")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
-_STACK_AXES = "TZ"  # time and depth: the first plane is taken; any other axis (C, S, Q...) holds channels
+_STACK_AXES = "TZ"  # time and depth: planes must be chosen; any other axis (C, S, Q...) holds channels
 
 
 def image_header(path: str | Path) -> tuple[tuple[int, ...], str]:
@@ -61,17 +61,20 @@ def image_shape(path: str | Path) -> tuple[int, ...]:
     return image_header(path)[0]
 
 
-def read_image(path: str | Path, check: bool = True, channel: int | None = None, rgb: str | None = None) -> np.ndarray:
-    """Read a 2D image as float32.
+def read_image(path: str | Path, check: bool = True, channel: int | None = None, rgb: str | None = None,
+               planes: int | str | list[int] | None = None) -> np.ndarray:
+    """Read a 2D image, or chosen planes of a z-stack, as float32.
 
-    Supports TIFF/OME-TIFF (tifffile), PNG incl. 16 bit (PIL) and OME-Zarr (highest resolution). Time and
-    depth stacks give their first plane. An image with several channels (RGB, multichannel) is never reduced
-    silently: pass `channel` (index) or, for RGB, `rgb` (``luminance`` or ``mean``). An RGB file whose three
-    channels are identical (grey saved as RGB) is read as that grey image.
+    Supports TIFF/OME-TIFF (tifffile), PNG incl. 16 bit (PIL) and OME-Zarr (highest resolution). A stack is
+    never cut silently: a z-stack (or time series) with several planes needs `planes` (see
+    :func:`parse_planes`), which returns them as a (P, Y, X) array. An image with several channels (RGB,
+    multichannel) is never reduced silently either: pass `channel` (index) or, for RGB, `rgb` (``luminance``
+    or ``mean``). An RGB file whose three channels are identical (grey saved as RGB) is read as that grey
+    image.
 
     Raises:
-        ImageError: missing/unreadable file, several channels and no choice, NaN or inf pixels, or an empty
-            (constant) image. The message names the file.
+        ImageError: missing/unreadable file, several planes or channels and no choice, NaN or inf pixels, or
+            an empty (constant) image. The message names the file.
     """
     path = Path(path)
     if rgb is not None and rgb not in RGB_MODES:
@@ -103,23 +106,82 @@ def read_image(path: str | Path, check: bool = True, channel: int | None = None,
         raise
     except Exception as err:  # any decoder error becomes one clear message
         raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
-    arr = to_plane(np.asarray(arr), axes, path, channel=channel, rgb=rgb).astype(np.float32)
+    arr = to_plane(np.asarray(arr), axes, path, channel=channel, rgb=rgb, planes=planes).astype(np.float32)
     if check:
-        check_image(arr, path)
+        for plane in arr.reshape(-1, *arr.shape[-2:]):
+            check_image(plane, path)
     return arr
 
 
+def parse_planes(spec: int | str | list[int], n: int | None = None, name: str | Path = "image") -> list[int]:
+    """Plane indices from an int, a list of ints, ``"a:b"`` (a..b-1), ``"a:b:step"`` or ``"all"``.
+
+    Args:
+        spec: the choice.
+        n: planes in the stack (checks the range and resolves ``"all"`` and open ranges); None when unknown.
+        name: what error messages call the stack.
+
+    Raises:
+        ImageError: a malformed choice, or a plane outside the stack.
+    """
+    try:
+        if isinstance(spec, bool):
+            raise ValueError
+        if isinstance(spec, (int, np.integer)):
+            out = [int(spec)]
+        elif isinstance(spec, str) and spec.strip() == "all":
+            if n is None:
+                raise ValueError
+            out = list(range(n))
+        elif isinstance(spec, str):
+            parts = [int(p) if p.strip() else None for p in spec.split(":")]
+            if len(parts) == 1:
+                out = [parts[0]]
+            elif len(parts) in (2, 3):
+                start, stop, step = (parts + [None])[:3]
+                if stop is None and n is None:
+                    raise ValueError
+                out = list(range(start or 0, n if stop is None else stop, step or 1))
+            else:
+                raise ValueError
+        else:
+            out = [int(p) for p in spec if not isinstance(p, bool)]
+            if len(out) != len(spec):
+                raise ValueError
+    except (TypeError, ValueError):
+        raise ImageError(f"{name}: planes must be an index, a list of indices or a range like '4:9' "
+                         f"(planes 4..8), got {spec!r}") from None
+    if not out:
+        raise ImageError(f"{name}: planes {spec!r} selects no plane")
+    bad = [p for p in out if p < 0 or (n is not None and p >= n)]
+    if bad:
+        have = f"the stack has {n} planes (0..{n - 1})" if n is not None else "indices start at 0"
+        raise ImageError(f"{name}: plane(s) {bad} do not exist; {have}")
+    return out
+
+
 def to_plane(arr: np.ndarray, axes: str, name: str | Path = "image", channel: int | None = None,
-             rgb: str | None = None) -> np.ndarray:
-    """Reduce a decoded image with tifffile-style `axes` to (Y, X); see :func:`read_image` for the rules."""
+             rgb: str | None = None, planes: int | str | list[int] | None = None) -> np.ndarray:
+    """Reduce a decoded image with tifffile-style `axes` to (Y, X), or (P, Y, X) with `planes`.
+
+    See :func:`read_image` for the rules.
+    """
     if len(axes) != arr.ndim or not (axes.endswith("YX") or axes.endswith("YXS")):
         axes = _guess_axes(arr.shape)
+    if planes is not None:
+        return _select_planes(arr, axes, name, channel, rgb, planes)
+    for ax, n in zip(axes, arr.shape):
+        if ax in _STACK_AXES and n > 1:
+            what = "z-stack" if ax == "Z" else "time series"
+            raise ImageError(f"{name}: a {what} of {n} planes ({arr.shape[-1]}x{arr.shape[-2]} px) is never cut "
+                             f"silently; choose planes with data.planes (training) or --planes (predict), "
+                             f"e.g. 6 or '4:9'")
     index, kept = [], ""
     for ax, n in zip(axes, arr.shape):
         if ax in "YX" or (ax not in _STACK_AXES and n > 1):  # unknown axes count as channels
             index.append(slice(None))
             kept += ax
-        else:  # length-1 axes, and the first plane of time/depth stacks
+        else:  # length-1 axes
             index.append(0)
     arr = arr[tuple(index)]
     extra = [i for i, ax in enumerate(kept) if ax not in "YX"]
@@ -152,6 +214,20 @@ def to_plane(arr: np.ndarray, axes: str, name: str | Path = "image", channel: in
         ("a multichannel", "or average them with --rgb mean")
     raise ImageError(f"{name}: {what} image with {n} channels ({arr.shape[2]}x{arr.shape[1]} px); choose one "
                      f"channel with --channel N (0..{n - 1}) {how}")
+
+
+def _select_planes(arr: np.ndarray, axes: str, name, channel, rgb, planes) -> np.ndarray:
+    """(P, Y, X) planes of the z axis (or the only stack-like axis of a file without axis names)."""
+    candidates = [i for i, ax in enumerate(axes) if ax == "Z"] or \
+        [i for i, ax in enumerate(axes) if ax in "TQCS" and arr.shape[i] > 1]
+    if len(candidates) != 1:
+        raise ImageError(f"{name}: planes were chosen but the image has no single z axis "
+                         f"(shape {arr.shape}, axes {axes})")
+    axis = candidates[0]
+    chosen = parse_planes(planes, arr.shape[axis], name)
+    stack = np.moveaxis(np.take(arr, chosen, axis=axis), axis, 0)
+    rest = axes[:axis] + axes[axis + 1:]
+    return np.stack([to_plane(plane, rest, name, channel=channel, rgb=rgb) for plane in stack])
 
 
 def _guess_axes(shape: tuple[int, ...]) -> str:
@@ -216,8 +292,17 @@ class Pair:
     targets: list[Path]
     meta: dict = field(default_factory=dict)
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        x = np.stack([read_image(p) for p in self.inputs])
+    def load(self, planes: int | str | list[int] | None = None,
+             stacks: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs (Cin, H, W), targets (Cout, H, W)).
+
+        Args:
+            planes: z planes taken from the input files that are stacks; they become input channels.
+            stacks: which inputs are z-stacks (default: all of them when `planes` is given).
+        """
+        stacks = stacks if stacks is not None else [planes is not None] * len(self.inputs)
+        x = np.concatenate([read_image(p, planes=planes) if stack else read_image(p)[None]
+                            for p, stack in zip(self.inputs, stacks)])
         y = np.stack([read_image(p, check=False) for p in self.targets])
         for p, img in zip(self.targets, y):
             if not np.isfinite(img).all():

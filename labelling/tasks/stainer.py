@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import lightning
 import torch
 from torch import nn
@@ -121,10 +124,42 @@ def configure_optimizers(module, optim: dict):
     if not sched:
         return opt
     if sched == "cosine":
-        epochs = max(1, int(module.trainer.max_epochs or 1)) if module._trainer else 1
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)}
+        total = max(1, int(module.trainer.estimated_stepping_batches)) if module._trainer else 1
+        limit = max_time_seconds((getattr(module, "config", None) or {}).get("trainer", {}).get("max_time"))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(
+            opt, CosineBudget(total, limit)), "interval": "step"}}
     if sched == "plateau":
         return {"optimizer": opt, "lr_scheduler": {
             "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2),
             "monitor": "val/loss"}}
     raise ValueError(f"unknown scheduler '{sched}'; valid: cosine, plateau, null")
+
+
+def max_time_seconds(max_time: str | None) -> float | None:
+    """``trainer.max_time`` (``"DD:HH:MM:SS"``) in seconds, None when unset."""
+    if not max_time:
+        return None
+    seconds = 0.0
+    for part, unit in zip(reversed(str(max_time).split(":")), (1, 60, 3600, 86400)):
+        seconds += float(part) * unit
+    return seconds
+
+
+class CosineBudget:
+    """LR factor of a cosine decay over the run's budget: steps, or wall time when ``max_time`` is set.
+
+    The decay follows whichever budget is further spent, so a run stopped by ``trainer.max_time`` still
+    ends at a low learning rate instead of being cut at its peak. (A plain function, not a lambda: the
+    scheduler then keeps its state in checkpoints.)
+    """
+
+    def __init__(self, total_steps: int, seconds: float | None = None):
+        self.total_steps, self.seconds, self.start = max(1, int(total_steps)), seconds, None
+
+    def __call__(self, step: int) -> float:
+        spent = step / self.total_steps
+        if self.seconds:
+            now = time.monotonic()
+            self.start = now if self.start is None else self.start
+            spent = max(spent, (now - self.start) / self.seconds)
+        return 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))

@@ -1,0 +1,105 @@
+"""z-stacks: read as stacks (never cut silently), planes as input channels (2.5D), predicted as deployed."""
+
+import numpy as np
+import pytest
+import tifffile
+
+from labelling.data.readers import ImageError, parse_planes, read_image
+
+
+def _stack(n=7, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, size, size)) * 1000 + np.arange(n)[:, None, None] * 10000).astype(np.uint16)
+
+
+@pytest.mark.parametrize(("spec", "n", "want"), [(3, 7, [3]), ([1, 5], 7, [1, 5]), ("2:5", 7, [2, 3, 4]),
+                                                 ("4:", 7, [4, 5, 6]), ("0:7:3", 7, [0, 3, 6]), ("all", 3, [0, 1, 2]),
+                                                 ("6", None, [6])])
+def test_parse_planes(spec, n, want):
+    assert parse_planes(spec, n) == want
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [(7, r"plane\(s\) \[7\] do not exist"), ("a:b", "planes must be"),
+                                                ("5:2", "selects no plane"), (True, "planes must be"),
+                                                ("all", None)])
+def test_parse_planes_errors(spec, fragment):
+    if fragment is None:  # "all" needs the stack's size
+        with pytest.raises(ImageError, match="planes must be"):
+            parse_planes(spec, None)
+        return
+    with pytest.raises(ImageError, match=fragment):
+        parse_planes(spec, 7)
+
+
+@pytest.mark.parametrize("layout", ["imagej", "ome", "plain"])
+def test_z_stack_planes_are_read_in_order(tmp_path, layout):
+    stack = _stack()
+    path = tmp_path / "z.tif"
+    if layout == "imagej":
+        tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "ZYX"})
+    elif layout == "ome":
+        tifffile.imwrite(path, stack, ome=True, metadata={"axes": "ZYX"})
+    else:  # no axis names: the only non-spatial axis is taken as z
+        tifffile.imwrite(path, stack)
+    planes = read_image(path, planes="2:5")
+    assert planes.shape == (3, 40, 40) and planes.dtype == np.float32
+    assert np.array_equal(planes, stack[2:5].astype(np.float32))
+    if layout != "plain":
+        with pytest.raises(ImageError, match="z-stack of 7 planes"):
+            read_image(path)
+
+
+def _stack_folder(root, fields=4, n=7, size=48):
+    rng = np.random.default_rng(1)
+    for f in range(fields):
+        target = rng.random((size, size)).astype(np.float32)
+        # plane k carries the target shifted by k: the model needs the right planes in the right order
+        stack = np.stack([np.roll(target, k, 0) + 0.1 * rng.random((size, size)) for k in range(n)]).astype(np.float32)
+        tifffile.imwrite(root / f"field{f}_bf.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+        tifffile.imwrite(root / f"field{f}_dna.tif", target)
+        tifffile.imwrite(root / f"plane{f}_dna.tif", target)
+        for k in range(n):
+            tifffile.imwrite(root / f"plane{f}_z{k}_bf.tif", stack[k])
+
+
+def test_folder_planes_from_a_stack_file_and_from_per_plane_files_agree(tmp_path):
+    from labelling.data.organelles import FolderDataModule
+
+    _stack_folder(tmp_path)
+    common = dict(targets=["dna"], val_fraction=0.25, test_fraction=0.25, normalize="none", crop=32)
+    from_stack = FolderDataModule(root=str(tmp_path), pattern=r"(?P<key>field\d)_(?P<channel>\w+)\.tif",
+                                  inputs=["bf"], planes="2:5", **common)
+    per_plane = FolderDataModule(root=str(tmp_path), pattern=r"(?P<key>plane\d)_(?P<channel>\w+)\.tif",
+                                 inputs=["z{z}_bf"], planes=[2, 3, 4], **common)
+    assert from_stack.in_channels == per_plane.in_channels == 3
+    assert from_stack.input_names == ["bf[z=2]", "bf[z=3]", "bf[z=4]"]
+    assert per_plane.input_names == ["z2_bf", "z3_bf", "z4_bf"]
+    a = {key[-1]: x for x, _, _, key, _ in from_stack.load_pairs()}
+    b = {key[-1]: x for x, _, _, key, _ in per_plane.load_pairs()}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="set data.planes"):
+        FolderDataModule(root=str(tmp_path), pattern=r"(?P<key>plane\d)_(?P<channel>\w+)\.tif",
+                         inputs=["z{z}_bf"], **common)
+
+
+def test_a_25d_model_predicts_from_a_z_stack_file_and_refuses_a_2d_one(tmp_path):
+    from labelling import predict
+    from labelling.build import build_task
+    from labelling.config import load
+
+    _stack_folder(tmp_path)
+    cfg = load("nuclei_mse", {"data.name": "folder", "data.root": str(tmp_path), "data.inputs": ["bf"],
+                              "data.pattern": r"(?P<key>field\d)_(?P<channel>\w+)\.tif",
+                              "data.targets": ["dna"], "data.planes": "2:5"})
+    task = build_task(cfg, 3, 1).eval()
+    task.deploy = {"normalize": "percentile", "planes": [2, 3, 4], "inputs": ["bf[z=2]", "bf[z=3]", "bf[z=4]"]}
+    image = predict.read_input(task, tmp_path / "field0_bf.tif")
+    assert image.shape == (3, 48, 48)
+    assert predict.predict(task, image, tile=32).shape == (1, 48, 48)
+    with pytest.raises(ImageError, match="planes were chosen but"):
+        predict.read_input(task, tmp_path / "field0_dna.tif")
+    task.deploy = {"normalize": "percentile", "inputs": ["a", "b", "c"]}  # 3 channels, no planes: a 3-plane file
+    tifffile.imwrite(tmp_path / "three.tif", _stack(3, 48))
+    assert predict.read_input(task, tmp_path / "three.tif").shape == (3, 48, 48)
+    with pytest.raises(ImageError, match=r"takes 3 input channel\(s\) \(a, b, c\), this file gives 7"):
+        predict.read_input(task, tmp_path / "field0_bf.tif")
