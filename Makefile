@@ -8,7 +8,7 @@ EXP   ?= golgi_asym
 ARGS  ?=
 export WANDB_SILENT ?= true
 
-.PHONY: help install train sweep test test-all bench app clean
+.PHONY: help install train sweep test test-all bench bench-quality app dashboard clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,8 +39,15 @@ test-all: $(STAMP)  ## every test, including slow training and ../shared/data re
 bench: $(STAMP)  ## speed figures -> bench/report.md (+ report.json)
 	$(BIN)/python bench/run.py $(ARGS)
 
+bench-quality: $(STAMP)  ## ours vs a plain MONAI UNet loop, equal wall time, real data -> bench/quality.{json,md}
+	$(BIN)/python bench/quality.py $(ARGS)
+
 app: $(STAMP)  ## Streamlit page: upload a brightfield image, see predictions, metrics, drift warning
 	$(BIN)/streamlit run labelling/app/main.py --server.headless true $(ARGS)
+
+# not echoed: STORAGE may hold a password (the command prints the URL redacted)
+dashboard: $(STAMP)  ## optuna-dashboard of EXP's sweep on 127.0.0.1 (STORAGE=<RDB URL>, PORT=8080)
+	@$(if $(STORAGE),LABELLING_STORAGE='$(STORAGE)') $(BIN)/python -m labelling dashboard $(EXP) --port $(or $(PORT),8080) $(ARGS)
 
 clean:  ## remove runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache wandb

@@ -60,8 +60,8 @@ def seg_args(cfg) -> dict:
     return {}
 
 
-def run_ours(name: str, seed: int, budget: float, work: Path) -> dict:
-    """Train our default recipe for `budget` seconds; predict the test blocks through the deployed path."""
+def run_ours(name: str, seed: int, budget: float, work: Path, overrides: list[str] | None = None) -> dict:
+    """Train our default recipe (plus `overrides`) for `budget` seconds; predict the test blocks as deployed."""
     from labelling import predict, train
     from labelling.build import load_task
 
@@ -69,9 +69,15 @@ def run_ours(name: str, seed: int, budget: float, work: Path) -> dict:
     max_time = f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
     run_dir = work / f"ours_{name}_{seed}"
     start = time.perf_counter()
-    metrics = train.fit(name, {"seed": seed, "data.seed": 0, "trainer.max_time": max_time, "trainer.max_epochs": 10000,
-                               "logger.wandb": False, "logger.panels": 0, "callbacks": [], "test": False,
-                               "trainer.enable_progress_bar": False}, run_dir=run_dir)
+    from labelling import config
+
+    settings = {"seed": seed, "data.seed": 0, "trainer.max_time": max_time, "trainer.max_epochs": 10000,
+                "logger.wandb": False, "logger.panels": 4, "callbacks": [], "test": False,
+                "trainer.enable_progress_bar": False}
+    for item in overrides or []:  # e.g. optim.lr=1e-3: a recipe change to compare
+        key, value = config._split(item)
+        settings[key] = config.parse_value(value)
+    metrics = train.fit(name, settings, run_dir=run_dir)
     train_seconds = time.perf_counter() - start
     task, cfg = load_task(run_dir)
     _, dm = split_of(name, seed)
@@ -195,6 +201,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=["ours", "monai"], choices=["ours", "monai"])
     parser.add_argument("--out", default=str(OUT / "quality"), help="writes OUT.json and OUT.md")
+    parser.add_argument("--keep", default=None, help="keep our run folders (panels, checkpoints) here")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of our recipe (e.g. optim.lr=1e-3 data.foreground_crops=0)")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"skipped: {DATA.resolve()} (the shared real data) is not on this machine")
@@ -202,10 +211,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.keep or tmp
         for name in args.datasets:
             for seed in args.seeds:
                 for method in args.methods:
-                    run = run_ours(name, seed, args.budget, Path(tmp)) if method == "ours" else \
+                    run = run_ours(name, seed, args.budget, Path(tmp), args.set) if method == "ours" else \
                         run_monai(name, seed, args.budget)
                     scored = {**score(name, seed, run.pop("preds")), **run, "seed": seed}
                     results.setdefault(name, {}).setdefault(method, []).append(scored)
@@ -214,7 +224,7 @@ def main(argv=None) -> int:
     summary = summarise(results)
     out = Path(args.out)
     report = {"budget_seconds": args.budget, "seeds": args.seeds, "threads": torch.get_num_threads(),
-              "datasets": summary}
+              "overrides": args.set, "datasets": summary}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(markdown(summary, args.budget))
     print(markdown(summary, args.budget))

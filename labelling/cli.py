@@ -1,4 +1,4 @@
-"""Command line: ``python -m labelling train|sweep|simulate|list|show EXP key=val ...``."""
+"""Command line: ``python -m labelling train|sweep|simulate|list|show|predict|evaluate|export|dashboard ...``."""
 
 from __future__ import annotations
 
@@ -86,15 +86,14 @@ def _predict(args) -> int:
     from tqdm.auto import tqdm
 
     from labelling import predict
-    from labelling.build import load_task
-    from labelling.data.readers import read_image
+    from labelling.export.deployed import load_model
 
     if args.tile < 16 or args.tile > 8192:
         raise ValueError(f"--tile must be in 16..8192 pixels, got {args.tile}")
     for scale in args.scale:
         if not 0 < scale <= predict.MAX_SCALE:
             raise ValueError(f"--scale must be in (0, {predict.MAX_SCALE:g}], got {scale}")
-    task, _ = load_task(args.checkpoint)
+    task, _ = load_model(args.checkpoint)  # a run, a checkpoint or an exported ONNX/TorchScript model
     names = predict.deployment(task).get("targets") or ["prediction"]
     out = Path(args.out)
     try:  # fail before the first image, not after it
@@ -108,7 +107,7 @@ def _predict(args) -> int:
         suffix = f"_{'+'.join(names)}" + ("" if scale == 1.0 else f"_x{scale:g}")
         for src, dest in tqdm(list(zip(args.images, output_paths(args.images, out, suffix))),
                               desc=f"predict x{scale:g}", disable=len(args.images) < 2):
-            image = read_image(src, channel=args.channel, rgb=args.rgb)
+            image = predict.read_input(task, src, channel=args.channel, rgb=args.rgb, planes=args.planes)
             y = predict.predict(task, image, tile=args.tile, overlap=args.overlap, blend=args.blend, scale=scale,
                                 name=str(src))
             predict.write_ome_tiff(dest, y, list(names)[: len(y)])
@@ -132,6 +131,70 @@ def _evaluate(args) -> int:
                            phenotypes=args.phenotypes, scaling_matrix=args.scaling_matrix,
                            learning_curve=args.learning_curve, cost=args.cost or every)
     print(json.dumps({k: round(float(v), 4) for k, v in summary.items()}, indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from labelling.export import export_run
+
+    summary = export_run(args.run, args.format, args.out, drift=not args.no_drift, overwrite=args.overwrite,
+                         check=not args.no_check, author=args.author, license_id=args.license)
+    print(json.dumps(summary, indent=2, default=str))
+    test = summary.get("bioimageio_test")
+    if test and test["status"] != "passed":
+        print(f"error: bioimageio.core's model test {test['status']}: {'; '.join(test['details'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def dashboard_storage(experiment: str, storage: str | None, run_root: str = "runs") -> str:
+    """The sweep's study storage of `experiment`: `storage`, ``$LABELLING_STORAGE`` or its SQLite file.
+
+    Raises:
+        ConfigError: no storage given and no ``runs/<exp>/study.db`` (the sweep has not run yet).
+    """
+    import os
+
+    from labelling.errors import ConfigError
+    from labelling.sweep import STORAGE_ENV, storage_url
+
+    url = storage or os.environ.get(STORAGE_ENV) or None
+    if url is None:
+        path = Path(run_root) / experiment / "study.db"
+        if not path.is_file():
+            found = sorted(p.parent.name for p in Path(run_root).glob("*/study.db"))
+            raise ConfigError(f"no study database at {path}: run `make sweep EXP={experiment}` first, or give "
+                              f"--storage URL. Studies under {run_root}/: {', '.join(found) or 'none'}")
+        url = f"sqlite:///{path}"
+    return storage_url(url)
+
+
+def _dashboard(args) -> int:
+    import socket
+
+    from labelling.errors import ConfigError, redact
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as err:
+            raise ConfigError(f"port {args.port} on 127.0.0.1 is taken ({err.strerror}); pass --port N "
+                              "(make dashboard PORT=N)") from None
+    url = dashboard_storage(args.experiment, args.storage, args.run_root)
+    try:
+        import optuna
+        from optuna_dashboard import run_server
+    except ImportError as err:
+        raise ConfigError(f"the dashboard needs optuna-dashboard: pip install 'labelling[hpo]' ({err})") from None
+    try:
+        studies = [s.study_name for s in optuna.get_all_study_summaries(url)]
+    except Exception as err:  # a wrong URL, an unreachable server: say so without the password
+        raise ConfigError(f"cannot open the study storage {redact(url)}: {type(err).__name__}: {redact(err)}") from None
+    print(f"optuna-dashboard on http://127.0.0.1:{args.port}/ - {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} "
+          f"({', '.join(studies) or 'none yet'}) in {redact(url)}; Ctrl-C stops it", flush=True)
+    run_server(url, host="127.0.0.1", port=args.port)
     return 0
 
 
@@ -173,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.set_defaults(fn=_simulate)
 
     pr = sub.add_parser("predict", help="tiled whole-image prediction: predict RUN_OR_CKPT IMAGE... --out DIR")
-    pr.add_argument("checkpoint", help="run folder or .ckpt file")
+    pr.add_argument("checkpoint", help="run folder, .ckpt file, or exported ONNX/TorchScript model (folder or file)")
     pr.add_argument("images", nargs="+")
     pr.add_argument("--out", default="predictions")
     pr.add_argument("--tile", type=int, default=256)
@@ -182,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--scale", type=float, nargs="+", default=[1.0], help="e.g. --scale 0.7 1.0 1.3")
     pr.add_argument("--channel", type=int, default=None, help="use this channel of a multichannel/RGB image")
     pr.add_argument("--rgb", choices=("luminance", "mean"), default=None, help="convert an RGB image to grey")
+    pr.add_argument("--planes", default=None,
+                    help="z planes of a stack as input channels, e.g. '3:10' (default: the planes the model was "
+                         "trained on)")
     pr.set_defaults(fn=_predict)
 
     ev = sub.add_parser("evaluate", help="downstream report + studies of a trained run: evaluate RUN")
@@ -200,6 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seg", nargs="*", default=[], help="segmentation overrides, e.g. --seg min_size=50 offset=0")
     ev.add_argument("--wandb", action="store_true", help="also log to W&B when the run did")
     ev.set_defaults(fn=_evaluate)
+
+    ex = sub.add_parser("export", help="export a trained run: export RUN --format onnx|torchscript|bioimageio --out DIR")
+    ex.add_argument("run", help="run folder or checkpoint")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "bioimageio"))
+    ex.add_argument("--out", required=True, help="destination folder (new or empty)")
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    ex.add_argument("--no-drift", action="store_true", help="onnx/torchscript: skip the drift reference (no data)")
+    ex.add_argument("--no-check", action="store_true", help="bioimageio: skip bioimageio.core's model test")
+    ex.add_argument("--author", default="labelling", help="bioimageio: the package author")
+    ex.add_argument("--license", default="CC-BY-4.0", help="bioimageio: SPDX licence of the weights")
+    ex.set_defaults(fn=_export)
+
+    db = sub.add_parser("dashboard", help="optuna-dashboard on the sweep study of EXP, at http://127.0.0.1:PORT")
+    db.add_argument("experiment")
+    db.add_argument("--storage", default=None, help="RDB URL (default $LABELLING_STORAGE or runs/<exp>/study.db)")
+    db.add_argument("--port", type=int, default=8080)
+    db.add_argument("--run-root", default="runs")
+    db.set_defaults(fn=_dashboard)
     # overrides may come after options too (`train EXP --run-dir X key=val`): collect the leftovers
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if "=" not in r or r.startswith("-")]

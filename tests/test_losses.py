@@ -115,3 +115,17 @@ def test_ms_ssim_is_one_at_the_target_and_drops_with_blur_and_noise():
 def test_structure_losses_refuse_bad_arguments(name, args):
     with pytest.raises(Exception, match=next(iter(args))):
         registry.build("loss", name, **args)
+
+
+def test_a_multi_target_model_logs_one_pcc_per_named_channel():
+    from labelling.nets.unet import UNet
+    from labelling.tasks.stainer import Stainer
+
+    task = Stainer(net=UNet(1, 2, depth=2, width=4), loss=registry.build("loss", "mse"))
+    task.deploy = {"targets": ["nuclei", "er"]}
+    logged = {}
+    task.log_dict = lambda values, **kw: logged.update(values)
+    target = torch.rand(2, 2, 32, 32)
+    task._evaluate({"input": torch.rand(2, 1, 32, 32), "target": target}, "val")
+    assert {"val/pcc/nuclei", "val/pcc/er", "val/pcc"} <= logged.keys()
+    assert all(-1 <= float(logged[f"val/pcc/{c}"]) <= 1 for c in ("nuclei", "er"))

@@ -103,3 +103,58 @@ def test_a_25d_model_predicts_from_a_z_stack_file_and_refuses_a_2d_one(tmp_path)
     assert predict.read_input(task, tmp_path / "three.tif").shape == (3, 48, 48)
     with pytest.raises(ImageError, match=r"takes 3 input channel\(s\) \(a, b, c\), this file gives 7"):
         predict.read_input(task, tmp_path / "field0_bf.tif")
+
+
+def test_a_nearly_empty_field_keeps_its_darkness_under_dataset_normalization():
+    """A sparse, dim block (a padded montage tile): per-image percentiles stretch its noise to full contrast.
+
+    Dataset-level (``fixed``) statistics from the training split keep it dark, so the net sees what it saw
+    in training and the prediction stays within the training range (issue: -7,418..9,539 against a target
+    of 33..1,170 with per-image normalization).
+    """
+    import torch
+
+    from labelling import predict
+    from labelling.build import build_task
+    from labelling.config import load
+
+    rng = np.random.default_rng(0)
+    typical = rng.poisson(300, (1, 128, 128)).astype(np.float32)
+    typical[0, 40:80, 40:80] += 3000  # a bright cell
+    empty = rng.poisson(300, (1, 128, 128)).astype(np.float32)  # background only
+    task = build_task(load("mlcp_dna"), 1, 1).eval()
+    from labelling.data.transforms import dataset_stats
+
+    task.input_stats.copy_(torch.as_tensor(dataset_stats([typical])))
+    task.deploy = {"normalize": "fixed"}
+    fixed = predict.normalize_input(task, empty)
+    per_image = predict.normalize_input(task, empty, "percentile")
+    assert np.ptp(fixed) < 0.05 * np.ptp(per_image)  # noise stays noise
+    assert np.ptp(predict.normalize_input(task, typical)) > 0.9  # a real cell spans the range
+    out = predict.predict(task, empty, tile=64)
+    assert np.isfinite(out).all()
+
+
+def test_predict_cli_and_app_upload_feed_a_25d_model_its_planes(tmp_path, monkeypatch):
+    """The command line and the app read a z-stack the way the 2.5D model was trained (its stored planes)."""
+    from labelling import predict
+    from labelling.app import logic
+    from labelling.build import build_task
+    from labelling.cli import main
+    from labelling.config import load
+
+    stack = _stack(7, 64)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    task = build_task(load("nuclei_mse"), 3, 1).eval()
+    task.deploy = {"normalize": "percentile", "planes": [1, 2, 3], "inputs": ["z1", "z2", "z3"], "targets": ["dna"]}
+    upload = logic.read_upload("stack.tif", (tmp_path / "stack.tif").read_bytes(), task=task)
+    assert np.array_equal(upload, stack[1:4].astype(np.float32))
+    with pytest.raises(logic.UploadError, match="stack.tif: a z-stack of 7 planes"):
+        logic.read_upload("stack.tif", (tmp_path / "stack.tif").read_bytes())  # no model: never cut silently
+
+    monkeypatch.setattr("labelling.export.deployed.load_model", lambda path: (task, None))
+    assert main(["predict", "RUN", str(tmp_path / "stack.tif"), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
+    written = tifffile.imread(next((tmp_path / "out").glob("*.tif")))
+    assert np.allclose(written, predict.predict(task, stack[1:4].astype(np.float32), tile=64)[0], atol=1e-4)
+    assert main(["predict", "RUN", str(tmp_path / "stack.tif"), "--out", str(tmp_path / "out2"), "--tile", "64",
+                 "--planes", "0:2"]) != 0  # two planes for a three-channel model: a clear error, not a crash

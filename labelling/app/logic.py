@@ -21,23 +21,38 @@ class UploadError(ValueError):
 
 
 def find_runs(root: str | Path) -> list[Path]:
-    """Run folders under `root` (up to three levels) that hold a best or last checkpoint, newest first."""
+    """Run folders (with a best or last checkpoint) and exported models under `root` (up to three levels), newest first.
+
+    An exported model is a folder from ``labelling export RUN --format onnx|torchscript`` (it holds
+    ``deployment.json``); the app predicts with it exactly like with the run.
+    """
     root = Path(root)
     if not root.exists():
         return []
     runs = {p.parent.parent for pat in ("*/checkpoints/best.ckpt", "*/*/checkpoints/best.ckpt",
                                         "*/*/*/checkpoints/best.ckpt", "*/checkpoints/last.ckpt")
             for p in root.glob(pat)}
+    runs |= {p.parent for pat in ("deployment.json", "*/deployment.json", "*/*/deployment.json",
+                                  "*/*/*/deployment.json") for p in root.glob(pat)}
     return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def read_upload(name: str, data: bytes, channel: int | None = None, rgb: str | None = None) -> np.ndarray:
+def load(path: str | Path):
+    """(task, config) of a run folder, a checkpoint or an exported ONNX/TorchScript model."""
+    from labelling.export.deployed import load_model
+
+    return load_model(path)
+
+
+def read_upload(name: str, data: bytes, channel: int | None = None, rgb: str | None = None,
+                task=None) -> np.ndarray:
     """Decode an uploaded TIFF/PNG into a 2D float32 image, refusing oversized or invalid files.
 
     The size is checked from the file header before any pixel is decoded, so a small compressed file that
     would expand to gigabytes is refused cheaply. `channel` / `rgb` pick or combine the channels of a
     multichannel or RGB image (see :func:`labelling.data.readers.read_image`); without them such an image is
-    refused. Every error names the uploaded file.
+    refused. With a `task` that takes several input channels (a 2.5D model), a z-stack is read as that model
+    takes it, (Cin, H, W) (see :func:`labelling.predict.read_input`). Every error names the uploaded file.
     """
     from labelling.data.readers import image_header
 
@@ -60,54 +75,65 @@ def read_upload(name: str, data: bytes, channel: int | None = None, rgb: str | N
             if float(np.prod(shape, dtype=np.float64)) > 4 * MAX_SIDE**2:  # a long stack: every plane decodes
                 raise UploadError(f"{name}: shape {'x'.join(map(str, shape))} ({axes}) is too large for one "
                                   "image; upload a single 2D plane")
-            img = read_image(path, channel=channel, rgb=rgb)
+            if task is not None and task.net.in_channels > 1:
+                from labelling.predict import read_input
+
+                img = read_input(task, path, channel=channel, rgb=rgb)
+            else:
+                img = read_image(path, channel=channel, rgb=rgb)
         except ImageError as err:
             raise UploadError(str(err).replace(str(path), name)) from None
     return img
 
 
-def drift_reference(task, cfg, run_dir: Path, crop: int, n: int = 128) -> dict:
-    """The drift reference of a run (cached in the run folder), from *training* fields only.
+def drift_reference(task, cfg, run_dir: Path, crop: int, n: int = 128) -> dict | None:
+    """The per-image drift reference of a run (cached in the run folder) or of an exported model.
 
     Crops of one image are correlated, so a two-sample test of one image's crops against a reference set
     is far too eager (a clean new field of the same plate fails it). The verdict is therefore calibrated
     per image: the training fields give the reference embeddings, and each *validation* field (clean, never
     trained on, like an upload) gives one MMD^2 of its own crops against that reference - the null
-    distribution an uploaded image's MMD^2 is ranked in (its p-value is the fraction of those fields at
-    least as far from the reference).
+    distribution an uploaded image's MMD^2 is ranked in (see :mod:`labelling.export.driftref`). An exported
+    model carries it in ``drift.npz`` (None when it was exported with ``--no-drift``).
     """
-    cache = Path(run_dir) / "drift_reference.npz"
+    from labelling.export import driftref
+    from labelling.export.deployed import state_file
+
+    run_dir = Path(run_dir)
+    if state_file(run_dir) is not None:  # an export: the reference shipped with it, no training data needed
+        return driftref.load_image_reference(run_dir) if (run_dir / driftref.DRIFT_FILE).is_file() else None
+    cache = run_dir / "drift_reference.npz"
     if cache.exists():
         data = np.load(cache)
         return {"reference": data["reference"], "null": data["null"], "sigma": float(data["sigma"])}
-    from labelling import registry, studies
-    from labelling.analysis.drift import median_sigma, mmd2
+    from labelling import registry
 
     dm = registry.build("data", cfg.data.name, **{"seed": cfg.seed, **cfg.data.args})
     dm.setup()
-    reference = studies.embed_images(task, [im.raw_input() for im in dm.splits["train"]], crop, max_crops=n)
-    sigma = median_sigma(reference)
-    null = [mmd2(reference, emb, sigma) for emb in (studies.embed_images(task, [im.raw_input()], crop, max_crops=64)
-                                                    for im in dm.splits["val"]) if len(emb) >= 2]
-    np.savez(cache, reference=reference, null=np.asarray(null, float), sigma=sigma)
-    return {"reference": reference, "null": np.asarray(null, float), "sigma": sigma}
+    ref = driftref.image_reference(task, dm.splits["train"], dm.splits["val"], crop, n)
+    np.savez(cache, reference=ref["reference"], null=ref["null"], sigma=ref["sigma"])
+    return ref
 
 
 def analyse(task, cfg, run_dir: Path, image: np.ndarray, tile: int = 256, progress=None) -> dict:
     """Prediction (the deployed path), segmentation, downstream metrics and drift verdict for one image.
 
     Args:
-        task: the trained task (from :func:`labelling.build.load_task`).
+        task: the trained task (from :func:`load`: a run or an exported model).
         cfg: its experiment config.
-        run_dir: its run folder (holds the drift reference).
+        run_dir: its run folder or export folder (holds the drift reference).
         image: the raw transmitted-light image.
         tile: tile side of the tiled prediction.
         progress: optional callable(fraction, text) for a progress indicator.
+
+    Returns:
+        ``prediction``, ``labels``, ``metrics`` and ``drift`` (see
+        :func:`labelling.export.driftref.image_verdict`; ``reason`` says why an image was not checked).
     """
-    from labelling import predict, studies
+    from labelling import predict
     from labelling.analysis.downstream import image_metrics
-    from labelling.analysis.drift import mmd2
     from labelling.analysis.segmentation import segment
+    from labelling.export import driftref
 
     step = progress or (lambda fraction, text: None)
     step(0.1, "predicting")
@@ -116,17 +142,16 @@ def analyse(task, cfg, run_dir: Path, image: np.ndarray, tile: int = 256, progre
     labels = segment(pred[0])
     metrics = image_metrics(pred[0], labels)
     crop = int(cfg.data.args.get("crop", 64))
-    drift = {"checked": False}
+    drift = {"checked": False, "reason": f"the image is smaller than the {crop} px crops the check compares"}
     if min(image.shape[-2:]) >= crop:
         step(0.7, "checking for drift")
-        emb = studies.embed_images(task, [image[None] if image.ndim == 2 else image], crop, max_crops=64)
         ref = drift_reference(task, cfg, run_dir, crop)
-        if len(emb) >= 2 and len(ref["null"]) >= 5:
-            stat = mmd2(ref["reference"], emb, ref["sigma"])
-            p = (1 + int((ref["null"] >= stat).sum())) / (1 + len(ref["null"]))
-            alpha = max(ALPHA, 1 / (1 + len(ref["null"])))  # the smallest p-value this many fields can give
-            drift = {"checked": True, "mmd2": stat, "p_value": p, "drift": p <= alpha, "n_crops": len(emb),
-                     "n_reference_fields": len(ref["null"])}
+        if ref is None:
+            drift = {"checked": False, "reason": "this exported model has no drift reference"}
+        else:
+            drift = driftref.image_verdict(task, image, ref, crop, ALPHA)
+            if not drift["checked"]:
+                drift["reason"] = "too few crops or reference fields for the check"
     step(1.0, "done")
     return {"prediction": pred, "labels": labels, "metrics": metrics, "drift": drift}
 

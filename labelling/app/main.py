@@ -1,6 +1,7 @@
 """Streamlit page: upload a brightfield image, pick a trained run, see predictions, metrics, drift.
 
-Run with ``make app`` (runs are looked up under ``$LABELLING_RUNS``, default ``runs/``).
+Run with ``make app`` (runs and exported ONNX/TorchScript models are looked up under ``$LABELLING_RUNS``,
+default ``runs/``).
 """
 
 from __future__ import annotations
@@ -19,18 +20,17 @@ streamlit.caption("Upload a brightfield image; a trained UNet predicts the fluor
 root = Path(os.environ.get("LABELLING_RUNS", "runs"))
 runs = logic.find_runs(root)
 if not runs:
-    streamlit.error(f"No trained runs under {root.resolve()}. Train one first: `make train EXP=nuclei_pearson`.")
+    streamlit.error(f"No trained runs or exported models under {root.resolve()}. Train one first: "
+                    "`make train EXP=nuclei_pearson`.")
     streamlit.stop()
-run = streamlit.sidebar.selectbox("Trained run", runs, format_func=lambda p: str(p.relative_to(root)))
+run = streamlit.sidebar.selectbox("Trained run or exported model", runs, format_func=lambda p: str(p.relative_to(root)))
 tile = streamlit.sidebar.select_slider("Tile size", [64, 128, 256, 512], value=256)
 
 
 @streamlit.cache_resource(show_spinner="Loading model...")
 def load(path: str):
-    """Load a trained task and its config from a run folder or checkpoint (cached by Streamlit)."""
-    from labelling.build import load_task
-
-    return load_task(path)
+    """Load a trained task and its config from a run folder or an exported model (cached by Streamlit)."""
+    return logic.load(path)
 
 
 try:
@@ -45,7 +45,7 @@ if upload is None:
     streamlit.info("Waiting for an image.")
     streamlit.stop()
 try:
-    image = logic.read_upload(upload.name, upload.getvalue())
+    image = logic.read_upload(upload.name, upload.getvalue(), task=task)
 except logic.UploadError as err:
     streamlit.error(f"Rejected: {err}")
     streamlit.stop()
@@ -61,16 +61,17 @@ if drift["checked"] and drift["drift"]:
 elif drift["checked"]:
     streamlit.success(f"No drift detected (MMD p = {drift['p_value']:.3f}).")
 else:
-    streamlit.info("Image too small for the drift check.")
+    streamlit.info(f"No drift check: {drift.get('reason', 'not possible for this image')}.")
 
 from labelling.predict import deployment  # noqa: E402
 
 target = (deployment(task).get("targets") or [cfg.data.name])[0]
 cols = streamlit.columns(3)
-cols[0].image(logic.to_png_bytes(logic.overlay(image, image * 0)), caption="brightfield", use_container_width=True)
-cols[1].image(logic.to_png_bytes(logic.overlay(image * 0, pred[0])), caption=f"predicted {target}",
+shown = image if image.ndim == 2 else image[len(image) // 2]  # a 2.5D input: its middle plane
+cols[0].image(logic.to_png_bytes(logic.overlay(shown, shown * 0)), caption="brightfield", use_container_width=True)
+cols[1].image(logic.to_png_bytes(logic.overlay(shown * 0, pred[0])), caption=f"predicted {target}",
               use_container_width=True)
-cols[2].image(logic.to_png_bytes(logic.overlay(image, pred[0], labels)), caption="overlay + segmentation",
+cols[2].image(logic.to_png_bytes(logic.overlay(shown, pred[0], labels)), caption="overlay + segmentation",
               use_container_width=True)
 streamlit.subheader("Downstream metrics (predicted)")
 streamlit.table({"metric": list(metrics), "value": [f"{v:.4g}" for v in metrics.values()]})

@@ -1,7 +1,11 @@
 """Run-end analyses as thin callbacks over :mod:`labelling.studies`: downstream, stability, embeddings, drift.
 
 Each runs after ``trainer.test`` on the test split through the deployed prediction path, writes CSV +
-Markdown + PNG into ``<run>/<folder>`` and logs its numbers, tables and plots to every logger.
+Markdown + PNG into ``<run>/<folder>`` and logs its numbers, tables and plots to every logger. To W&B (offline
+unless logged in) each logs one set of report-ready panels under its prefix: every table as a ``wandb.Table``
+(``test/downstream/per_image`` with 8-bit thumbnails of the input, the real and the predicted image per
+field; ``test/drift/drift_fnr``, ``drift_online_auc``, ``drift_run_length``; ``test/stability/...``,
+``test/embeddings/...``) and every plot as an image.
 """
 
 from __future__ import annotations
@@ -9,8 +13,48 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning
+import numpy as np
 
-from labelling import evaluate, reports, studies
+from labelling import evaluate, predict, reports, studies
+
+
+def thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:
+    """(H, W) or (C, H, W) float image -> (h, w) uint8, longer side <= `size`, 0.5-99.5 % percentile contrast.
+
+    W&B renders float images by clipping to [0, 1] (camera counts come out white, normalized images
+    black), so tables get 8-bit thumbnails.
+    """
+    import cv2
+
+    image = np.asarray(image, np.float32)
+    image = image[0] if image.ndim == 3 else image
+    factor = max(image.shape) / size
+    if factor > 1:
+        shape = (max(1, round(image.shape[1] / factor)), max(1, round(image.shape[0] / factor)))
+        image = cv2.resize(image, shape, interpolation=cv2.INTER_AREA)
+    lo, hi = np.percentile(image, (0.5, 99.5))
+    return (np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1) * 255).round().astype(np.uint8)
+
+
+def wandb_payload(tables: dict, plots: list[Path], prefix: str, columns: dict | None = None) -> dict:
+    """What one analysis logs to W&B: each table as a ``wandb.Table``, each plot as a ``wandb.Image``.
+
+    Args:
+        tables: name -> DataFrame.
+        plots: PNG files.
+        prefix: key prefix, e.g. ``test/downstream``.
+        columns: table name -> {column name: one uint8 image per row}, added as image columns.
+    """
+    import wandb
+
+    payload = {}
+    for name, df in tables.items():
+        table = wandb.Table(dataframe=df.reset_index(drop=True))
+        for column, thumbs in (columns or {}).get(name, {}).items():
+            table.add_column(column, [wandb.Image(t) for t in thumbs])
+        payload[f"{prefix}/{name}"] = table
+    payload.update({f"{prefix}/{p.stem}": wandb.Image(str(p)) for p in plots})
+    return payload
 
 
 class _RunEndAnalysis(lightning.Callback):
@@ -22,6 +66,10 @@ class _RunEndAnalysis(lightning.Callback):
 
     def analyse(self, module, images, out: Path, trainer) -> tuple[dict, list[Path]]:
         raise NotImplementedError
+
+    def image_columns(self, module, images) -> dict:
+        """Table name -> {column: uint8 thumbnails, one per row} for W&B (none by default)."""
+        return {}
 
     def on_test_end(self, trainer: lightning.Trainer, module: lightning.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -35,13 +83,12 @@ class _RunEndAnalysis(lightning.Callback):
         tables, plots = self.analyse(module, images, out, trainer)
         for name, df in tables.items():
             reports.write_table(df, out, name)
+        columns = None
         for logger in trainer.loggers:
             logger.log_metrics(self.results, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger":
-                import wandb
-
-                logger.experiment.log({**{f"{self.prefix}/{k}": wandb.Table(dataframe=v) for k, v in tables.items()},
-                                       **{f"{self.prefix}/{p.stem}": wandb.Image(str(p)) for p in plots}})
+                columns = self.image_columns(module, images) if columns is None else columns
+                logger.experiment.log(wandb_payload(tables, plots, self.prefix, columns))
 
 
 class DownstreamEvaluation(_RunEndAnalysis):
@@ -70,9 +117,19 @@ class DownstreamEvaluation(_RunEndAnalysis):
         self.results.update(evaluate.downstream_summary(corr, table, prefix="test/downstream/"))
         return {"agreement": corr, "per_image": table}, plots
 
+    def image_columns(self, module, images) -> dict:
+        """Thumbnails of each test field's input, real target and prediction (first channel) for the W&B table."""
+        raws = [im.raw_input() for im in images]
+        return {"per_image": {
+            "input": [thumbnail(raw) for raw in raws],
+            "real": [thumbnail(im.raw_target()) for im in images],
+            "predicted": [thumbnail(predict.predict(module, raw, name=im.key)) for raw, im in zip(raws, images)]}}
+
 
 class StabilityAnalysis(_RunEndAnalysis):
     """Pixel and downstream agreement per raw-image corruption and severity -5..5, both normalization modes."""
+
+    prefix = "test/stability"
 
     def analyse(self, module, images, out, trainer):
         df = studies.stability_study(module, images, progress=False)
@@ -83,6 +140,8 @@ class StabilityAnalysis(_RunEndAnalysis):
 
 class EmbeddingAnalysis(_RunEndAnalysis):
     """Bottleneck embeddings of clean vs corrupted crops: F1 with chance levels and a clean control."""
+
+    prefix = "test/embeddings"
 
     def __init__(self, max_images: int = 8, reducers: list[str] | None = None, clusterers: list[str] | None = None):
         super().__init__(max_images)
@@ -102,6 +161,8 @@ class EmbeddingAnalysis(_RunEndAnalysis):
 
 class DriftAnalysis(_RunEndAnalysis):
     """MMD test miss rates, online-MMD AUC tables and run lengths (reference: validation fields)."""
+
+    prefix = "test/drift"
 
     def analyse(self, module, images, out, trainer):
         dm = trainer.datamodule

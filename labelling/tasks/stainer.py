@@ -89,6 +89,11 @@ class Stainer(lightning.LightningModule):
             f"{stage}/ssim": ssim(pred.float(), target.float(), data_range=float(span)),
         }
         self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True, batch_size=len(raw))
+        if pred.shape[1] > 1:  # several organelles: one score per channel, named after the target channel
+            names = self.deploy.get("targets") or [str(c) for c in range(pred.shape[1])]
+            per_channel = pearson_per_image(pred, target).mean(0)
+            self.log_dict({f"{stage}/pcc/{name}": value for name, value in zip(names, per_channel)},
+                          sync_dist=True, batch_size=len(raw))
         return metrics
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
