@@ -158,3 +158,41 @@ def test_predict_cli_and_app_upload_feed_a_25d_model_its_planes(tmp_path, monkey
     assert np.allclose(written, predict.predict(task, stack[1:4].astype(np.float32), tile=64)[0], atol=1e-4)
     assert main(["predict", "RUN", str(tmp_path / "stack.tif"), "--out", str(tmp_path / "out2"), "--tile", "64",
                  "--planes", "0:2"]) != 0  # two planes for a three-channel model: a clear error, not a crash
+
+
+def test_a_3d_net_convolves_across_z_and_predicts_whole_stacks(tmp_path):
+    """``net: {name: monai_unet, spatial_dims: 3}`` with z-stack targets: trained, saved, predicted as deployed."""
+    import torch
+
+    from labelling import predict, registry, train
+    from labelling.build import load_task
+
+    net = registry.build("net", "monai_unet", in_channels=5, out_channels=5, width=4, depth=2, spatial_dims=3)
+    x = torch.rand(2, 5, 24, 24)
+    y, emb = net(x, return_embedding=True)
+    assert y.shape == (2, 5, 24, 24) and emb.shape == (2, 16)
+    bumped = x.clone()
+    bumped[:, 0] += 1.0
+    assert not torch.allclose(net(bumped)[:, 1], y[:, 1])  # plane 0 reaches plane 1: a 3D receptive field
+    with pytest.raises(ValueError, match="multiple"):
+        registry.build("net", "monai_unet", in_channels=5, out_channels=3, spatial_dims=3)
+
+    rng = np.random.default_rng(0)
+    for f in range(4):
+        bf = rng.random((5, 48, 48)).astype(np.float32)
+        tifffile.imwrite(tmp_path / f"field{f}_bf.tif", bf, imagej=True, metadata={"axes": "ZYX"})
+        tifffile.imwrite(tmp_path / f"field{f}_dna.tif", (bf**2).astype(np.float32), imagej=True,
+                         metadata={"axes": "ZYX"})
+    run = tmp_path / "run"
+    train.fit("nuclei_mse", {"data.name": "folder", "data.root": str(tmp_path), "data.inputs": ["bf"],
+                             "data.pattern": r"(?P<key>field\d)_(?P<channel>\w+)\.tif", "data.targets": ["dna"],
+                             "data.planes": "0:5", "data.target_planes": "0:5", "data.crop": 32,
+                             "data.crops_per_epoch": 32, "net": {"name": "monai_unet", "width": 4, "depth": 2,
+                                                                 "spatial_dims": 3},
+                             "trainer.max_epochs": 1, "logger.wandb": False, "callbacks": [], "test": False},
+              run_dir=run)
+    task, _ = load_task(run)
+    assert task.deploy["targets"] == [f"dna[z={z}]" for z in range(5)]
+    stack = predict.read_input(task, tmp_path / "field0_bf.tif")
+    out = predict.predict(task, stack, tile=32)  # tiles in x and y over the whole stack
+    assert out.shape == (5, 48, 48) and np.isfinite(out).all()

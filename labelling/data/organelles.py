@@ -70,23 +70,23 @@ class FolderDataModule(FluorescenceDataModule):
             input name containing ``{z}`` stands for one file per plane (``z_depth-{z},channel-PHASE``);
             otherwise every input file is a z-stack and these planes are taken from it. The same planes
             are taken from the stack given to ``predict``.
+        target_planes: the same for the targets: z-stack targets of a 3D model
+            (``net: {name: monai_unet, spatial_dims: 3}``).
         **kw: everything :class:`FluorescenceDataModule` takes (crop, batch_size, normalize, ...).
     """
 
     def __init__(self, root: str, pattern: str, inputs: list[str], targets: list[str],
-                 spatial_blocks: int = 1, max_size: int = 0, planes: int | str | list[int] | None = None, **kw):
+                 spatial_blocks: int = 1, max_size: int = 0, planes: int | str | list[int] | None = None,
+                 target_planes: int | str | list[int] | None = None, **kw):
         super().__init__(organelle=kw.pop("organelle", "nuclei"), **kw)
         root = str(resolve_root(root))
-        self.root, self.pattern, self.targets = root, pattern, list(targets)
+        self.root, self.pattern = root, pattern
         self.spatial_blocks, self.max_size = spatial_blocks, max_size
         self.planes = None if planes is None else parse_planes(planes, None, "data.planes")
-        per_plane = [name for name in inputs if "{z}" in name]
-        if per_plane and self.planes is None:
-            raise ValueError(f"input {per_plane[0]!r} names one file per plane ({{z}}); set data.planes, "
-                             "e.g. '4:9'")
-        # per-plane files become one input channel each; stack files keep their name (planes read from them)
-        self.inputs = [name.replace("{z}", str(z)) for name in inputs for z in (self.planes if "{z}" in name else [None])]
-        self.stacks = [name for name in inputs if "{z}" not in name] if self.planes is not None else []
+        self.target_planes = None if target_planes is None else parse_planes(target_planes, None, "data.target_planes")
+        # per-plane files ({z} in the name) become one channel each; stack files give their chosen planes
+        self.inputs, self.stacks = expand_planes(inputs, self.planes, "planes")
+        self.targets, self.target_stacks = expand_planes(targets, self.target_planes, "target_planes")
         find_pairs(root, pattern, self.inputs, self.targets)  # fail at construction, not mid-training
 
     @property
@@ -95,12 +95,11 @@ class FolderDataModule(FluorescenceDataModule):
 
     @property
     def out_channels(self) -> int:
-        return len(self.targets)
+        return len(self.target_names)
 
     @property
     def input_names(self) -> list[str]:
-        return [f"{name}[z={z}]" if name in self.stacks else name for name in self.inputs
-                for z in (self.planes if name in self.stacks else [None])]
+        return plane_names(self.inputs, self.stacks, self.planes)
 
     @property
     def deploy_planes(self) -> list[int] | None:
@@ -109,7 +108,7 @@ class FolderDataModule(FluorescenceDataModule):
 
     @property
     def target_names(self) -> list[str]:
-        return list(self.targets)
+        return plane_names(self.targets, self.target_stacks, self.target_planes)
 
     def load_pairs(self):
         out = []
@@ -130,7 +129,23 @@ class FolderDataModule(FluorescenceDataModule):
 
     def _load(self, pair):
         """Inputs of a pair: per-plane files as they are, stack files reduced to the chosen planes."""
-        return pair.load(self.planes, [name in self.stacks for name in self.inputs])
+        return pair.load(self.planes, [name in self.stacks for name in self.inputs],
+                         self.target_planes, [name in self.target_stacks for name in self.targets])
+
+
+def expand_planes(names: list[str], planes: list[int] | None, key: str) -> tuple[list[str], list[str]]:
+    """(channel names to find, the names that are z-stack files) for `names` with optional ``{z}`` planes."""
+    per_plane = [name for name in names if "{z}" in name]
+    if per_plane and planes is None:
+        raise ValueError(f"{per_plane[0]!r} names one file per plane ({{z}}); set data.{key}, e.g. '4:9'")
+    files = [name.replace("{z}", str(z)) for name in names for z in (planes if "{z}" in name else [None])]
+    return files, [name for name in names if "{z}" not in name] if planes is not None else []
+
+
+def plane_names(files: list[str], stacks: list[str], planes: list[int] | None) -> list[str]:
+    """One name per channel: stack files give ``name[z=k]`` per plane."""
+    return [f"{name}[z={z}]" if name in stacks else name for name in files
+            for z in (planes if name in stacks else [None])]
 
 
 def resolve_root(root: str | Path) -> Path:

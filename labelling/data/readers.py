@@ -292,18 +292,24 @@ class Pair:
     targets: list[Path]
     meta: dict = field(default_factory=dict)
 
-    def load(self, planes: int | str | list[int] | None = None,
-             stacks: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, planes: int | str | list[int] | None = None, stacks: list[bool] | None = None,
+             target_planes: int | str | list[int] | None = None,
+             target_stacks: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(inputs (Cin, H, W), targets (Cout, H, W)).
 
         Args:
             planes: z planes taken from the input files that are stacks; they become input channels.
             stacks: which inputs are z-stacks (default: all of them when `planes` is given).
+            target_planes: z planes taken from the target files that are stacks (a 3D model's targets).
+            target_stacks: which targets are z-stacks (default: all of them when `target_planes` is given).
         """
-        stacks = stacks if stacks is not None else [planes is not None] * len(self.inputs)
-        x = np.concatenate([read_image(p, planes=planes) if stack else read_image(p)[None]
-                            for p, stack in zip(self.inputs, stacks)])
-        y = np.stack([read_image(p, check=False) for p in self.targets])
+        def read(paths, chosen, which, check=True):
+            which = which if which is not None else [chosen is not None] * len(paths)
+            return np.concatenate([read_image(p, check=check, planes=chosen) if stack else
+                                   read_image(p, check=check)[None] for p, stack in zip(paths, which)])
+
+        x = read(self.inputs, planes, stacks)
+        y = read(self.targets, target_planes, target_stacks, check=False)
         for p, img in zip(self.targets, y):
             if not np.isfinite(img).all():
                 raise ImageError(f"{p}: contains NaN/inf pixels")

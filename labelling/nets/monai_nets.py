@@ -71,29 +71,62 @@ class MonaiBasicUNet(_Wrapped):
 
 
 class MonaiUNet(_Wrapped):
-    """``monai.networks.nets.UNet`` in 2D with residual units.
+    """``monai.networks.nets.UNet`` with residual units, in 2D or 3D.
+
+    In 3D (``spatial_dims: 3``) the net convolves across z: the data carry a z-stack in the channel axis
+    (input planes chosen with ``data.planes``, target planes with ``data.target_planes``), so
+    ``(B, Z, H, W)`` becomes ``(B, 1, Z, H, W)`` inside the net and the output ``(B, k, Z, H, W)`` becomes
+    ``(B, k * Z, H, W)`` - k predicted stacks of Z planes each. Down-sampling is in-plane only (stacks are
+    short); the tiled predictor tiles in x and y over the whole stack.
 
     Args:
-        in_channels: input channels.
-        out_channels: predicted channels.
+        in_channels: input channels (in 3D: the input planes).
+        out_channels: predicted channels (in 3D: a multiple of the input planes).
         width: channels of the first level (doubling each level): the default gives channels (16, 32, 64, 128).
         depth: 2x down-samplings (strides (2,) * depth).
         num_res_units: residual units per block.
         dropout: dropout probability inside the blocks.
+        spatial_dims: 2, or 3 for z-stack targets.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 16, depth: int = 3,
-                 num_res_units: int = 2, dropout: float = 0.0):
+                 num_res_units: int = 2, dropout: float = 0.0, spatial_dims: int = 2):
         from monai.networks.layers.simplelayers import SkipConnection
         from monai.networks.nets import UNet
 
         check_sizes(in_channels=in_channels, out_channels=out_channels, width=width, depth=depth,
                     num_res_units=num_res_units)
         check_dropout(dropout)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if spatial_dims == 3 and out_channels % in_channels:
+            raise ValueError(f"a 3D net predicts whole stacks: its {out_channels} output planes must be a multiple "
+                             f"of its {in_channels} input planes (set data.target_planes like data.planes)")
         channels = tuple(width * 2**i for i in range(depth + 1))
-        net = UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
-                   strides=(2,) * depth, num_res_units=num_res_units, dropout=dropout)
+        strides = (2,) * depth if spatial_dims == 2 else ((1, 2, 2),) * depth
+        net = UNet(spatial_dims=spatial_dims, in_channels=1 if spatial_dims == 3 else in_channels,
+                   out_channels=out_channels // in_channels if spatial_dims == 3 else out_channels,
+                   channels=channels, strides=strides, num_res_units=num_res_units, dropout=dropout)
         bottom = net.model
         while (skip := next((c for c in bottom.children() if isinstance(c, SkipConnection)), None)) is not None:
             bottom = skip.submodule  # descend the nested skip connections to the lowest level
         super().__init__(net, bottom, in_channels, out_channels, depth=depth, embedding_dim=channels[-1])
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor, return_embedding: bool = False):
+        """(B, in_channels, H, W) -> (B, out_channels, H, W); in 3D the channels are z planes."""
+        if self.spatial_dims == 2:
+            return super().forward(x, return_embedding)
+        batch, planes, height, width = x.shape
+        m = 2**self.depth
+        ph, pw = -height % m, -width % m
+        if ph or pw:
+            x = functional.pad(x, (0, pw, 0, ph), mode="replicate")
+        found: list[torch.Tensor] = []
+        hook = self.bottleneck.register_forward_hook(lambda module, args, out: found.append(out))
+        try:
+            y = self.net(x[:, None])[..., :height, :width]  # (B, k, Z, H, W)
+        finally:
+            hook.remove()
+        y = y.reshape(batch, -1, height, width)
+        return (y, found[-1].mean((2, 3, 4))) if return_embedding else y
