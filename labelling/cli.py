@@ -113,6 +113,14 @@ def _predict(args) -> int:
             predict.write_ome_tiff(dest, y, list(names)[: len(y)])
             written += 1
             print(f"wrote {dest}")
+            if args.composite:  # the predicted channels together, one colour each
+                from PIL import Image
+
+                from labelling.callbacks.panels import composite
+
+                png = dest.with_name(dest.name.removesuffix(".ome.tif").removesuffix(".tif") + "_composite.png")
+                Image.fromarray(composite(y)).save(png)
+                print(f"wrote {png}")
     return 0 if written else 1
 
 
@@ -129,7 +137,7 @@ def _evaluate(args) -> int:
                            stability=args.stability or every, embeddings=args.embeddings or every,
                            drift=args.drift or every, seg=seg, log_wandb=None if args.wandb else False,
                            phenotypes=args.phenotypes, scaling_matrix=args.scaling_matrix,
-                           learning_curve=args.learning_curve, cost=args.cost or every)
+                           learning_curve=args.learning_curve, cost=args.cost or every, live=args.live)
     print(json.dumps({k: round(float(v), 4) for k, v in summary.items()}, indent=2))
     return 0
 
@@ -245,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--scale", type=float, nargs="+", default=[1.0], help="e.g. --scale 0.7 1.0 1.3")
     pr.add_argument("--channel", type=int, default=None, help="use this channel of a multichannel/RGB image")
     pr.add_argument("--rgb", choices=("luminance", "mean"), default=None, help="convert an RGB image to grey")
+    pr.add_argument("--composite", action="store_true",
+                    help="also write a PNG of the predicted channels together, one colour each")
     pr.add_argument("--planes", default=None,
                     help="z planes of a stack as input channels, e.g. '3:10' (default: the planes the model was "
                          "trained on)")
@@ -258,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--stability", action="store_true", help="raw-image corruptions x severities, both modes")
     ev.add_argument("--embeddings", action="store_true", help="PCA/UMAP/PaCMAP x DBSCAN/HDBSCAN/k-means F1")
     ev.add_argument("--drift", action="store_true", help="MMD test, online-MMD AUC tables and run lengths")
+    ev.add_argument("--live", action="store_true",
+                    help="run lengths of fixed vs live, unfixed cells of a new simulated plate (simulator runs)")
     ev.add_argument("--phenotypes", action="store_true", help="train on one phenotype, test on the other (trains)")
     ev.add_argument("--scaling-matrix", action="store_true", help="train at 0.7/1.0/1.3 x predict at 0.7/1.0/1.3 (trains)")
     ev.add_argument("--learning-curve", action="store_true", help="test pcc vs number of training fields (trains)")

@@ -77,7 +77,7 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
                  out: str | Path | None = None, stability: bool = False, embeddings: bool = False,
                  drift: bool = False, log_wandb: bool | None = None, seg: dict | None = None,
                  phenotypes: bool = False, scaling_matrix: bool = False, learning_curve: bool = False,
-                 cost: bool = False) -> dict:
+                 cost: bool = False, live: bool = False) -> dict:
     """Tables and plots of a trained run (see module doc); returns the summary numbers."""
     task, cfg, dm = load_run(run)
     images = dm.splits[split][:max_images]
@@ -128,6 +128,13 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
             reports.write_table(df, out, name)
         tables.update(found)
         summary.update(drift_summary(found))
+    if live:  # simulator runs only: a new plate imaged as fixed vs as live, unfixed cells
+        if not hasattr(dm, "plate") or cfg.data.name in ("folder", "study"):
+            raise ValueError("--live simulates live cells: it needs a run on the simulator, not on folder data")
+        runs = studies.live_cell_drift(task, dm.splits["val"], crop, size=dm.plate["size"], seed=cfg.seed)
+        reports.write_table(runs, out, "drift_live_cells")
+        tables["drift_live_cells"] = runs
+        summary.update({f"drift/live/{r['name']}/w{r['window']}": r["mean_run_length"] for _, r in runs.iterrows()})
     studies_wanted = {"phenotypes": phenotypes, "scaling_matrix": scaling_matrix, "learning_curve": learning_curve}
     if any(studies_wanted.values()):
         from labelling import config

@@ -224,3 +224,26 @@ def drift_study(task, reference_images, test_images, crop: int, windows=(5, 10, 
     runs = pd.concat([drift.run_lengths(reference, pools, window=w, ert=max(erts), n_streams=100, seed=seed)
                       for w in windows], ignore_index=True) if windows else pd.DataFrame()
     return {"drift_fnr": fnr, "drift_online_auc": online, "drift_run_length": runs}
+
+
+def live_cell_drift(task, reference_images, crop: int, n_wells: int = 4, fields_per_well: int = 6,
+                    size: int = 256, live: float = 1.0, windows=(5, 10), ert: float = 128, max_crops: int = 120,
+                    seed: int = 0) -> pd.DataFrame:
+    """Online-MMD run lengths of a fixed-cell stream vs a live-cell stream (thesis 9.2), calibrated detector.
+
+    Both streams come from a new simulated plate: its fields imaged fixed (in-distribution: the mean run
+    length should be near `ert`) and the same fields imaged as live, unfixed cells (rounder, thicker, moving,
+    drifting focus - see :func:`labelling.data.simulate.simulate_field`). The reference is `reference_images`
+    (clean validation fields the network never trained on).
+    """
+    from labelling.analysis import drift
+    from labelling.data.simulate import simulate_plate
+
+    reference = embed_images(task, [im.raw_input() for im in reference_images], crop, 4 * max_crops, seed)
+    plate = {"seed": seed + 1000, "n_wells": n_wells, "fields_per_well": fields_per_well, "size": size}
+    pools = {name: embed_images(task, [f.brightfield[None] for f in simulate_plate(**plate, live=level)], crop,
+                                max_crops, seed)
+             for name, level in (("fixed cells (new plate)", 0.0), (f"live cells (live={live:g})", live))}
+    windows = [w for w in windows if len(reference) >= 4 * w]
+    return pd.concat([drift.run_lengths(reference, pools, window=w, ert=ert, n_streams=100, seed=seed)
+                      for w in windows], ignore_index=True)

@@ -246,3 +246,18 @@ def test_foreground_crops_draw_stained_regions_on_sparse_images():
         from labelling.data.datamodule import FluorescenceDataModule
 
         FluorescenceDataModule(foreground_crops=1.5)
+
+
+@pytest.mark.parametrize("name", ["denoise_gaussian", "denoise_median", "denoise_nl_means"])
+def test_denoising_target_transforms_bring_a_noisy_golgi_target_closer_to_the_clean_one(name):
+    from labelling.data.preprocess import TARGET_TRANSFORMS
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    clean = np.zeros((96, 96), np.float32)
+    for cy, cx in rng.integers(8, 88, (25, 2)):  # Golgi-like puncta
+        clean += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 6.0).astype(np.float32)
+    noisy = (clean + rng.normal(0, 0.15, clean.shape)).astype(np.float32)
+    out = TARGET_TRANSFORMS[name](noisy)
+    assert out.shape == noisy.shape and out.dtype == np.float32
+    assert np.abs(out - clean).mean() < 0.7 * np.abs(noisy - clean).mean()

@@ -202,3 +202,33 @@ def test_unbiased_mmd_matches_torchdrift_up_to_the_kernel_diagonal():
                                        kernel=torchdrift_mmd.GaussianKernel(lengthscale=1.7))
     assert float(theirs) == pytest.approx(ours + 1 / 11 + 1 / 16, rel=1e-9, abs=1e-12)
     assert ours > 0.01  # a real shift, so the comparison is not between two zeros
+
+
+def test_live_cells_are_a_real_looking_shift_detected_sooner_than_fixed_cells_of_a_new_plate():
+    """Thesis 9.2: live, unfixed cells as corrupted input; the calibrated online MMD flags them quickly."""
+    from labelling.build import build_task
+    from labelling.config import load
+    from labelling.data.simulate import simulate_field
+    from labelling.studies import live_cell_drift
+
+    fixed, live = simulate_field(3, size=96), simulate_field(3, size=96, live=1.0)
+    assert fixed.cells.max() == live.cells.max()  # the same cells in the same places, imaged live
+    assert np.corrcoef(fixed.fluorescence[0].ravel(), live.fluorescence[0].ravel())[0, 1] > 0.8
+    assert not np.allclose(fixed.brightfield, live.brightfield)
+    assert np.array_equal(simulate_field(3, size=96, live=0.0).brightfield, fixed.brightfield)
+
+    import torch
+
+    torch.manual_seed(0)
+    task = build_task(load("nuclei_mse", {"net.width": 8, "net.depth": 2}), 1, 1).eval()
+    from labelling.data.datamodule import FluorescenceDataModule
+
+    dm = FluorescenceDataModule(n_wells=4, fields_per_well=4, field_size=128, seed=0)
+    dm.setup()
+    table = live_cell_drift(task, dm.splits["val"] + dm.splits["train"], crop=32, n_wells=2, fields_per_well=4,
+                            size=128, windows=(5,), ert=32, max_crops=60)
+    runs = dict(zip(table["name"], table["mean_run_length"]))
+    fixed_run = next(v for k, v in runs.items() if k.startswith("fixed"))
+    live_run = next(v for k, v in runs.items() if k.startswith("live"))
+    assert live_run < 0.5 * fixed_run  # a real shift is found several times sooner than a false alarm
+    assert fixed_run > 0.3 * 32  # the new fixed plate is (roughly) in distribution

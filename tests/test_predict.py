@@ -115,3 +115,47 @@ def test_affine_calibration_matches_training_moments(net):
     targets = [o * 7.0 + 300.0 for o in outs]  # targets an exact affine function of the output
     stats = predict.calibrate_affine(task, raws, targets)
     assert np.allclose(stats[:, 1], 7.0, rtol=1e-3) and np.allclose(stats[:, 0], 300.0, rtol=1e-3)
+
+
+def test_composite_shows_each_channel_in_its_own_colour_on_the_reference_contrast():
+    from labelling.callbacks.panels import PALETTE, composite
+
+    image = np.zeros((2, 32, 32), np.float32)
+    image[0, :16] = 1.0  # channel 0 in the top half, channel 1 in the bottom half
+    image[1, 16:] = 1.0
+    rgb = composite(image)
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
+    assert np.allclose(rgb[4, 4] / 255, PALETTE[0], atol=0.01) and np.allclose(rgb[24, 4] / 255, PALETTE[1], atol=0.01)
+    dim = composite(image * 0.5, reference=image)  # half as bright as the reference: half as bright on screen
+    assert abs(int(dim[4, 4].max()) - int(rgb[4, 4].max()) // 2) <= 2
+
+
+def test_predict_composite_writes_a_colour_png_per_image(tmp_path, monkeypatch):
+    import tifffile
+    from PIL import Image
+
+    from labelling.build import build_task
+    from labelling.cli import main
+    from labelling.config import load
+
+    task = build_task(load("nuclei_mse"), 1, 2).eval()
+    task.deploy = {"normalize": "percentile", "targets": ["nuclei", "er"]}
+    monkeypatch.setattr("labelling.export.deployed.load_model", lambda path: (task, None))
+    tifffile.imwrite(tmp_path / "field.tif", np.random.default_rng(0).random((64, 64)).astype(np.float32))
+    assert main(["predict", "RUN", str(tmp_path / "field.tif"), "--out", str(tmp_path / "out"), "--composite"]) == 0
+    png = np.asarray(Image.open(tmp_path / "out" / "field_nuclei+er_composite.png"))
+    assert png.shape == (64, 64, 3) and png.std() > 0
+
+
+def test_a_multi_target_run_scores_and_shows_each_organelle(tiny, tmp_path):
+    """One model, several organelles: per-channel val/pcc/<name>, channel-named outputs, composite panels."""
+    from labelling import train
+    from labelling.build import load_task
+
+    run = tmp_path / "run"
+    metrics = train.fit("nuclei_mse", tiny + ["data.name=simulated", "data.organelle=[nuclei,er]", "callbacks=[]",
+                                              "trainer.max_epochs=1", "data.n_wells=8"], run_dir=run)
+    assert {"val/pcc/nuclei", "val/pcc/er"} <= metrics.keys()
+    task, _ = load_task(run)
+    assert task.deploy["targets"] == ["nuclei", "er"] and task.net.out_channels == 2
+    assert list((run / "panels").glob("*_composite.png"))

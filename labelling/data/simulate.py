@@ -84,6 +84,7 @@ def simulate_field(
     density: float = 1.0,
     cell_radius: float = 20.0,
     noise: float = 0.02,
+    live: float = 0.0,
 ) -> Field:
     """Render one field.
 
@@ -95,6 +96,10 @@ def simulate_field(
         density: multiplies the number of cells per area.
         cell_radius: mean cell radius in pixels; sets the image scale.
         noise: relative noise level of every channel.
+        live: 0 for fixed cells; up to 1 for live, unfixed cells imaged in brightfield - rounder and
+            thicker cells with less nuclear contrast, motion blur along a random direction and a drifting
+            focus (a real-looking shift for drift detection, thesis 9.2). The cells are the same ones in the
+            same places, and a field with ``live=0`` is exactly the fixed field of the same seed.
     """
     rng = np.random.default_rng(seed)
     H = W = size
@@ -124,8 +129,8 @@ def simulate_field(
         y, x = yy[box] - cy, xx[box] - cx
         theta = np.arctan2(y, x)
         radius = np.ones_like(theta)
-        for k in (2, 3, 4):
-            radius += rng.uniform(0, 0.12 / k * 2) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        for k in (2, 3, 4):  # live cells round up: weaker shape harmonics (same draws, so live=0 is unchanged)
+            radius += (1 - 0.8 * live) * rng.uniform(0, 0.12 / k * 2) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
         rho = np.hypot(y, x) / (R * radius)
         mine = (rho < 1) & (rho < best[box])
         if mine.sum() < 20:
@@ -194,8 +199,15 @@ def simulate_field(
     masks = np.stack([nuclei > 0, er > 0.15, golgi > 0.25, actin > 0.3, gfp_img > 0.1, nucleoli > 0.25])
 
     # Brightfield: optical thickness -> defocused phase contrast + weak absorption, uneven illumination.
-    thickness = 1.0 * cell_h + 0.8 * nuc_h + 0.6 * nucleoli + 0.35 * golgi + 0.45 * er
-    phase = ndi.gaussian_filter(thickness, 1.0)
+    thickness = (1.0 + 0.5 * live) * cell_h + 0.8 * (1 - 0.5 * live) * nuc_h + 0.6 * nucleoli + 0.35 * golgi + 0.45 * er
+    live_rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 104729])  # never shifts the fixed draws
+    focus = 1.0 + live * live_rng.uniform(0.5, 1.5)  # live plates drift out of focus
+    phase = ndi.gaussian_filter(thickness, focus)
+    if live > 0:  # cells move during the exposure: blur along one direction
+        length, angle = 1 + int(round(4 * live)), live_rng.uniform(0, np.pi)
+        steps = np.arange(-length, length + 1)
+        phase = np.mean([ndi.shift(phase, (t * np.sin(angle), t * np.cos(angle)), order=1, mode="nearest")
+                         for t in steps], axis=0)
     bf = 1.0 - 0.9 * ndi.laplace(phase) - 0.08 * phase
     illum = 1 + 0.12 * (xx / W - 0.5) * rng.uniform(-1, 1) + 0.12 * (yy / H - 0.5) * rng.uniform(-1, 1)
     illum -= 0.1 * (((xx - W / 2) ** 2 + (yy - H / 2) ** 2) / (W * W / 2))
