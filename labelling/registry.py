@@ -44,6 +44,7 @@ TABLES: dict[str, dict[str, str]] = {
         "spotlight": "labelling.losses.structure:SpotlightLoss",
         "msssim": "labelling.losses.structure:MSSSIMLoss",
         "sum": "labelling.losses:WeightedSum",
+        "per_channel": "labelling.losses:PerChannel",
     },
     "optim": {
         "adam": "torch.optim:Adam",

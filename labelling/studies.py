@@ -47,17 +47,17 @@ def predict_pairs(task, images, scale: float = 1.0, corruption=None, normalizati
     return [im.raw_target()[channel] for im in images], pred
 
 
-def true_nuclei(images, task) -> list[np.ndarray] | None:
-    """The simulator's true nucleus masks when the (first) target is nuclei, else None."""
+def true_nuclei(images, task, channel: int = 0) -> list[np.ndarray] | None:
+    """The simulator's true nucleus masks when target `channel` is nuclei, else None."""
     targets = predict.deployment(task).get("targets", [])
-    if targets[:1] == ["nuclei"] and all(im.extra and "nuclei" in im.extra for im in images):
+    if targets[channel:channel + 1] == ["nuclei"] and all(im.extra and "nuclei" in im.extra for im in images):
         return [im.extra["nuclei"] for im in images]
     return None
 
 
 def downstream_report(task, images, out, seg: dict | None = None, title: str = "Downstream evaluation",
-                      seed: int = 0):
-    """Downstream agreement of `images` (model and null predictor) written as a report in `out`.
+                      seed: int = 0, channel: int = 0):
+    """Downstream agreement of `images` (model and null predictor) for one target `channel`, as a report in `out`.
 
     The report holds the tables, scatter plots, a segmentation preview and warnings when the real images'
     segmentation is implausible. Returns (per-image table, agreement table, plots, warnings).
@@ -68,10 +68,10 @@ def downstream_report(task, images, out, seg: dict | None = None, title: str = "
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    real, pred = predict_pairs(task, images)
-    null = [predict.predict_null(task, im.raw_input())[0] for im in images]
+    real, pred = predict_pairs(task, images, channel=channel)
+    null = [predict.predict_null(task, im.raw_input())[channel] for im in images]
     table, corr, objects = downstream.evaluate_pairs(real, pred, [im.key for im in images], seg,
-                                                     true_nuclei(images, task), return_objects=True,
+                                                     true_nuclei(images, task, channel), return_objects=True,
                                                      null_images=null, seed=seed)
     warnings = downstream.segmentation_warnings(table, real[0].shape)
     for warning in warnings:

@@ -4,7 +4,8 @@ import torch
 from labelling import registry
 from labelling.losses import WeightedSum
 
-ARGS = {"sum": {"terms": [{"name": "mse", "weight": 1.0}, {"name": "gradient", "weight": 0.5}]}}
+ARGS = {"sum": {"terms": [{"name": "mse", "weight": 1.0}, {"name": "gradient", "weight": 0.5}]},
+        "per_channel": {"terms": [{"name": "mse", "weight": 1.0}, {"name": "asymmetric", "weight": 2.0}]}}
 
 
 def _inputs(binary: bool):
@@ -129,3 +130,16 @@ def test_a_multi_target_model_logs_one_pcc_per_named_channel():
     task._evaluate({"input": torch.rand(2, 1, 32, 32), "target": target}, "val")
     assert {"val/pcc/nuclei", "val/pcc/er", "val/pcc"} <= logged.keys()
     assert all(-1 <= float(logged[f"val/pcc/{c}"]) <= 1 for c in ("nuclei", "er"))
+
+
+def test_per_channel_loss_applies_each_term_to_its_channel():
+    loss = registry.build("loss", "per_channel", terms=[{"name": "mse", "weight": 1.0},
+                                                        {"name": "asymmetric", "weight": 3.0, "under_weight": 4.0}])
+    target = torch.zeros(2, 2, 8, 8)
+    pred = target.clone()
+    pred[:, 1] -= 1.0  # under-predict channel 1 only: the asymmetric loss counts it 4x, weighted 3 of 4
+    assert loss(pred, target).item() == pytest.approx(3.0 * 4.0 / 4.0)
+    with pytest.raises(ValueError, match="2 terms for 3 output channels"):
+        loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="mixes"):
+        registry.build("loss", "per_channel", terms=[{"name": "mse"}, {"name": "bce"}])

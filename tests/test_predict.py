@@ -153,9 +153,13 @@ def test_a_multi_target_run_scores_and_shows_each_organelle(tiny, tmp_path):
     from labelling.build import load_task
 
     run = tmp_path / "run"
-    metrics = train.fit("nuclei_mse", tiny + ["data.name=simulated", "data.organelle=[nuclei,er]", "callbacks=[]",
+    metrics = train.fit("nuclei_mse", tiny + ["data.name=simulated", "data.organelle=[nuclei,er]",
                                               "trainer.max_epochs=1", "data.n_wells=8"], run_dir=run)
     assert {"val/pcc/nuclei", "val/pcc/er"} <= metrics.keys()
+    # one downstream report per organelle, each next to its own null predictor
+    assert {"test/downstream/nuclei/pixel_pearson", "test/downstream/er/pixel_pearson"} <= metrics.keys()
+    assert metrics["test/downstream/nuclei/pixel_pearson"] == metrics["test/downstream/pixel_pearson"]
+    assert list((run / "downstream" / "er").glob("*.html"))
     task, _ = load_task(run)
     assert task.deploy["targets"] == ["nuclei", "er"] and task.net.out_channels == 2
     assert list((run / "panels").glob("*_composite.png"))

@@ -115,7 +115,16 @@ class DownstreamEvaluation(_RunEndAnalysis):
         table, corr, plots, warnings = studies.downstream_report(module, images, out, self.seg, title=title)
         self.results["test/downstream/segmentation_warnings"] = float(len(warnings))
         self.results.update(evaluate.downstream_summary(corr, table, prefix="test/downstream/"))
-        return {"agreement": corr, "per_image": table}, plots
+        tables = {"agreement": corr, "per_image": table}
+        names = predict.deployment(module).get("targets") or []
+        if getattr(module.net, "out_channels", 1) > 1:  # several organelles: one report per channel as well
+            for c, name in enumerate(names[: module.net.out_channels]):
+                t, agreement, channel_plots, _ = studies.downstream_report(
+                    module, images, Path(out) / name, self.seg, title=f"{title} - {name}", channel=c)
+                self.results.update(evaluate.downstream_summary(agreement, t, prefix=f"test/downstream/{name}/"))
+                tables[f"agreement_{name}"] = agreement
+                plots = plots + channel_plots
+        return tables, plots
 
     def image_columns(self, module, images) -> dict:
         """Thumbnails of each test field's input, real target and prediction (first channel) for the W&B table."""
