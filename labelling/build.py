@@ -59,4 +59,9 @@ def load_task(path: str | Path):
     io = ckpt.get("labelling_io", {"in": 1, "out": 1})
     task = build_task(cfg, io["in"], io["out"])
     task.load_state_dict(ckpt["state_dict"])
+    cascade = (getattr(task, "deploy", None) or {}).get("cascade") or []
+    try:  # runs whose predictions this model takes as extra input channels
+        task.cascade = [load_task(run)[0] for run in cascade]
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: a run of its cascade cannot be loaded ({err}); the model needs it") from None
     return task.eval(), cfg

@@ -142,6 +142,24 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _cascade(args) -> int:
+    from labelling.cascadestudy import cascade_study
+
+    table = cascade_study(args.experiment, tuple(args.helpers), args.overrides, args.out)
+    print(table.round(3).to_string(index=False))
+    print(f"wrote {Path(args.out) / 'cascade_study.csv'}")
+    return 0
+
+
+def _denoise(args) -> int:
+    from labelling.targetstudy import denoise_study
+
+    table = denoise_study(args.experiment, tuple(args.transforms), args.overrides, args.out)
+    print(table.round(3).to_string(index=False))
+    print(f"wrote {Path(args.out) / 'denoise_study.csv'}")
+    return 0
+
+
 def _export(args) -> int:
     from labelling.export import export_run
 
@@ -289,6 +307,21 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--author", default="labelling", help="bioimageio: the package author")
     ex.add_argument("--license", default="CC-BY-4.0", help="bioimageio: SPDX licence of the weights")
     ex.set_defaults(fn=_export)
+
+    cs = sub.add_parser("cascade", help="ER alone vs ER + predicted helpers: cascade EXP --helpers nuclei actin [k=v ...]")
+    cs.add_argument("experiment", help="the target organelle's experiment, e.g. er_mse")
+    cs.add_argument("overrides", nargs="*", help="applied to every run, e.g. trainer.max_epochs=8")
+    cs.add_argument("--helpers", nargs="+", default=["nuclei", "actin"], help="organelles predicted first")
+    cs.add_argument("--out", default="runs/cascade_study")
+    cs.set_defaults(fn=_cascade)
+
+    dn = sub.add_parser("denoise", help="train on denoised targets, score against the raw stain: denoise EXP [k=v ...]")
+    dn.add_argument("experiment", help="e.g. golgi_asym")
+    dn.add_argument("overrides", nargs="*", help="applied to every run, e.g. trainer.max_epochs=8")
+    dn.add_argument("--transforms", nargs="+",
+                    default=["none", "golgi_enhance", "denoise_gaussian", "denoise_median", "denoise_nl_means"])
+    dn.add_argument("--out", default="runs/denoise_study")
+    dn.set_defaults(fn=_denoise)
 
     db = sub.add_parser("dashboard", help="optuna-dashboard on the sweep study of EXP, at http://127.0.0.1:PORT")
     db.add_argument("experiment")

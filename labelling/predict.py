@@ -250,7 +250,11 @@ def network_output(task, raw: np.ndarray, scale: float = 1.0, tile: int = 256, o
         raise ValueError(f"scale must be in (0, {MAX_SCALE:g}], got {scale}")
     if tile < 1:
         raise ValueError(f"tile must be a positive number of pixels, got {tile}")
-    raw = check_image(raw, task.net.in_channels, name)
+    cascade = getattr(task, "cascade", None) or []
+    raw = check_image(raw, task.net.in_channels - sum(t.net.out_channels for t in cascade), name)
+    if cascade:  # predictions of the cascade's runs as extra input channels, as in training
+        raw = np.concatenate([raw] + [predict(t, raw, tile=tile, overlap=overlap, blend=blend, name=name)
+                                      for t in cascade])
     height, width = raw.shape[1:]
     # the training geometry: fields binned to data.max_size in training are binned the same way here
     raw = bin_image(raw, bin_factor(raw.shape, deployment(task).get("max_size", 0)))

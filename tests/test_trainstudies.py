@@ -205,3 +205,38 @@ def test_study_callbacks_and_evaluate_flags_run_from_a_finished_run(tmp_path):
     summary = evaluate_run(run, scales=(), cost=True, learning_curve=True, max_images=4, log_wandb=False)
     assert (run / "evaluate" / "cost.md").exists() and (run / "evaluate" / "studies" / "learning_curve").exists()
     assert "downstream/pixel_pearson" in summary
+
+
+def test_cascade_study_trains_helpers_and_scores_the_target_with_and_without_them(tiny, tmp_path):
+    """Thesis 5.3/7.4: ER from brightfield alone vs brightfield + predicted nuclei + actin, same split, same test."""
+    from labelling import predict
+    from labelling.build import load_task
+    from labelling.cascadestudy import cascade_study
+
+    table = cascade_study("er_mse", ("nuclei", "actin"), tiny + ["trainer.max_epochs=1", "data.n_wells=8"], tmp_path)
+    assert list(table["model"]) == ["brightfield alone", "null (training-mean intensity)",
+                                    "brightfield + predicted nuclei + actin"]
+    assert table["n"].nunique() == 1 and table["n"].iloc[0] > 0
+    assert (tmp_path / "cascade_study.csv").exists()
+    # the cascaded model takes 3 channels and computes the two extra ones itself from a raw brightfield
+    task, _ = load_task(tmp_path / "with_cascade")
+    assert task.net.in_channels == 3 and len(task.cascade) == 2
+    assert task.deploy["inputs"] == ["brightfield", "nuclei:nuclei", "actin:actin"]
+    raw = np.random.default_rng(0).random((64, 64)).astype(np.float32) * 1000
+    assert predict.predict(task, raw, tile=64).shape == (1, 64, 64)
+    with pytest.raises(ValueError, match="takes 1 input channel"):
+        predict.predict(task, np.stack([raw] * 3), tile=64)  # the user gives the raw image, not the cascade
+
+
+def test_denoise_study_scores_each_target_transform_against_the_raw_golgi_stain(tiny, tmp_path):
+    from labelling.targetstudy import denoise_study
+
+    table = denoise_study("golgi_asym", ("none", "denoise_median"), tiny + ["trainer.max_epochs=1", "data.n_wells=8"],
+                          tmp_path)
+    assert list(table["target_transform"]) == ["none", "denoise_median", "null (training-mean intensity)"]
+    assert table["n"].nunique() == 1
+    # a model trained on the raw target is scored against the same raw target both ways
+    row = table.iloc[0]
+    assert row["own_pixel_pearson"] == pytest.approx(row["raw_pixel_pearson"])
+    assert table.iloc[1]["own_pixel_pearson"] != pytest.approx(table.iloc[1]["raw_pixel_pearson"])
+    assert (tmp_path / "denoise_study.csv").exists()

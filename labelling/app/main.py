@@ -73,6 +73,13 @@ cols[1].image(logic.to_png_bytes(logic.overlay(shown * 0, pred[0])), caption=f"p
               use_container_width=True)
 cols[2].image(logic.to_png_bytes(logic.overlay(shown, pred[0], labels)), caption="overlay + segmentation",
               use_container_width=True)
+if len(pred) > 1:  # several organelles: shown together, one colour each
+    from labelling.callbacks.panels import composite  # noqa: E402
+
+    names = (deployment(task).get("targets") or [])[: len(pred)]
+    streamlit.image(logic.to_png_bytes(composite(pred)), caption="predicted together: " + ", ".join(
+        f"{n} ({c})" for n, c in zip(names, ("blue", "green", "magenta", "yellow", "cyan", "red"))),
+        use_container_width=True)
 streamlit.subheader("Downstream metrics (predicted)")
 streamlit.table({"metric": list(metrics), "value": [f"{v:.4g}" for v in metrics.values()]})
 streamlit.caption(f"objects found: {int(metrics['count'])}")

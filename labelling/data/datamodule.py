@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from labelling.config import unknown
+from labelling.data import cascade as cascade_runs
 from labelling.data import preprocess
 from labelling.data.simulate import CHANNELS, simulate_plate
 from labelling.data.transforms import NORMALIZATIONS, PairedAugment, dataset_stats, denormalize, norm_stats, normalize
@@ -33,10 +34,11 @@ class Image:
     group: str
     key: str
     extra: dict | None = None
+    raw_channels: int | None = None  # with a cascade: the leading channels that are the real raw input
 
     def raw_input(self) -> np.ndarray:
         """The input in its own units (camera counts), as a deployed model receives it."""
-        return denormalize(self.input, self.input_stats).astype(np.float32)
+        return denormalize(self.input, self.input_stats).astype(np.float32)[: self.raw_channels]
 
     def raw_target(self) -> np.ndarray:
         """The target in its own units (after the target transform): what predictions are scored against."""
@@ -272,7 +274,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
                  split_by: str = "well", normalize: str = "percentile", target_transform: str = "none",
                  augment: dict | None = None, foreground_crops: float = 0.0, num_workers: int = 0, seed: int = 0,
                  test_groups: list[str] | None = None, val_groups: list[str] | None = None,
-                 n_wells: int = 16, fields_per_well: int = 6, field_size: int = 256):
+                 n_wells: int = 16, fields_per_well: int = 6, field_size: int = 256, cascade: list[str] | None = None):
         super().__init__()
         self.organelles = [organelle] if isinstance(organelle, str) else list(organelle)
         for o in self.organelles:
@@ -293,6 +295,11 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         if not 0 <= foreground_crops <= 1:
             raise ValueError(f"foreground_crops must be a share in [0, 1], got {foreground_crops}")
         self.foreground_crops = foreground_crops
+        self.cascade = cascade_runs.resolve(cascade)
+        self._cascade_tasks: list | None = None
+        if self.cascade and self.augment_args.get("corrupt_p", 0):
+            raise ValueError("data.cascade with corruption augmentation would need the cascade's predictions of "
+                             "every corrupted crop; set augment.corrupt_p=0")
         PairedAugment(crop, **self.augment_args)  # fail fast on bad augmentation arguments
         self.plate = dict(n_wells=n_wells, fields_per_well=fields_per_well, size=field_size)
         self.splits: dict[str, list[Image]] = {}
@@ -301,14 +308,29 @@ class FluorescenceDataModule(lightning.LightningDataModule):
 
     @property
     def input_names(self) -> list[str]:
+        return self.raw_input_names + cascade_runs.names(self.cascade, self.cascade_tasks)
+
+    @property
+    def raw_input_names(self) -> list[str]:
         return ["brightfield"]
+
+    @property
+    def cascade_tasks(self) -> list:
+        """The trained runs of ``cascade`` (loaded once)."""
+        if self._cascade_tasks is None:
+            self._cascade_tasks = cascade_runs.load(self.cascade)
+        return self._cascade_tasks
 
     @property
     def target_names(self) -> list[str]:
         return list(self.organelles)
 
     # -- properties the task needs -------------------------------------------------------------
-    in_channels = 1
+    raw_channels = 1
+
+    @property
+    def in_channels(self) -> int:
+        return self.raw_channels + cascade_runs.channels(self.cascade_tasks)
 
     @property
     def out_channels(self) -> int:
@@ -344,7 +366,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
             xs, ys = norm_stats(x, self.norm), norm_stats(y, self.norm)
         if self.binary_target:
             ys = norm_stats(y, "none")
-        return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra)
+        return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra,
+                     self.raw_channels if self.cascade else None)
 
     def normalize_raw(self, raw: np.ndarray, image: Image) -> np.ndarray:
         """Normalize a raw input like deployment does (fixed: the stored statistics of `image`)."""
@@ -355,6 +378,9 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         if self.splits:
             return
         pairs = [(x, self.transform_target(y), *rest) for x, y, *rest in self.load_pairs()]
+        if self.cascade:  # the cascade runs' predictions of each raw field become extra input channels
+            pairs = [(cascade_runs.append(self.cascade_tasks, x, key), y, group, key, extra)
+                     for x, y, group, key, extra in pairs]
         strata = {p[2]: p[4]["stratum"] for p in pairs if p[4] and "stratum" in p[4]}
         where = split_groups([p[2] for p in pairs], self.val_fraction, self.test_fraction, self.seed, strata,
                              self.test_groups, self.val_groups)

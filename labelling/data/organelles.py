@@ -90,15 +90,15 @@ class FolderDataModule(FluorescenceDataModule):
         find_pairs(root, pattern, self.inputs, self.targets)  # fail at construction, not mid-training
 
     @property
-    def in_channels(self) -> int:  # type: ignore[override]
-        return len(self.input_names)
+    def raw_channels(self) -> int:  # type: ignore[override]
+        return len(self.raw_input_names)
 
     @property
     def out_channels(self) -> int:
         return len(self.target_names)
 
     @property
-    def input_names(self) -> list[str]:
+    def raw_input_names(self) -> list[str]:
         return plane_names(self.inputs, self.stacks, self.planes)
 
     @property
