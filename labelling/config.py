@@ -371,7 +371,14 @@ def _split(override: str) -> tuple[str, str]:
 
 
 def validate(raw: dict) -> Experiment:
-    """Turn a raw dict into an :class:`Experiment`, rewriting pydantic errors into short, helpful ones."""
+    """Turn a raw dict into an :class:`Experiment`, rewriting pydantic errors into short, helpful ones.
+
+    ``data: {name: [nuclei, er, gfp]}`` (several organelles of the simulator) is shorthand for
+    ``data: {name: simulated, organelle: [nuclei, er, gfp]}``: one model predicting all of them.
+    """
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("name"), list):
+        raw = {**raw, "data": {**data, "name": "simulated", "organelle": list(data["name"])}}
     try:
         return Experiment.model_validate(raw)
     except ValidationError as err:

@@ -150,3 +150,13 @@ def test_unknown_profile_names_the_valid_ones():
 
     with pytest.raises(ConfigError, match="unknown profile 'tpu'.*gpu"):
         load("isl_dapi", ["profile=tpu"])
+
+
+def test_a_list_of_organelles_is_one_multi_target_simulator_experiment():
+    from labelling.build import build
+    from labelling.config import load
+
+    cfg = load("nuclei_mse", ["data.name=[nuclei,er,gfp]"])
+    assert cfg.data.name == "simulated" and cfg.data.args["organelle"] == ["nuclei", "er", "gfp"]
+    dm, task = build(cfg)
+    assert dm.target_names == ["nuclei", "er", "gfp"] and task.net.out_channels == 3
