@@ -371,11 +371,7 @@ def _split(override: str) -> tuple[str, str]:
 
 
 def validate(raw: dict) -> Experiment:
-    """Turn a raw dict into an :class:`Experiment`, rewriting pydantic errors into short, helpful ones.
-
-    ``data: {name: [nuclei, er, gfp]}`` (several organelles of the simulator) is shorthand for
-    ``data: {name: simulated, organelle: [nuclei, er, gfp]}``: one model predicting all of them.
-    """
+    """Raw dict -> :class:`Experiment`, short errors; ``data.name: [nuclei, er]`` is one multi-target model."""
     data = raw.get("data") if isinstance(raw, dict) else None
     if isinstance(data, dict) and isinstance(data.get("name"), list):
         raw = {**raw, "data": {**data, "name": "simulated", "organelle": list(data["name"])}}
