@@ -66,8 +66,9 @@ def denoise_study(experiment: str = "golgi_asym", transforms=("none", "golgi_enh
         rows.append({"target_transform": name, "n": len(test), **{f"own_{k}": v for k, v in own.items()},
                      **{f"raw_{k}": v for k, v in raw.items()}})
     null = [predict.predict_null(task, im.raw_input())[0] for im in raw_test]
-    rows.append({"target_transform": "null (training-mean intensity)", "n": len(raw_test),
-                 **{f"raw_{k}": v for k, v in _agreement([im.raw_target()[0] for im in raw_test], null, seg).items()}})
+    null_row = {f"raw_{k}": v for k, v in _agreement([im.raw_target()[0] for im in raw_test], null, seg).items()}
+    null_row.update(raw_pixel_pearson=0.0, raw_pixel_pearson_lo=0.0, raw_pixel_pearson_hi=0.0)  # constant: no r
+    rows.append({"target_transform": "null (training-mean intensity)", "n": len(raw_test), **null_row})
     table = pd.DataFrame(rows)
     reports.write_table(table, out, "denoise_study")
     return table

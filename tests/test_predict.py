@@ -163,3 +163,21 @@ def test_a_multi_target_run_scores_and_shows_each_organelle(tiny, tmp_path):
     task, _ = load_task(run)
     assert task.deploy["targets"] == ["nuclei", "er"] and task.net.out_channels == 2
     assert list((run / "panels").glob("*_composite.png"))
+
+
+def test_wandb_keys_of_per_channel_plots_do_not_overwrite_each_other(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from labelling.callbacks.analyses import wandb_payload
+
+    plots = []
+    for channel in ("nuclei", "er"):
+        (tmp_path / channel).mkdir()
+        plots.append(tmp_path / channel / "scatter_count.png")
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(plots[-1])
+    plots.append(tmp_path / "summary.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(plots[-1])
+    payload = wandb_payload({"agreement": pd.DataFrame({"a": [1]})}, plots, "test/downstream")
+    assert {"test/downstream/nuclei/scatter_count", "test/downstream/er/scatter_count",
+            "test/downstream/summary", "test/downstream/agreement"} <= payload.keys()

@@ -53,7 +53,9 @@ def wandb_payload(tables: dict, plots: list[Path], prefix: str, columns: dict | 
         for column, thumbs in (columns or {}).get(name, {}).items():
             table.add_column(column, [wandb.Image(t) for t in thumbs])
         payload[f"{prefix}/{name}"] = table
-    payload.update({f"{prefix}/{p.stem}": wandb.Image(str(p)) for p in plots})
+    stems = [p.stem for p in plots]  # per-channel reports repeat file names: keep their folder in the key
+    payload.update({f"{prefix}/{p.parent.name + '/' if stems.count(p.stem) > 1 else ''}{p.stem}": wandb.Image(str(p))
+                    for p in plots})
     return payload
 
 
