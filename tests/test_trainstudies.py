@@ -226,6 +226,10 @@ def test_cascade_study_trains_helpers_and_scores_the_target_with_and_without_the
     assert predict.predict(task, raw, tile=64).shape == (1, 64, 64)
     with pytest.raises(ValueError, match="takes 1 input channel"):
         predict.predict(task, np.stack([raw] * 3), tile=64)  # the user gives the raw image, not the cascade
+    from labelling.export import ExportError, export_run
+
+    with pytest.raises(ExportError, match="data.cascade"):  # an export would lose the cascade: refused
+        export_run(tmp_path / "with_cascade", "onnx", tmp_path / "export")
 
 
 def test_denoise_study_scores_each_target_transform_against_the_raw_golgi_stain(tiny, tmp_path):

@@ -62,6 +62,10 @@ def check_exportable(task) -> None:
     """Refuse what the export cannot carry: a task without deployment state or a net without embeddings."""
     if not hasattr(task, "target_stats") or not hasattr(task, "deploy"):
         raise ExportError(f"only virtual-staining runs (task 'stainer') can be exported, not {type(task).__name__}")
+    if (task.deploy or {}).get("cascade"):
+        raise ExportError("this model takes other runs' predictions as input channels (data.cascade); an export "
+                          "would carry its net only and expect those channels from the user - predict from the "
+                          "run instead, or export each run of the cascade and combine them yourself")
     net = task.net
     multiple = 2 ** getattr(net, "depth", 0)
     try:
