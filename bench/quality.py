@@ -42,12 +42,12 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-12))
 
 
-def split_of(name: str, seed: int):
-    """The experiment's config and its datamodule (split fixed by ``data.seed=0`` for every training seed)."""
+def split_of(name: str):
+    """The experiment's config and its datamodule, built once: ``data.seed=0`` fixes the split for every seed."""
     from labelling import config
     from labelling.build import build
 
-    cfg = config.load(name, {"seed": seed, "data.seed": 0})
+    cfg = config.load(name, {"data.seed": 0})
     dm, _ = build(cfg)
     dm.setup("fit")
     return cfg, dm
@@ -60,7 +60,7 @@ def seg_args(cfg) -> dict:
     return {}
 
 
-def run_ours(name: str, seed: int, budget: float, work: Path, overrides: list[str] | None = None) -> dict:
+def run_ours(name: str, dm, seed: int, budget: float, work: Path, overrides: list[str] | None = None) -> dict:
     """Train our default recipe (plus `overrides`) for `budget` seconds; predict the test blocks as deployed."""
     from labelling import predict, train
     from labelling.build import load_task
@@ -80,7 +80,6 @@ def run_ours(name: str, seed: int, budget: float, work: Path, overrides: list[st
     metrics = train.fit(name, settings, run_dir=run_dir)
     train_seconds = time.perf_counter() - start
     task, cfg = load_task(run_dir)
-    _, dm = split_of(name, seed)
     test = dm.splits["test"]
     preds = [predict.predict(task, im.raw_input()) for im in test]
     steps = metrics.get("global_step", 0.0)
@@ -88,14 +87,13 @@ def run_ours(name: str, seed: int, budget: float, work: Path, overrides: list[st
             "crops_per_s": steps * cfg.data.args.get("batch_size", 16) / max(train_seconds, 1e-9)}
 
 
-def run_monai(name: str, seed: int, budget: float) -> dict:
+def run_monai(dm, seed: int, budget: float) -> dict:
     """The plain MONAI loop: z-score, 64 px crops with flips/rot90, Adam, MSE, for `budget` seconds."""
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import UNet
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    _, dm = split_of(name, seed)
 
     def zscore(a):
         return ((a - a.mean((1, 2), keepdims=True)) / (a.std((1, 2), keepdims=True) + 1e-6)).astype(np.float32)
@@ -134,11 +132,10 @@ def run_monai(name: str, seed: int, budget: float) -> dict:
     return {"preds": preds, "train_seconds": train_seconds, "crops_per_s": steps * batch / train_seconds}
 
 
-def score(name: str, seed: int, preds: list[np.ndarray]) -> dict:
+def score(cfg, dm, preds: list[np.ndarray]) -> dict:
     """Pixel Pearson per test block (mean, worst) and the Pearson r of per-block object counts."""
     from labelling.analysis.segmentation import segment
 
-    cfg, dm = split_of(name, seed)
     test = dm.splits["test"]
     targets = [im.raw_target()[0] for im in test]
     pcc = [pearson(p[0], t) for p, t in zip(preds, targets)]
@@ -213,11 +210,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.keep or tmp
         for name in args.datasets:
+            cfg, dm = split_of(name)  # the same split, test blocks and targets for every seed and method
             for seed in args.seeds:
                 for method in args.methods:
-                    run = run_ours(name, seed, args.budget, Path(tmp), args.set) if method == "ours" else \
-                        run_monai(name, seed, args.budget)
-                    scored = {**score(name, seed, run.pop("preds")), **run, "seed": seed}
+                    run = run_ours(name, dm, seed, args.budget, Path(tmp), args.set) if method == "ours" else \
+                        run_monai(dm, seed, args.budget)
+                    scored = {**score(cfg, dm, run.pop("preds")), **run, "seed": seed}
                     results.setdefault(name, {}).setdefault(method, []).append(scored)
                     print(f"{name} seed {seed} {method}: test pcc {scored['pcc']:.3f} (worst {scored['worst_block']:.3f}), "
                           f"count r {scored['count_r']:.3f}, {scored['crops_per_s']:.0f} crops/s", flush=True)

@@ -253,8 +253,7 @@ def network_output(task, raw: np.ndarray, scale: float = 1.0, tile: int = 256, o
     cascade = getattr(task, "cascade", None) or []
     raw = check_image(raw, task.net.in_channels - sum(t.net.out_channels for t in cascade), name)
     if cascade:  # predictions of the cascade's runs as extra input channels, as in training
-        raw = np.concatenate([raw] + [predict(t, raw, tile=tile, overlap=overlap, blend=blend, name=name)
-                                      for t in cascade])
+        raw = append_cascade(cascade, raw, name, tile=tile, overlap=overlap, blend=blend)
     height, width = raw.shape[1:]
     # the training geometry: fields binned to data.max_size in training are binned the same way here
     raw = bin_image(raw, bin_factor(raw.shape, deployment(task).get("max_size", 0)))
@@ -262,6 +261,15 @@ def network_output(task, raw: np.ndarray, scale: float = 1.0, tile: int = 256, o
     size = fit_tile(task.net, tile, max(x.shape[1:]))
     y = predict_tiled(task.predict, x, tile=size, overlap=overlap, blend=blend, batch_size=batch_size)
     return rescale(y, 1.0, shape=(height, width)) if y.shape[1:] != (height, width) else y
+
+
+def append_cascade(cascade: list, raw: np.ndarray, name: str = "image", **predict_args) -> np.ndarray:
+    """Raw (Cin, H, W) input followed by each cascade run's prediction of it (see :mod:`labelling.data.cascade`).
+
+    Training data and deployment both build a cascaded model's input here; `predict_args` (tile, overlap,
+    blend) go to :func:`predict`.
+    """
+    return np.concatenate([raw] + [predict(t, raw, name=name, **predict_args) for t in cascade]).astype(np.float32)
 
 
 def calibrate_affine(task, raw_inputs: list[np.ndarray], raw_targets: list[np.ndarray]) -> np.ndarray:

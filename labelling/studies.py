@@ -56,11 +56,13 @@ def true_nuclei(images, task, channel: int = 0) -> list[np.ndarray] | None:
 
 
 def downstream_report(task, images, out, seg: dict | None = None, title: str = "Downstream evaluation",
-                      seed: int = 0, channel: int = 0):
+                      seed: int = 0, channel: int = 0, predictions: list[np.ndarray] | None = None):
     """Downstream agreement of `images` (model and null predictor) for one target `channel`, as a report in `out`.
 
     The report holds the tables, scatter plots, a segmentation preview and warnings when the real images'
-    segmentation is implausible. Returns (per-image table, agreement table, plots, warnings).
+    segmentation is implausible. `predictions` are the images' (Cout, H, W) predictions when already made
+    (one report per channel of a multi-organelle model shares them). Returns (per-image table, agreement
+    table, plots, warnings).
     """
     from pathlib import Path
 
@@ -68,7 +70,10 @@ def downstream_report(task, images, out, seg: dict | None = None, title: str = "
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    real, pred = predict_pairs(task, images, channel=channel)
+    if predictions is None:
+        real, pred = predict_pairs(task, images, channel=channel)
+    else:
+        real, pred = [im.raw_target()[channel] for im in images], [p[channel] for p in predictions]
     null = [predict.predict_null(task, im.raw_input())[channel] for im in images]
     table, corr, objects = downstream.evaluate_pairs(real, pred, [im.key for im in images], seg,
                                                      true_nuclei(images, task, channel), return_objects=True,

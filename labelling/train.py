@@ -104,7 +104,7 @@ def attach_deployment(dm, task) -> None:
     rule = "none" if sigmoid or dm.binary_target else "affine" if getattr(task.loss, "scale_free", False) else "stats"
     task.deploy = {"normalize": dm.norm, "denormalize": rule, "inputs": list(dm.input_names),
                    "targets": list(dm.target_names), "target_transform": dm.target_transform,
-                   "max_size": int(getattr(dm, "max_size", 0) or 0), "planes": getattr(dm, "deploy_planes", None),
+                   "max_size": int(getattr(dm, "max_size", 0) or 0), "planes": getattr(dm, "planes", None),
                    "cascade": list(getattr(dm, "cascade", None) or [])}
     task.cascade = dm.cascade_tasks if task.deploy["cascade"] else []
     stats = dm.target_stats if dm.norm == "fixed" else np.mean([im.target_stats for im in train], 0)

@@ -111,10 +111,14 @@ class DownstreamEvaluation(_RunEndAnalysis):
     def __init__(self, max_images: int = 64, seg: dict | None = None):
         super().__init__(max_images)
         self.seg = seg or {}
+        self.predictions: list[np.ndarray] = []  # of the test fields analysed last
 
     def analyse(self, module, images, out, trainer):
         title = f"Downstream evaluation - {module.config.get('name', '')} (test)"
-        table, corr, plots, warnings = studies.downstream_report(module, images, out, self.seg, title=title)
+        # every report (and the W&B thumbnails) uses these predictions: each test field is predicted once
+        self.predictions = [predict.predict(module, im.raw_input(), name=im.key) for im in images]
+        table, corr, plots, warnings = studies.downstream_report(module, images, out, self.seg, title=title,
+                                                                 predictions=self.predictions)
         self.results["test/downstream/segmentation_warnings"] = float(len(warnings))
         self.results.update(evaluate.downstream_summary(corr, table, prefix="test/downstream/"))
         tables = {"agreement": corr, "per_image": table}
@@ -122,7 +126,8 @@ class DownstreamEvaluation(_RunEndAnalysis):
         if getattr(module.net, "out_channels", 1) > 1:  # several organelles: one report per channel as well
             for c, name in enumerate(names[: module.net.out_channels]):
                 t, agreement, channel_plots, _ = studies.downstream_report(
-                    module, images, Path(out) / name, self.seg, title=f"{title} - {name}", channel=c)
+                    module, images, Path(out) / name, self.seg, title=f"{title} - {name}", channel=c,
+                    predictions=self.predictions)
                 self.results.update(evaluate.downstream_summary(agreement, t, prefix=f"test/downstream/{name}/"))
                 tables[f"agreement_{name}"] = agreement
                 plots = plots + channel_plots
@@ -130,11 +135,10 @@ class DownstreamEvaluation(_RunEndAnalysis):
 
     def image_columns(self, module, images) -> dict:
         """Thumbnails of each test field's input, real target and prediction (first channel) for the W&B table."""
-        raws = [im.raw_input() for im in images]
         return {"per_image": {
-            "input": [thumbnail(raw) for raw in raws],
+            "input": [thumbnail(im.raw_input()) for im in images],
             "real": [thumbnail(im.raw_target()) for im in images],
-            "predicted": [thumbnail(predict.predict(module, raw, name=im.key)) for raw, im in zip(raws, images)]}}
+            "predicted": [thumbnail(p) for p in self.predictions]}}  # made by analyse() for these images
 
 
 class StabilityAnalysis(_RunEndAnalysis):

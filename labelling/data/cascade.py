@@ -1,7 +1,7 @@
 """Cascades: predictions of other trained runs as extra input channels (thesis 5.3, 7.4).
 
 ``data: {cascade: [runs/nuclei, runs/actin]}`` appends, to every field's raw input, what those runs predict
-from it - through :func:`labelling.predict.predict`, the deployed path, in their target units. The model
+from it - through :func:`labelling.predict.append_cascade`, the deployed path, in their target units. The model
 stores the run paths (``deploy["cascade"]``) and :func:`labelling.predict.network_output` computes the same
 channels from a new raw image, so a cascade is deployed exactly as it was trained.
 """
@@ -9,8 +9,6 @@ channels from a new raw image, so a cascade is deployed exactly as it was traine
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
 
 from labelling.errors import CheckpointError
 
@@ -44,10 +42,3 @@ def names(paths: list[str], tasks: list) -> list[str]:
 
     return [f"{Path(path).name}:{target}" for path, task in zip(paths, tasks)
             for target in (deployment(task).get("targets") or ["prediction"])[: task.net.out_channels]]
-
-
-def append(tasks: list, raw: np.ndarray, name: str = "image") -> np.ndarray:
-    """Raw (Cin, H, W) input followed by each cascade run's prediction of it: (Cin + extra, H, W)."""
-    from labelling.predict import predict
-
-    return np.concatenate([raw] + [predict(task, raw, name=name) for task in tasks]).astype(np.float32)

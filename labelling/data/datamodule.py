@@ -144,7 +144,7 @@ class RandomCrops(Dataset):
             counts = np.array([len(p) for p in self.pixels], float)
             self.weights = counts / counts.sum() if counts.sum() > 0 else None
 
-    def _position(self, k: int, H: int, W: int, s: int) -> tuple[int, int]:
+    def _position(self, H: int, W: int, s: int) -> tuple[int, int]:
         return int(self.rng.integers(H - s + 1)), int(self.rng.integers(W - s + 1))
 
     def _foreground_crop(self, s: int) -> tuple[int, int, int] | None:
@@ -195,7 +195,7 @@ class RandomCrops(Dataset):
             pad = ((0, 0), (0, max(0, s - H)), (0, max(0, s - W)))
             x, y = np.pad(x, pad, mode="reflect"), np.pad(y, pad, mode="reflect")
             H, W = x.shape[1:]
-        top, left = chosen[1:] if chosen else self._position(k, H, W, s)
+        top, left = chosen[1:] if chosen else self._position(H, W, s)
         xc, yc = self.augment(x[:, top:top + s, left:left + s], y[:, top:top + s, left:left + s])
         return to_batch(xc, yc, img.input_stats, img.target_stats, k)
 
@@ -379,7 +379,9 @@ class FluorescenceDataModule(lightning.LightningDataModule):
             return
         pairs = [(x, self.transform_target(y), *rest) for x, y, *rest in self.load_pairs()]
         if self.cascade:  # the cascade runs' predictions of each raw field become extra input channels
-            pairs = [(cascade_runs.append(self.cascade_tasks, x, key), y, group, key, extra)
+            from labelling.predict import append_cascade  # late: the prediction path sits above the data
+
+            pairs = [(append_cascade(self.cascade_tasks, x, key), y, group, key, extra)
                      for x, y, group, key, extra in pairs]
         strata = {p[2]: p[4]["stratum"] for p in pairs if p[4] and "stratum" in p[4]}
         where = split_groups([p[2] for p in pairs], self.val_fraction, self.test_fraction, self.seed, strata,

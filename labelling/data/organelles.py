@@ -102,11 +102,6 @@ class FolderDataModule(FluorescenceDataModule):
         return plane_names(self.inputs, self.stacks, self.planes)
 
     @property
-    def deploy_planes(self) -> list[int] | None:
-        """Planes ``predict`` takes from a z-stack input (None: 2D inputs)."""
-        return self.planes
-
-    @property
     def target_names(self) -> list[str]:
         return plane_names(self.targets, self.target_stacks, self.target_planes)
 

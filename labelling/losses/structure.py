@@ -14,6 +14,8 @@ MS-SSIM scales shrinks to what the crop allows).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional
@@ -103,7 +105,7 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor, scales: int = 3, window: i
     The data range is each target's span. Scales that the image is too small for are dropped.
     """
     weights = torch.tensor([0.0448, 0.2856, 0.3001, 0.2363, 0.1333], device=pred.device)
-    scales = max(1, min(scales, 1 + int(torch.log2(torch.tensor(min(pred.shape[-2:]) / window)).floor().clamp_min(0))))
+    scales = max(1, min(scales, 1 + max(0, math.floor(math.log2(min(pred.shape[-2:]) / window)))))
     weights = weights[:scales] / weights[:scales].sum()
     data_range = (target.flatten(2).amax(-1) - target.flatten(2).amin(-1)).clamp_min(1e-6)[..., None, None]
     kernel = _gauss(window, sigma, pred.device, pred.dtype)

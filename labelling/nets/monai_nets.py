@@ -25,6 +25,8 @@ class _Wrapped(nn.Module):
         self.in_channels, self.out_channels, self.depth = in_channels, out_channels, depth
         self.embedding_dim = embedding_dim
 
+    stacks_z = False  # 3D nets: the channel axis carries a z-stack, (B, Z, H, W) -> (B, 1, Z, H, W) inside
+
     def forward(self, x: torch.Tensor, return_embedding: bool = False):
         """(B, in_channels, H, W) -> (B, out_channels, H, W); with `return_embedding` also (B, embedding_dim)."""
         H, W = x.shape[-2:]
@@ -35,10 +37,12 @@ class _Wrapped(nn.Module):
         found: list[torch.Tensor] = []
         hook = self.bottleneck.register_forward_hook(lambda module, args, out: found.append(out))
         try:
-            y = self.net(x)[..., :H, :W]
+            y = self.net(x[:, None] if self.stacks_z else x)[..., :H, :W]
         finally:
             hook.remove()
-        return (y, found[-1].mean((2, 3))) if return_embedding else y
+        if self.stacks_z:  # (B, k, Z, H, W) -> (B, k * Z, H, W): k predicted stacks
+            y = y.reshape(len(x), -1, H, W)
+        return (y, found[-1].flatten(2).mean(-1)) if return_embedding else y
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, embedding_dim) pooled bottleneck features."""
@@ -111,22 +115,5 @@ class MonaiUNet(_Wrapped):
         while (skip := next((c for c in bottom.children() if isinstance(c, SkipConnection)), None)) is not None:
             bottom = skip.submodule  # descend the nested skip connections to the lowest level
         super().__init__(net, bottom, in_channels, out_channels, depth=depth, embedding_dim=channels[-1])
-        self.spatial_dims = spatial_dims
+        self.spatial_dims, self.stacks_z = spatial_dims, spatial_dims == 3
 
-    def forward(self, x: torch.Tensor, return_embedding: bool = False):
-        """(B, in_channels, H, W) -> (B, out_channels, H, W); in 3D the channels are z planes."""
-        if self.spatial_dims == 2:
-            return super().forward(x, return_embedding)
-        batch, planes, height, width = x.shape
-        m = 2**self.depth
-        ph, pw = -height % m, -width % m
-        if ph or pw:
-            x = functional.pad(x, (0, pw, 0, ph), mode="replicate")
-        found: list[torch.Tensor] = []
-        hook = self.bottleneck.register_forward_hook(lambda module, args, out: found.append(out))
-        try:
-            y = self.net(x[:, None])[..., :height, :width]  # (B, k, Z, H, W)
-        finally:
-            hook.remove()
-        y = y.reshape(batch, -1, height, width)
-        return (y, found[-1].mean((2, 3, 4))) if return_embedding else y
