@@ -1,4 +1,4 @@
-"""Command line: ``python -m labelling train|sweep|simulate|list|show|predict|evaluate|export|dashboard ...``."""
+"""Command line: ``python -m labelling train|sweep|simulate|convert|preprocess|list|show|predict|evaluate|export ...``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,13 @@ def _simulate(args) -> int:
 
     from labelling.data.simulate import CHANNELS, simulate_plate
 
+    if args.plate:  # an HCS OME-Zarr plate instead of TIFF files
+        from labelling.data import platetools
+
+        plate = platetools.simulate(args.plate, seed=args.seed, wells=args.wells, fields=args.fields, size=args.size,
+                                    planes=args.planes)
+        print(f"wrote {plate} with channels {plate.channels(plate.fields[0])}")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for f in simulate_plate(args.seed, n_wells=args.wells, fields_per_well=args.fields, size=args.size):
@@ -64,6 +71,35 @@ def _simulate(args) -> int:
             tifffile.imwrite(out / f"{stem}_{name}.tif", img)
         tifffile.imwrite(out / f"{stem}_nucleimask.tif", f.nuclei)
     print(f"wrote {args.wells * args.fields} fields to {out}")
+    return 0
+
+
+def _convert(args) -> int:
+    from labelling.data import platetools
+
+    plate = platetools.convert(args.folder, args.pattern, args.out, channels=args.channels)
+    print(f"wrote {plate} with channels {plate.channels(plate.fields[0])}")
+    return 0
+
+
+def _preprocess(args) -> int:
+    from labelling.data import plate
+
+    n = plate.preprocess(args.plate)
+    print(f"stored normalization statistics of {n} fields in {args.plate}")
+    return 0
+
+
+def _predict_plate(args, path: str) -> int:
+    from labelling.platepredict import predict_plate
+
+    result = predict_plate(args.checkpoint, path, out=args.out, wells=args.wells, devices=args.devices,
+                           accelerator=args.accelerator, channels=args.channels, tile=args.tile,
+                           overlap=args.overlap, blend=args.blend)
+    skipped = result["fields"] - result["predicted"]
+    print(f"predicted {result['predicted']} field(s) into {result['out']} as {result['channels']}"
+          + (f"; {skipped} already finished" if skipped else "")
+          + f" ({result['megapixels_per_s']:.2f} Mpx/s)")
     return 0
 
 
@@ -93,9 +129,16 @@ def _predict(args) -> int:
     for scale in args.scale:
         if not 0 < scale <= predict.MAX_SCALE:
             raise ValueError(f"--scale must be in (0, {predict.MAX_SCALE:g}], got {scale}")
+    from labelling.data.plate import is_plate
+
+    plates = [p for p in args.images if is_plate(p)]
+    if plates:  # whole plates: every field, streamed, resumable, on one or several devices
+        if len(args.images) > 1:
+            raise ValueError("give one plate per `predict` call (or image files only)")
+        return _predict_plate(args, plates[0])
     task, _ = load_model(args.checkpoint)  # a run, a checkpoint or an exported ONNX/TorchScript model
     names = predict.deployment(task).get("targets") or ["prediction"]
-    out = Path(args.out)
+    out = Path(args.out or "predictions")
     try:  # fail before the first image, not after it
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").touch()
@@ -133,6 +176,12 @@ def _evaluate(args) -> int:
     for item in args.seg:
         key, value = config._split(item)
         seg[key.removeprefix("seg.")] = config.parse_value(value)
+    if args.plate:  # a whole plate's predicted channels against its real ones
+        from labelling.plateeval import evaluate_plate
+
+        summary = evaluate_plate(args.run, args.plate, predictions=args.predictions, wells=args.wells, seg=seg)
+        print(json.dumps({k: round(float(v), 4) for k, v in summary.items()}, indent=2))
+        return 0
     summary = evaluate_run(args.run, scales=args.scales, split=args.split, max_images=args.max_images,
                            stability=args.stability or every, embeddings=args.embeddings or every,
                            drift=args.drift or every, seg=seg, log_wandb=None if args.wandb else False,
@@ -253,18 +302,39 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("kind", nargs="?", default=None)
     ls.set_defaults(fn=_list)
 
-    sim = sub.add_parser("simulate", help="write a simulated plate as TIFF files")
+    sim = sub.add_parser("simulate", help="write a simulated plate as TIFF files (or --plate P.zarr: OME-Zarr)")
     sim.add_argument("--out", default="data/simulated")
+    sim.add_argument("--plate", default=None, help="write an HCS OME-Zarr plate here instead (e.g. P.zarr)")
+    sim.add_argument("--planes", type=int, default=1, help="--plate: brightfield z planes (defocus around the middle)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--wells", type=int, default=4)
     sim.add_argument("--fields", type=int, default=2)
     sim.add_argument("--size", type=int, default=256)
     sim.set_defaults(fn=_simulate)
 
-    pr = sub.add_parser("predict", help="tiled whole-image prediction: predict RUN_OR_CKPT IMAGE... --out DIR")
+    cv = sub.add_parser("convert", help="a folder of TIFFs -> an HCS OME-Zarr plate: convert FOLDER --pattern RX --out P.zarr")
+    cv.add_argument("folder")
+    cv.add_argument("--pattern", required=True,
+                    help="regex with named groups channel, key (a field) and well, as in folder experiments")
+    cv.add_argument("--out", required=True, help="the plate to write (.zarr)")
+    cv.add_argument("--channels", nargs="+", default=None, help="channel values to keep, in order (default: all)")
+    cv.set_defaults(fn=_convert)
+
+    pp = sub.add_parser("preprocess", help="store per-field normalization statistics in a plate: preprocess P.zarr")
+    pp.add_argument("plate")
+    pp.set_defaults(fn=_preprocess)
+
+    pr = sub.add_parser("predict", help="tiled whole-image prediction: predict RUN IMAGE... --out DIR | predict RUN P.zarr")
     pr.add_argument("checkpoint", help="run folder, .ckpt file, or exported ONNX/TorchScript model (folder or file)")
-    pr.add_argument("images", nargs="+")
-    pr.add_argument("--out", default="predictions")
+    pr.add_argument("images", nargs="+", help="image files, or one HCS OME-Zarr plate")
+    pr.add_argument("--out", default=None,
+                    help="folder for image predictions (default predictions/); for a plate: a new plate to write "
+                         "into (default: the plate itself)")
+    pr.add_argument("--wells", nargs="+", default=None, help="plate: only these wells (A/1, A1 or regex B.*)")
+    pr.add_argument("--devices", type=int, default=1, help="plate: processes (GPUs, or CPU DDP) sharing the fields")
+    pr.add_argument("--accelerator", default="auto", help="plate: cpu, gpu or auto")
+    pr.add_argument("--channels", nargs="+", default=None,
+                    help="plate: input channel names (default: those the model was trained on)")
     pr.add_argument("--tile", type=int, default=256)
     pr.add_argument("--overlap", type=float, default=0.25)
     pr.add_argument("--blend", choices=("gaussian", "linear", "constant"), default="gaussian")
@@ -295,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--all", action="store_true", help="every study that does not train more models")
     ev.add_argument("--seg", nargs="*", default=[], help="segmentation overrides, e.g. --seg min_size=50 offset=0")
     ev.add_argument("--wandb", action="store_true", help="also log to W&B when the run did")
+    ev.add_argument("--plate", default=None, help="score a plate's predicted channels per field and per well")
+    ev.add_argument("--predictions", default=None, help="--plate: the plate holding the predictions (default: it)")
+    ev.add_argument("--wells", nargs="+", default=None, help="--plate: only these wells")
     ev.set_defaults(fn=_evaluate)
 
     ex = sub.add_parser("export", help="export a trained run: export RUN --format onnx|torchscript|bioimageio --out DIR")

@@ -112,6 +112,55 @@ def predict_tiled(model, image: np.ndarray, tile: int = 256, overlap: float = 0.
     return (out / weight)[:, :height, :width]
 
 
+@torch.no_grad()
+def predict_tiled_rows(model, read, height: int, width: int, write, tile: int = 256, overlap: float = 0.25,
+                       blend: str = "gaussian", batch_size: int = 8) -> None:
+    """:func:`predict_tiled` streamed row band by row band: memory grows with the width, not the field.
+
+    The tiles, windows and sums are those of :func:`predict_tiled` on the whole image, so the result is the
+    same (up to float rounding); rows are handed to `write` as soon as no later tile touches them.
+
+    Args:
+        model: callable (B, Cin, h, w) -> (B, Cout, h, w).
+        read: ``read(top, bottom)`` -> normalized input rows (Cin, bottom - top, width).
+        height: the field's height (at least `tile`).
+        width: the field's width (at least `tile`).
+        write: ``write(top, bottom, rows)`` receives finished output rows (Cout, bottom - top, width).
+        tile: tile side.
+        overlap: fraction of a tile shared with each neighbour.
+        blend: tile blending window.
+        batch_size: tiles per forward pass.
+    """
+    if height < tile or width < tile:
+        raise ValueError(f"streamed tiling needs a field of at least one tile ({tile}), got {height}x{width}")
+    stride = max(1, int(round(tile * (1 - overlap))))
+    window = blend_window(tile, blend)
+    tops, lefts = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
+    device = _device(model)
+    out = weight = None
+    base = 0  # first row held in the accumulators
+    for i, top in enumerate(tops):
+        rows = read(top, top + tile)
+        need = top + tile - base  # grow the accumulators down to this band's last row
+        if out is not None and need > out.shape[1]:
+            grow = need - out.shape[1]
+            out = np.concatenate([out, np.zeros((out.shape[0], grow, width), np.float32)], 1)
+            weight = np.concatenate([weight, np.zeros((grow, width), np.float32)], 0)
+        for j in range(0, len(lefts), batch_size):
+            chunk = lefts[j:j + batch_size]
+            x = torch.from_numpy(np.stack([rows[:, :, l:l + tile] for l in chunk])).to(device)
+            y = model(x).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((y.shape[1], tile, width), np.float32)
+                weight = np.zeros((tile, width), np.float32)
+            for l, yy in zip(chunk, y):
+                out[:, top - base:top - base + tile, l:l + tile] += yy * window
+                weight[top - base:top - base + tile, l:l + tile] += window
+        done = tops[i + 1] if i + 1 < len(tops) else height  # rows no later tile reaches
+        write(base, done, out[:, :done - base] / weight[:done - base])
+        out, weight, base = out[:, done - base:], weight[done - base:], done
+
+
 def fit_tile(net, tile: int, side: int) -> int:
     """Largest multiple of the net's 2**depth that is <= min(tile, side) (at least one multiple)."""
     multiple = 2 ** getattr(net, "depth", 0)

@@ -16,6 +16,7 @@ TABLES: dict[str, dict[str, str]] = {
     "data": {
         "simulated": "labelling.data.datamodule:FluorescenceDataModule",
         "folder": "labelling.data.organelles:FolderDataModule",
+        "plate": "labelling.data.platedata:PlateDataModule",  # HCS OME-Zarr plate, read lazily
         "nuclei": "labelling.data.organelles:NucleiDataModule",
         "er": "labelling.data.organelles:ERDataModule",
         "golgi": "labelling.data.organelles:GolgiDataModule",

@@ -105,12 +105,13 @@ def attach_deployment(dm, task) -> None:
     task.deploy = {"normalize": dm.norm, "denormalize": rule, "inputs": list(dm.input_names),
                    "targets": list(dm.target_names), "target_transform": dm.target_transform,
                    "max_size": int(getattr(dm, "max_size", 0) or 0), "planes": getattr(dm, "planes", None),
+                   "channels": getattr(dm, "channels", None),  # plate channel names (plate data)
                    "cascade": list(getattr(dm, "cascade", None) or [])}
     task.cascade = dm.cascade_tasks if task.deploy["cascade"] else []
     stats = dm.target_stats if dm.norm == "fixed" else np.mean([im.target_stats for im in train], 0)
     task.target_stats.copy_(torch.as_tensor(stats, dtype=torch.float32))
     task.input_stats.copy_(torch.as_tensor(dm.input_stats, dtype=torch.float32))
-    task.null_level.copy_(torch.as_tensor(np.mean([im.raw_target().mean((1, 2)) for im in train], 0)))
+    task.null_level.copy_(torch.as_tensor(dm.null_level(), dtype=torch.float32))
 
 
 def set_threads(threads: int | None, num_workers: int = 0) -> int:

@@ -48,6 +48,12 @@ def data_args(name: str, tmp_path) -> dict:
         return args
     if name == "study":
         return {"base": "nuclei", "train_fields": 2, **TINY_DATA}
+    if name == "plate":
+        from labelling.data import platetools
+
+        platetools.simulate(tmp_path / "P.zarr", wells=4, fields=1, size=64, progress=False)
+        tiny = {k: v for k, v in TINY_DATA.items() if k not in ("n_wells", "fields_per_well", "field_size")}
+        return {"path": str(tmp_path / "P.zarr"), **tiny}
     return dict(TINY_DATA)
 
 

@@ -369,6 +369,10 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra,
                      self.raw_channels if self.cascade else None)
 
+    def null_level(self) -> np.ndarray:
+        """The null predictor's level: the mean training target per channel, in target units."""
+        return np.mean([im.raw_target().mean((1, 2)) for im in self.splits["train"]], 0)
+
     def normalize_raw(self, raw: np.ndarray, image: Image) -> np.ndarray:
         """Normalize a raw input like deployment does (fixed: the stored statistics of `image`)."""
         stats = image.input_stats if self.norm == "fixed" else norm_stats(raw, self.norm)

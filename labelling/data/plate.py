@@ -1,0 +1,348 @@
+"""HCS OME-Zarr plates: layout, lazy region reads, channel appends and per-field statistics.
+
+A plate is the NGFF high-content-screening layout ``plate -> well (row/column) -> field -> (T, C, Z, Y, X)``
+array, channels named in the field's ``omero`` metadata. Everything here reads only the chunks a region
+needs, so a 384-well plate never has to fit in memory.
+
+Why ome-zarr-py and not iohub: both are maintained (OME's reference implementation of the NGFF spec, and
+CZ Biohub's reader that VisCy uses). iohub 0.2.3, the current release, pins ``zarr<3`` and an old tifffile,
+which would downgrade our zarr 3 stack; ome-zarr-py 0.18 is built on zarr 3 and fsspec (so ``s3://``
+plates work). For VisCy compatibility we *write* NGFF 0.4 plates (zarr format 2, the version iohub opens)
+with ome-zarr-py's metadata writers, and read 0.4 and 0.5 plates.
+
+Per-field statistics (``labelling preprocess``) live in each field's attributes under ``labelling.stats``:
+per channel and z plane the mean, standard deviation and a quantile sketch. Per-image normalizations are
+computed from them exactly as :func:`labelling.data.transforms.norm_stats` would from the whole field,
+and the dataset-level (``fixed``) statistics of any set of fields are the quantiles of their pooled sketch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from labelling.errors import ConfigError, ImageError, unknown
+
+KEY = "labelling"  # our attributes in a field's image group: {"stats": ..., "predictions": ...}
+AXES = ("t", "c", "z", "y", "x")
+# Quantile sketch: percentiles kept per channel and plane; 1 and 99.8 are exact (percentile normalization).
+GRID = np.array([0, 0.1, 0.2, 0.5, 1, 2, 3, 5, 7.5, *range(10, 91, 5), 92.5, 95, 97, 98, 99, 99.5, 99.8, 99.9, 100],
+                float)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of view: its image group path (``A/1/0``) and its well (``A/1``)."""
+
+    path: str
+    well: str
+
+    @property
+    def name(self) -> str:
+        """Flat name for files and reports: ``A1_f0``."""
+        row, column, fov = self.path.split("/")
+        return f"{row}{column}_f{fov}"
+
+
+def _ome(attrs) -> dict:
+    """NGFF metadata of a group: top level in 0.4, under ``ome`` in 0.5."""
+    attrs = dict(attrs)
+    return {**attrs, **attrs.get("ome", {})}
+
+
+def is_plate(path: str | Path) -> bool:
+    """Whether `path` is an HCS OME-Zarr plate (a ``.zarr`` folder or URL with ``plate`` metadata)."""
+    if not str(path).rstrip("/").endswith(".zarr"):
+        return False
+    try:
+        import zarr
+
+        return "plate" in _ome(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # not a zarr group at all
+        return False
+
+
+class Plate:
+    """An opened HCS OME-Zarr plate. ``Plate(path)`` reads; ``mode="r+"`` also appends channels and statistics.
+
+    `path` may be a local folder or an fsspec URL (``s3://bucket/plate.zarr``).
+    """
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        import zarr
+
+        self.path, self.mode = str(path), mode
+        try:
+            self.root = zarr.open_group(self.path, mode=mode)
+        except Exception as err:
+            raise ImageError(f"{path}: not a readable zarr plate ({err})") from None
+        meta = _ome(self.root.attrs).get("plate")
+        if not meta:
+            raise ImageError(f"{path}: not an HCS OME-Zarr plate (no 'plate' metadata); single OME-Zarr images "
+                             "are read as image files")
+        self.meta = meta
+        self.fields: list[Field] = []
+        for well in meta.get("wells", []):
+            images = _ome(self.root[well["path"]].attrs).get("well", {}).get("images", [])
+            self.fields += [Field(f"{well['path']}/{im['path']}", well["path"]) for im in images]
+        self._arrays: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        return f"Plate({self.path!r}, {len(self.wells)} wells, {len(self.fields)} fields)"
+
+    @property
+    def wells(self) -> list[str]:
+        return sorted({f.well for f in self.fields})
+
+    def select(self, wells: list[str] | None) -> list[Field]:
+        """Fields of the chosen wells (``A/1``, ``A1`` or a regular expression such as ``B.*``); all if None."""
+        if not wells:
+            return list(self.fields)
+        chosen = []
+        for pattern in wells:
+            hits = [f for f in self.fields if f.well in (pattern, _slash(pattern)) or re.fullmatch(pattern, f.well)]
+            if not hits:
+                raise ConfigError(f"--wells: '{pattern}' matches none of the plate's wells ({', '.join(self.wells[:12])}"
+                                  f"{' ...' if len(self.wells) > 12 else ''})")
+            chosen += [f for f in hits if f not in chosen]
+        return chosen
+
+    # -- one field ---------------------------------------------------------------------------------
+    def group(self, field: Field):
+        return self.root[field.path]
+
+    def array(self, field: Field):
+        """The field's full-resolution (T, C, Z, Y, X) zarr array (lazy)."""
+        if field.path not in self._arrays:
+            meta = _ome(self.group(field).attrs)
+            multiscales = meta.get("multiscales") or [{"datasets": [{"path": "0"}]}]
+            array = self.group(field)[multiscales[0]["datasets"][0]["path"]]
+            if array.ndim != 5:
+                raise ImageError(f"{self.path}/{field.path}: expected a (T, C, Z, Y, X) array, got {array.shape}")
+            self._arrays[field.path] = array
+        return self._arrays[field.path]
+
+    def shape(self, field: Field) -> tuple[int, int, int, int, int]:
+        return tuple(self.array(field).shape)
+
+    def channels(self, field: Field) -> list[str]:
+        """Channel names from the field's ``omero`` metadata (``c0, c1, ...`` when unnamed)."""
+        omero = _ome(self.group(field).attrs).get("omero", {})
+        names = [c.get("label", f"c{i}") for i, c in enumerate(omero.get("channels", []))]
+        n = self.shape(field)[1]
+        return names + [f"c{i}" for i in range(len(names), n)]
+
+    def channel_index(self, field: Field, names: list[str]) -> list[int]:
+        have = self.channels(field)
+        for name in names:
+            if name not in have:
+                raise unknown(f"channel of {field.path}", name, have)
+        return [have.index(n) for n in names]
+
+    def read(self, field: Field, channels: list[str], planes: list[int] | None = None, rows: slice = slice(None),
+             cols: slice = slice(None), t: int = 0) -> np.ndarray:
+        """(len(channels) * len(planes), h, w) float32 region; only the chunks it touches are read.
+
+        Channels vary slowest: ``[c0 z0, c0 z1, ..., c1 z0, ...]`` (planes as input channels, 2.5D).
+        """
+        array, index = self.array(field), self.channel_index(field, channels)
+        planes = list(planes) if planes is not None else [0]
+        if max(planes) >= array.shape[2]:
+            raise ImageError(f"{field.path}: planes {planes} but the field has {array.shape[2]} z plane(s)")
+        out = [np.asarray(array[t, c, z, rows, cols], np.float32) for c in index for z in planes]
+        return np.stack(out)
+
+    def attrs(self, field: Field) -> dict:
+        return dict(self.group(field).attrs.get(KEY, {}))
+
+    def update_attrs(self, field: Field, **values) -> None:
+        group = self.group(field)
+        group.attrs[KEY] = {**dict(group.attrs.get(KEY, {})), **values}
+
+    def sketch(self, field: Field, channel: str) -> dict:
+        """The stored statistics of one channel of a field: ``{"mean": [per z], "std": ..., "q": [[per z]]}``."""
+        stats = self.attrs(field).get("stats", {})
+        if channel not in stats:
+            raise ConfigError(f"{self.path}: field {field.path} has no statistics for channel '{channel}'; "
+                              f"run `labelling preprocess {self.path}` first")
+        return stats[channel]
+
+    # -- writing -----------------------------------------------------------------------------------
+    def append_channels(self, field: Field, names: list[str]) -> list[int]:
+        """Indices of `names` in the field's array, adding the missing ones as new (empty) channels."""
+        array, have = self.array(field), self.channels(field)
+        new = [n for n in names if n not in have]
+        if new:
+            if not np.issubdtype(array.dtype, np.floating):
+                raise ImageError(f"{self.path}: the plate stores {array.dtype} images and predictions are float32; "
+                                 "write them into a new plate with --out NEW.zarr")
+            shape = list(array.shape)
+            shape[1] += len(new)
+            array.resize(tuple(shape))
+            group = self.group(field)
+            omero = _ome(group.attrs).get("omero", {"channels": []})
+            omero["channels"] = [*[{"label": n} for n in have], *[{"label": n} for n in new]]
+            group.attrs["omero"] = omero
+        return [(have + new).index(n) for n in names]
+
+
+def _slash(well: str) -> str:
+    """``A1`` -> ``A/1``."""
+    found = re.fullmatch(r"([A-Za-z]+)(\d+)", well)
+    return f"{found[1]}/{found[2]}" if found else well
+
+
+# --------------------------------------------------------------------------------- writing a plate
+class PlateWriter:
+    """Write a new NGFF 0.4 HCS plate field by field (constant memory); ``close()`` writes the layout.
+
+    Example::
+
+        with PlateWriter("P.zarr", ["brightfield", "nuclei"]) as out:
+            out.write("A", "1", 0, image)   # (C, Z, Y, X) or (C, Y, X)
+    """
+
+    def __init__(self, path: str | Path, channels: list[str], chunk: int = 256, name: str | None = None):
+        import zarr
+
+        self.path, self.channels, self.chunk, self.name = str(path), list(channels), chunk, name
+        self.root = zarr.open_group(self.path, mode="w", zarr_format=2)
+        self.wells: dict[tuple[str, str], list[str]] = {}
+
+    def write(self, row: str, column: str, fov: int | str, image: np.ndarray, dtype=None) -> Field:
+        """Write one field's (C, Z, Y, X) or (C, Y, X) image; returns its :class:`Field`."""
+        image = np.asarray(image)
+        image = image[:, None] if image.ndim == 3 else image
+        if image.ndim != 4 or len(image) != len(self.channels):
+            raise ImageError(f"expected ({len(self.channels)}, Z, Y, X) for channels {self.channels}, got {image.shape}")
+        field, array = self.create(row, column, fov, image.shape[1:], dtype or image.dtype, _omero(self.channels, image))
+        array[0] = image
+        return field
+
+    def create(self, row: str, column: str, fov: int | str, zyx: tuple[int, int, int], dtype="float32",
+               omero: dict | None = None):
+        """An empty field of shape (1, C, Z, Y, X) with its metadata; returns (:class:`Field`, zarr array)."""
+        import numcodecs
+        from ome_zarr.format import FormatV04
+        from ome_zarr.writer import write_multiscales_metadata
+
+        path = f"{row}/{column}/{fov}"
+        group = self.root.require_group(path)
+        shape = (1, len(self.channels), *zyx)
+        chunks = (1, 1, 1, min(self.chunk, shape[3]), min(self.chunk, shape[4]))
+        # lz4 decodes fast: training reads many small random crops
+        array = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True,
+                                   compressors=numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE))
+        scale = [{"type": "scale", "scale": [1.0] * 5}]
+        write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": scale}], fmt=FormatV04(),
+                                   axes=[{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+                                         *[{"name": a, "type": "space"} for a in "zyx"]],
+                                   name=path, metadata={"omero": omero or {"channels": [{"label": n} for n in
+                                                                                         self.channels]}})
+        self.wells.setdefault((row, str(column)), []).append(str(fov))
+        return Field(path, f"{row}/{column}"), array
+
+    def close(self) -> None:
+        """Write the plate and well metadata (rows, columns, wells, field count)."""
+        from ome_zarr.format import FormatV04
+        from ome_zarr.writer import write_plate_metadata, write_well_metadata
+
+        rows = sorted({r for r, _ in self.wells}, key=lambda r: (len(r), r))
+        columns = sorted({c for _, c in self.wells}, key=lambda c: (len(c), c))
+        wells = [f"{r}/{c}" for r, c in sorted(self.wells, key=lambda w: (rows.index(w[0]), columns.index(w[1])))]
+        for (row, column), fovs in self.wells.items():
+            write_well_metadata(self.root[f"{row}/{column}"], [{"path": f} for f in fovs], fmt=FormatV04())
+        write_plate_metadata(self.root, rows, columns, wells, fmt=FormatV04(), name=self.name or Path(self.path).stem,
+                             field_count=max(map(len, self.wells.values()), default=0))
+
+    def __enter__(self) -> PlateWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _omero(channels: list[str], image: np.ndarray) -> dict:
+    lo, hi = float(np.min(image)), float(np.max(image))
+    window = {"min": lo, "max": hi, "start": lo, "end": hi}
+    return {"channels": [{"label": n, "active": True, "window": window} for n in channels]}
+
+
+# ------------------------------------------------------------------------------- statistics
+def field_sketch(plane: np.ndarray) -> dict:
+    """Mean, standard deviation and quantile sketch (``GRID`` percentiles) of one 2D plane."""
+    flat = np.asarray(plane, np.float64).ravel()
+    return {"mean": float(flat.mean()), "std": float(flat.std()), "q": np.percentile(flat, GRID).tolist()}
+
+
+def preprocess(path: str | Path, progress: bool = True) -> int:
+    """Compute and store every field's per-channel, per-plane statistics (one pass, one plane in memory).
+
+    Also stores the whole plate's pooled statistics in the plate's attributes (``labelling.stats``), for
+    information; training computes its ``fixed`` statistics from the training fields only.
+    Returns the number of fields.
+    """
+    from tqdm import tqdm
+
+    plate = Plate(path, mode="r+")
+    pooled: dict[str, list[dict]] = {}
+    for field in tqdm(plate.fields, desc="fields", unit="field", disable=not progress):
+        array, names = plate.array(field), plate.channels(field)
+        stats = {}
+        for c, name in enumerate(names):
+            per_plane = [field_sketch(array[0, c, z]) for z in range(array.shape[2])]
+            stats[name] = {k: [p[k] for p in per_plane] for k in ("mean", "std", "q")}
+            pooled.setdefault(name, []).append(stats[name])
+        plate.update_attrs(field, stats=stats, grid=GRID.tolist())
+    summary = {name: {"mean": float(np.mean([s["mean"] for s in items])),
+                      "fixed_percentile": list(map(float, pooled_stats(items, 0)))}
+               for name, items in pooled.items()}
+    plate.root.attrs[KEY] = {**dict(plate.root.attrs.get(KEY, {})), "stats": summary, "fields": len(plate.fields)}
+    return len(plate.fields)
+
+
+def plane_stats(sketch: dict, z: int, method: str) -> tuple[float, float]:
+    """``(offset, scale)`` of one plane for a per-image normalization, as ``norm_stats`` computes it."""
+    q = sketch["q"][z]
+    if method == "percentile":
+        lo, hi = _quantile(q, 1.0), _quantile(q, 99.8)
+        off, scale = lo, hi - lo
+    elif method == "zscore":
+        off, scale = sketch["mean"][z], sketch["std"][z]
+    elif method == "minmax":
+        off, scale = q[0], q[-1] - q[0]
+    elif method == "none":
+        off, scale = 0.0, 1.0
+    else:
+        raise ValueError(f"unknown per-image normalization '{method}'")
+    return float(off), float(max(scale, 1e-6))
+
+
+def _quantile(q: list[float], percent: float) -> float:
+    return float(np.interp(percent, GRID, q))
+
+
+def pooled_stats(sketches: list[dict], z: int, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
+    """Percentile ``(offset, scale)`` of the pixels of several fields pooled (``fixed`` normalization).
+
+    Each field's distribution is the piecewise-linear CDF through its sketch; the pooled CDF is their
+    average (equal weight per field, like :func:`~labelling.data.transforms.dataset_stats`), inverted by
+    bisection.
+    """
+    qs = np.array([s["q"][z] for s in sketches], float)
+
+    def cdf(v: float) -> float:
+        return float(np.mean([np.interp(v, q, GRID) for q in qs]))
+
+    def inverse(percent: float) -> float:
+        lo, hi = float(qs[:, 0].min()), float(qs[:, -1].max())
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cdf(mid) < percent else (lo, mid)
+        return (lo + hi) / 2
+
+    a, b = inverse(low), inverse(high)
+    return a, max(b - a, 1e-6)

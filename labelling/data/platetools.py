@@ -1,0 +1,109 @@
+"""Make HCS OME-Zarr plates: a simulated plate, or a folder of TIFFs converted.
+
+``labelling simulate --plate`` and ``labelling convert`` call these. Both write field by field (constant
+memory) and then store the per-field statistics (:func:`labelling.data.plate.preprocess`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from labelling.data import plate as plates
+from labelling.errors import ConfigError, ImageError
+
+
+def well_position(name: str, index: int) -> tuple[str, str]:
+    """(row, column) of a well name: ``C12`` -> (``C``, ``12``), ``A01`` -> (``A``, ``1``).
+
+    Other names get row ``A`` and column ``index + 1`` (the original name is kept in the field's attributes).
+    """
+    found = re.fullmatch(r"([A-Za-z]{1,2})0*(\d+)", name)
+    return (found[1].upper(), found[2]) if found else ("A", str(index + 1))
+
+
+def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, size: int = 256,
+             planes: int = 1, progress: bool = True) -> plates.Plate:
+    """Write a simulated plate: brightfield plus every organelle channel (and the true nucleus mask).
+
+    ``planes > 1`` writes a brightfield z-stack (defocused copies around the focal plane, plane
+    ``planes // 2`` in focus) for 2.5D models; fluorescence stays in the focal plane of every z.
+    """
+    from scipy import ndimage
+    from tqdm import tqdm
+
+    from labelling.data.simulate import CHANNELS, simulate_plate
+
+    names = ["brightfield", *CHANNELS, "nuclei_mask"]
+    with plates.PlateWriter(path, names, name=f"simulated_seed{seed}") as out:
+        fields_ = simulate_plate(seed, n_wells=wells, fields_per_well=fields, size=size)
+        for f in tqdm(fields_, desc="simulating", unit="field", disable=not progress):
+            row, column = well_position(f.well, 0)
+            bf = np.stack([ndimage.gaussian_filter(f.brightfield, abs(z - planes // 2)) if z != planes // 2
+                           else f.brightfield for z in range(planes)])
+            fluo = np.repeat(np.concatenate([f.fluorescence, (f.nuclei > 0)[None].astype(np.float32)])[:, None],
+                             planes, 1)
+            field = out.write(row, column, f.field, np.concatenate([bf[None], fluo]).astype(np.float32))
+            out_plate_attrs = {"phenotype": int(f.phenotype), "well_name": f.well}
+            out.root[field.path].attrs[plates.KEY] = out_plate_attrs
+    plates.preprocess(path, progress=progress)
+    return plates.Plate(path)
+
+
+def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str] | None = None,
+            progress: bool = True) -> plates.Plate:
+    """A folder of one-file-per-channel images -> an HCS OME-Zarr plate with channel names.
+
+    Args:
+        root: the image folder.
+        pattern: regular expression with named groups ``channel``, ``key`` (one field) and ``well``
+            (as for folder experiments); without ``well`` every field is its own well.
+        out: the plate to write (``.zarr``).
+        channels: channel values to keep, in order (default: every channel found, sorted).
+        progress: show a progress bar over fields.
+    """
+    from tqdm import tqdm
+
+    from labelling.data.readers import IMAGE_SUFFIXES, image_header, read_image
+
+    def read(path: Path) -> np.ndarray:  # (Z, Y, X): z-stacks are kept whole
+        return read_image(path, planes="all") if len(image_header(path)[0]) >= 3 else read_image(path)[None]
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if not str(out).endswith(".zarr"):
+        raise ConfigError(f"the plate must be a .zarr folder, got {out}")
+    rx = re.compile(pattern)
+    if "channel" not in rx.groupindex:
+        raise ConfigError(f"pattern {pattern!r} needs a named group (?P<channel>...)")
+    found: dict[str, dict[str, Path]] = defaultdict(dict)
+    well_of: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        m = rx.search(path.relative_to(root).as_posix()) if path.suffix.lower() in IMAGE_SUFFIXES else None
+        if m:
+            key = m["key"] if "key" in rx.groupindex else path.name.replace(m["channel"], "*")
+            found[key][m["channel"]] = path
+            well_of[key] = m.groupdict().get("well") or key
+    if not found:
+        raise FileNotFoundError(f"no file under {root} matches pattern {pattern!r}")
+    names = list(channels or sorted({c for chans in found.values() for c in chans}))
+    wells = sorted(set(well_of.values()))
+    fov_count: dict[str, int] = defaultdict(int)
+    with plates.PlateWriter(out, names, name=root.name) as writer:
+        for key in tqdm(sorted(found), desc="converting", unit="field", disable=not progress):
+            missing = [c for c in names if c not in found[key]]
+            if missing:
+                raise ImageError(f"{root}/{key}: missing channel(s) {missing}; found {sorted(found[key])}")
+            image = np.stack([read(found[key][c]) for c in names])
+            well = well_of[key]
+            row, column = well_position(well, wells.index(well))
+            field = writer.write(row, column, fov_count[well], image)
+            fov_count[well] += 1
+            writer.root[field.path].attrs[plates.KEY] = {"source": key, "well_name": well,
+                                                          "files": [str(found[key][c]) for c in names]}
+    plates.preprocess(out, progress=progress)
+    return plates.Plate(out)
