@@ -86,6 +86,41 @@ def read_upload(name: str, data: bytes, channel: int | None = None, rgb: str | N
     return img
 
 
+def plate_fields(path: str | Path) -> list[str]:
+    """Field paths (``A/1/0``) of an HCS OME-Zarr plate, for the page's field chooser."""
+    from labelling.data.plate import Plate
+
+    try:
+        return [f.path for f in Plate(path).fields]
+    except ImageError as err:
+        raise UploadError(str(err)) from None
+
+
+def read_plate_field(task, path: str | Path, field: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(raw input as the model takes it, the field's real target channels or None) of one plate field.
+
+    The input is read exactly as ``labelling predict RUN PLATE`` reads it (the model's channels and planes);
+    a one-channel model gets a 2D image like an upload.
+    """
+    from labelling.data.plate import Field, Plate
+    from labelling.errors import ConfigError
+    from labelling.platepredict import input_layout
+    from labelling.predict import deployment
+
+    plate = Plate(path)
+    chosen = Field(field, field.rsplit("/", 1)[0])
+    if chosen not in plate.fields:
+        raise UploadError(f"{path} has no field {field}")
+    try:
+        names, planes, plane = input_layout(task, plate, chosen)
+    except ConfigError as err:
+        raise UploadError(str(err)) from None
+    image = plate.read(chosen, names, planes)
+    targets = [t for t in deployment(task).get("targets") or [] if t in plate.channels(chosen)]
+    real = plate.read(chosen, targets, [min(plane, plate.shape(chosen)[2] - 1)]) if targets else None
+    return (image[0] if len(image) == 1 else image), real
+
+
 def drift_reference(task, cfg, run_dir: Path, crop: int, n: int = 128) -> dict | None:
     """The per-image drift reference of a run (cached in the run folder) or of an exported model.
 

@@ -40,15 +40,30 @@ except Exception as err:  # a broken checkpoint is a message, not a stack trace
     streamlit.stop()
 streamlit.sidebar.write(f"experiment **{cfg.name}** - data `{cfg.data.name}` - loss `{cfg.loss.name}`")
 
-upload = streamlit.file_uploader("Brightfield image (TIFF or PNG)", type=["tif", "tiff", "png"])
-if upload is None:
-    streamlit.info("Waiting for an image.")
-    streamlit.stop()
-try:
-    image = logic.read_upload(upload.name, upload.getvalue(), task=task)
-except logic.UploadError as err:
-    streamlit.error(f"Rejected: {err}")
-    streamlit.stop()
+real = None
+source = streamlit.radio("Image source", ["upload an image", "a field of an HCS OME-Zarr plate"], horizontal=True)
+if source.startswith("upload"):
+    upload = streamlit.file_uploader("Brightfield image (TIFF or PNG)", type=["tif", "tiff", "png"])
+    if upload is None:
+        streamlit.info("Waiting for an image.")
+        streamlit.stop()
+    try:
+        image = logic.read_upload(upload.name, upload.getvalue(), task=task)
+    except logic.UploadError as err:
+        streamlit.error(f"Rejected: {err}")
+        streamlit.stop()
+else:
+    plate_path = streamlit.text_input("Plate (a .zarr folder or s3:// URL)", os.environ.get("LABELLING_PLATE", ""))
+    if not plate_path:
+        streamlit.info("Waiting for a plate path.")
+        streamlit.stop()
+    try:
+        fields = logic.plate_fields(plate_path)
+        field = streamlit.selectbox("Field", fields)
+        image, real = logic.read_plate_field(task, plate_path, field)
+    except logic.UploadError as err:
+        streamlit.error(f"Rejected: {err}")
+        streamlit.stop()
 
 bar = streamlit.progress(0.0, text="starting")
 result = logic.analyse(task, cfg, run, image, tile=tile, progress=lambda f, text: bar.progress(f, text=text))
@@ -80,6 +95,15 @@ if len(pred) > 1:  # several organelles: shown together, one colour each
     streamlit.image(logic.to_png_bytes(composite(pred)), caption="predicted together: " + ", ".join(
         f"{n} ({c})" for n, c in zip(names, ("blue", "green", "magenta", "yellow", "cyan", "red"))),
         use_container_width=True)
+if real is not None:  # a plate field with its real stain: the two side by side, and their agreement
+    from labelling.analysis.downstream import _pearson  # noqa: E402
+
+    cols = streamlit.columns(2)
+    cols[0].image(logic.to_png_bytes(logic.overlay(shown * 0, real[0])), caption=f"real {target}",
+                  use_container_width=True)
+    cols[1].image(logic.to_png_bytes(logic.overlay(shown * 0, pred[0])), caption=f"predicted {target}",
+                  use_container_width=True)
+    streamlit.metric("pixel Pearson r (predicted vs real)", f"{_pearson(real[0].ravel(), pred[0].ravel()):.3f}")
 streamlit.subheader("Downstream metrics (predicted)")
 streamlit.table({"metric": list(metrics), "value": [f"{v:.4g}" for v in metrics.values()]})
 streamlit.caption(f"objects found: {int(metrics['count'])}")

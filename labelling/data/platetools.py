@@ -25,6 +25,16 @@ def well_position(name: str, index: int) -> tuple[str, str]:
     return (found[1].upper(), found[2]) if found else ("A", str(index + 1))
 
 
+def source_dtype(path: Path) -> np.dtype:
+    """The pixel type a TIFF stores (so a converted plate is no larger than its source); float32 otherwise."""
+    import tifffile
+
+    if path.suffix.lower() in (".tif", ".tiff"):
+        with tifffile.TiffFile(path) as tif:
+            return tif.series[0].dtype
+    return np.dtype(np.float32)
+
+
 def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, size: int = 256,
              planes: int = 1, progress: bool = True) -> plates.Plate:
     """Write a simulated plate: brightfield plus every organelle channel (and the true nucleus mask).
@@ -86,8 +96,10 @@ def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str]
         m = rx.search(path.relative_to(root).as_posix()) if path.suffix.lower() in IMAGE_SUFFIXES else None
         if m:
             key = m["key"] if "key" in rx.groupindex else path.name.replace(m["channel"], "*")
+            well = m.groupdict().get("well") or key
+            key = key if key.startswith(well) or well == key else f"{well}_{key}"  # fields of different wells stay apart
             found[key][m["channel"]] = path
-            well_of[key] = m.groupdict().get("well") or key
+            well_of[key] = well
     if not found:
         raise FileNotFoundError(f"no file under {root} matches pattern {pattern!r}")
     names = list(channels or sorted({c for chans in found.values() for c in chans}))
@@ -98,7 +110,7 @@ def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str]
             missing = [c for c in names if c not in found[key]]
             if missing:
                 raise ImageError(f"{root}/{key}: missing channel(s) {missing}; found {sorted(found[key])}")
-            image = np.stack([read(found[key][c]) for c in names])
+            image = np.stack([read(found[key][c]) for c in names]).astype(source_dtype(found[key][names[0]]))
             well = well_of[key]
             row, column = well_position(well, wells.index(well))
             field = writer.write(row, column, fov_count[well], image)
