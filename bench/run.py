@@ -6,6 +6,8 @@
    overlap and Gaussian blending (ratio > 1: ours is faster), plus their max difference.
 4. Data loader crops/s versus what training consumes.
 5. Online drift update cost early vs late in a long stream (must stay flat).
+6. Plates (``bench/plate.py``): peak training RSS on 16 vs 256 simulated fields, Zarr loader vs training
+   crops/s, whole-plate prediction megapixels/s with 1 and 2 processes.
 """
 
 from __future__ import annotations
@@ -172,6 +174,10 @@ def write_report(r: dict, path: Path) -> None:
               f"## Online drift update (d={dr['dim']}, window {dr['window']}, {dr['n_ref']} reference samples)", "",
               f"Median update: {dr['early_us']:.0f} us early in the stream, {dr['late_us']:.0f} us after 10,000 images "
               f"(ratio {dr['late_over_early']:.2f}: constant in the stream length).", ""]
+    if "plate" in r:
+        from plate import markdown as plate_markdown  # bench/plate.py, next to this script
+
+        lines += plate_markdown(r["plate"])
     path.write_text("\n".join(lines))
 
 
@@ -179,6 +185,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    p.add_argument("--no-plate", action="store_true", help="skip the plate figures (minutes)")
     args = p.parse_args()
     torch.manual_seed(0)
     r = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__}
@@ -187,6 +194,10 @@ def main() -> None:
     r["inference"] = inference_vs_monai(size=512 if args.quick else 1024)
     r["loader"] = loader_vs_training(r["training"]["fp32"]["crops_per_s"], batches=8 if args.quick else 30)
     r["drift"] = drift_update_cost(stream=2000 if args.quick else 10000)
+    if not args.no_plate:
+        from plate import plate_bench  # bench/plate.py, next to this script
+
+        r["plate"] = plate_bench(r["training"]["fp32"]["crops_per_s"], sizes=(16, 64 if args.quick else 256))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(r, indent=2))

@@ -255,3 +255,22 @@ def test_app_reads_a_plate_field_like_predict(plate_run):
         logic.read_plate_field(task, path, "H/12/0")
     with pytest.raises(logic.UploadError, match="not an HCS"):
         logic.plate_fields(str(path) + "/A/1")
+
+
+def test_a_plate_behind_an_fsspec_url_is_read_like_a_folder(tmp_path):
+    """s3:// plates go through zarr's fsspec store; the in-memory filesystem exercises the same path offline."""
+    import os
+
+    import fsspec
+
+    local = platetools.simulate(tmp_path / "P.zarr", wells=2, fields=1, size=64, progress=False)
+    fs = fsspec.filesystem("memory")
+    for folder, _, files in os.walk(local.path):
+        for name in files:
+            full = os.path.join(folder, name)
+            fs.pipe(f"/url_test/P.zarr/{os.path.relpath(full, local.path)}", Path(full).read_bytes())
+    remote = plates.Plate("memory://url_test/P.zarr")
+    assert [f.path for f in remote.fields] == [f.path for f in local.fields]
+    np.testing.assert_array_equal(remote.read(remote.fields[1], ["nuclei"], rows=slice(3, 40)),
+                                  local.read(local.fields[1], ["nuclei"], rows=slice(3, 40)))
+    assert remote.sketch(remote.fields[0], "brightfield") == local.sketch(local.fields[0], "brightfield")

@@ -55,8 +55,12 @@ class PlateField(_Opened):
 
     def region(self, rows: slice = slice(None), cols: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Normalized (input, target) of a region, reading only its chunks."""
-        x = self.plate.read(self.field, self.inputs, self.planes, rows, cols)
-        y = self.plate.read(self.field, self.targets, [self.target_plane], rows, cols)
+        if self.planes == [self.target_plane]:  # 2D: inputs and targets in one read
+            both = self.plate.read(self.field, self.inputs + self.targets, self.planes, rows, cols)
+            x, y = both[:len(self.inputs)], both[len(self.inputs):]
+        else:
+            x = self.plate.read(self.field, self.inputs, self.planes, rows, cols)
+            y = self.plate.read(self.field, self.targets, [self.target_plane], rows, cols)
         return _norm(x, self.input_stats), _norm(y, self.target_stats)
 
     @property
@@ -83,10 +87,17 @@ def _norm(x: np.ndarray, stats: np.ndarray) -> np.ndarray:
 
 
 class PlateCrops(Dataset):
-    """`length` random training crops per epoch, each read from the plate's chunks, augmented as usual."""
+    """`length` random training crops per epoch read from the plate's chunks, augmented as usual.
 
-    def __init__(self, fields: list[PlateField], length: int, augment: PairedAugment, seed: int = 0):
+    Each read takes a random region twice the crop's side and `crops_per_read` crops are cut from it at
+    random places (VisCy samples several patches per read likewise): a zarr read costs about a millisecond
+    per chunk file, far more than cutting a crop, and neighbouring crops share chunks.
+    """
+
+    def __init__(self, fields: list[PlateField], length: int, augment: PairedAugment, seed: int = 0,
+                 crops_per_read: int = 4):
         self.fields, self.length, self.augment, self.seed = fields, length, augment, seed
+        self.crops_per_read, self.buffer, self.left = max(1, int(crops_per_read)), None, 0
         self.shapes = [f.shape for f in fields]
         area = np.array([h * w for h, w in self.shapes], float)
         self.weights = area / area.sum()  # every pixel equally likely, whatever the field sizes
@@ -105,14 +116,21 @@ class PlateCrops(Dataset):
             seed = [self.seed, rank, (info.seed % 2**31) if info else 0]
             self.rng = np.random.default_rng(seed)
             self.augment.reseed(int(np.random.default_rng(seed).integers(2**31)))
+            self.left = 0
         s = self.augment.source
-        k = int(self.rng.choice(len(self.fields), p=self.weights))
-        H, W = self.shapes[k]
-        if H < s or W < s:
-            raise ConfigError(f"field {self.fields[k].key} is {H}x{W}, smaller than the training crop {s}")
-        top, left = int(self.rng.integers(H - s + 1)), int(self.rng.integers(W - s + 1))
-        x, y = self.fields[k].region(slice(top, top + s), slice(left, left + s))
-        xc, yc = self.augment(x, y)
+        if self.left == 0:  # a new region: random field (by area), random place
+            k = int(self.rng.choice(len(self.fields), p=self.weights))
+            H, W = self.shapes[k]
+            if H < s or W < s:
+                raise ConfigError(f"field {self.fields[k].key} is {H}x{W}, smaller than the training crop {s}")
+            h, w = min(H, 2 * s), min(W, 2 * s)
+            top, left = int(self.rng.integers(H - h + 1)), int(self.rng.integers(W - w + 1))
+            self.buffer, self.left = (k, *self.fields[k].region(slice(top, top + h), slice(left, left + w))), \
+                self.crops_per_read
+        k, x, y = self.buffer
+        self.left -= 1
+        top, left = int(self.rng.integers(x.shape[1] - s + 1)), int(self.rng.integers(x.shape[2] - s + 1))
+        xc, yc = self.augment(x[:, top:top + s, left:left + s], y[:, top:top + s, left:left + s])
         return to_batch(xc, yc, self.fields[k].input_stats, self.fields[k].target_stats, k)
 
 
@@ -146,13 +164,14 @@ class PlateDataModule(FluorescenceDataModule):
         planes: z planes of the inputs used as input channels (2.5D): an index, list or range ``"2:5"``.
         target_plane: the targets' z plane (default: the middle of `planes`).
         wells: wells to use (``A/1``, ``A1`` or regular expressions); default all.
+        crops_per_read: training crops cut from each region read from the store (see :class:`PlateCrops`).
         **kw: everything :class:`~labelling.data.datamodule.FluorescenceDataModule` takes (crop,
             batch_size, normalize, split_by, val/test fractions or groups, augment, num_workers, seed).
     """
 
     def __init__(self, path: str, inputs: list[str] | None = None, targets: list[str] | None = None,
                  planes: int | str | list[int] | None = None, target_plane: int | None = None,
-                 wells: list[str] | None = None, **kw):
+                 wells: list[str] | None = None, crops_per_read: int = 4, **kw):
         for key, bad, why in (("target_transform", "none", "store the transformed target as a plate channel"),
                               ("foreground_crops", 0, "use uniform crops"), ("cascade", None, "")):
             if kw.get(key) not in (None, bad) and kw.get(key):
@@ -162,7 +181,7 @@ class PlateDataModule(FluorescenceDataModule):
                               "(set data.augment.corrupt_p=0)")
         kw.setdefault("normalize", "fixed")  # dataset-level statistics: the real-data default (sparse fields)
         super().__init__(organelle="nuclei", **kw)
-        self.path = str(path)
+        self.path, self.crops_per_read = str(path), crops_per_read
         self.opened = plates.Plate(self.path)  # fails now on a missing or foreign store, not mid-training
         self.inputs, self.targets = list(inputs or ["brightfield"]), list(targets or ["nuclei"])
         self.planes = parse_planes(planes, None, "data.planes") if planes is not None else [0]
@@ -232,7 +251,7 @@ class PlateDataModule(FluorescenceDataModule):
 
     def train_dataloader(self):
         aug = PairedAugment(self.crop, seed=self.seed, **self.augment_args)
-        return self._loader(PlateCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed), shuffle=False)
+        return self._loader(PlateCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed, self.crops_per_read))
 
     def val_dataloader(self):
         return self._loader(PlateGridCrops(self.splits["val"], self.val_crop))

@@ -36,7 +36,7 @@ def source_dtype(path: Path) -> np.dtype:
 
 
 def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, size: int = 256,
-             planes: int = 1, progress: bool = True) -> plates.Plate:
+             planes: int = 1, progress: bool = True, chunk: int = 256) -> plates.Plate:
     """Write a simulated plate: brightfield plus every organelle channel (and the true nucleus mask).
 
     ``planes > 1`` writes a brightfield z-stack (defocused copies around the focal plane, plane
@@ -48,7 +48,7 @@ def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, s
     from labelling.data.simulate import CHANNELS, simulate_plate
 
     names = ["brightfield", *CHANNELS, "nuclei_mask"]
-    with plates.PlateWriter(path, names, name=f"simulated_seed{seed}") as out:
+    with plates.PlateWriter(path, names, chunk=chunk, name=f"simulated_seed{seed}") as out:
         fields_ = simulate_plate(seed, n_wells=wells, fields_per_well=fields, size=size)
         for f in tqdm(fields_, desc="simulating", unit="field", disable=not progress):
             row, column = well_position(f.well, 0)
