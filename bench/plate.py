@@ -21,10 +21,14 @@ TRAIN = ["trainer.max_epochs=1", "data.crops_per_epoch=512", "data.val_crop=128"
 
 
 def peak_rss_training(plate: Path, run_dir: Path) -> float:
-    """Peak resident memory (MB) of a process that trains one epoch on `plate`."""
-    code = ("import resource, sys\nfrom labelling.train import fit\n"
+    """Peak resident memory (MB) of a process that trains one epoch on `plate`.
+
+    VmHWM, not ``getrusage``: Linux carries a forking parent's peak RSS across ``exec`` into ``ru_maxrss``.
+    """
+    code = ("from labelling.train import fit\n"
             f"fit('nuclei_mse', ['data.name=plate', 'data.path={plate}', *{TRAIN!r}], run_dir={str(run_dir)!r})\n"
-            "print('RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            "print('RSS_KB', peak.split()[1])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     return int(out.split("RSS_KB")[-1].split()[0]) / 1024
 

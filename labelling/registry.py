@@ -63,6 +63,7 @@ TABLES: dict[str, dict[str, str]] = {
         "training_studies": "labelling.callbacks.analyses:TrainingStudies",
         "cost": "labelling.callbacks.analyses:TrainingCost",
         "early_stopping": "lightning.pytorch.callbacks:EarlyStopping",
+        "ema": "lightning.pytorch.callbacks:EMAWeightAveraging",  # validate, save and deploy averaged weights
     },
 }
 

@@ -108,7 +108,8 @@ def attach_deployment(dm, task) -> None:
                    "channels": getattr(dm, "channels", None),  # plate channel names (plate data)
                    "cascade": list(getattr(dm, "cascade", None) or [])}
     task.cascade = dm.cascade_tasks if task.deploy["cascade"] else []
-    stats = dm.target_stats if dm.norm == "fixed" else np.mean([im.target_stats for im in train], 0)
+    fixed = getattr(dm, "target_norm", dm.norm) == "fixed"
+    stats = dm.target_stats if fixed else np.mean([im.target_stats for im in train], 0)
     task.target_stats.copy_(torch.as_tensor(stats, dtype=torch.float32))
     task.input_stats.copy_(torch.as_tensor(dm.input_stats, dtype=torch.float32))
     task.null_level.copy_(torch.as_tensor(dm.null_level(), dtype=torch.float32))

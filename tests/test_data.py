@@ -261,3 +261,15 @@ def test_denoising_target_transforms_bring_a_noisy_golgi_target_closer_to_the_cl
     out = TARGET_TRANSFORMS[name](noisy)
     assert out.shape == noisy.shape and out.dtype == np.float32
     assert np.abs(out - clean).mean() < 0.7 * np.abs(noisy - clean).mean()
+
+
+def test_inputs_per_image_and_targets_dataset_level_normalization():
+    """normalize=zscore with target_normalize=fixed: each input on its own statistics, targets on the training set's."""
+    dm = small_dm(normalize="zscore", target_normalize="fixed")
+    images = [im for split in ("train", "val", "test") for im in dm.splits[split]]
+    assert all(np.array_equal(im.target_stats, dm.target_stats) for im in images)
+    means = [im.input.mean() for im in images]
+    assert np.allclose(means, 0, atol=1e-4) and len({tuple(im.input_stats.ravel()) for im in images}) == len(images)
+    np.testing.assert_allclose(images[0].raw_target(), small_dm().splits["train"][0].raw_target(), rtol=1e-4, atol=1e-2)
+    with pytest.raises(ValueError, match="normalization"):
+        small_dm(target_normalize="fixd")

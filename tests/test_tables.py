@@ -206,3 +206,19 @@ def test_folder_data_with_two_targets_completes_a_fit(tiny, tmp_path):
     metrics = fit(config.validate(cfg), run_dir=tmp_path / "run")
     assert np.isfinite(metrics["test/pcc"]) and np.isfinite(metrics["test/downstream/pixel_pearson"])
     assert len(list((tmp_path / "run" / "panels").glob("*.png"))) >= 1
+
+
+def test_ema_checkpoints_hold_the_averaged_weights_and_deploy_them(tiny, tmp_path):
+    """callbacks: [{name: ema}]: validation, checkpoints and predict use the exponential moving average."""
+    from labelling.build import load_task
+    from labelling.checkpoints import check_checkpoint
+
+    cfg = config.to_dict(config.load("nuclei_mse", tiny + ["trainer.max_epochs=2", "test=false"]))
+    cfg["callbacks"] = [{"name": "ema", "decay": 0.5}]
+    fit(config.validate(cfg), run_dir=tmp_path / "run")
+    ckpt = check_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")  # the one a run deploys
+    averaged, current = ckpt["state_dict"], ckpt["current_model_state"]
+    weights = [k for k in averaged if k.startswith("net.") and averaged[k].is_floating_point()]
+    assert weights and any(not torch.equal(averaged[k], current[k]) for k in weights)
+    task, _ = load_task(tmp_path / "run")
+    assert all(torch.equal(task.state_dict()[k], averaged[k]) for k in weights)

@@ -259,6 +259,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         normalize: normalization of input and target: per image (``percentile``, ``zscore``, ``minmax``,
             ``none``) or ``fixed`` (percentile statistics of the whole training split, stored with the
             model: contrast and brightness changes of the microscope then reach the network).
+        target_normalize: the targets' normalization when it differs from the input's (e.g. inputs
+            ``zscore`` per image against illumination changes, targets ``fixed`` to keep intensity units).
         target_transform: ``none``, ``rolling_ball``, ``golgi_enhance`` or ``gfp_mask`` (binary, not normalized).
         augment: dict for :class:`PairedAugment` (flip, rotate, scale, corrupt_p, max_severity).
         foreground_crops: share of training crops drawn to contain stained foreground (at least 2 % of the
@@ -271,7 +273,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
     def __init__(self, organelle: str | list[str] = "nuclei", crop: int = 64, val_crop: int | None = None,
                  batch_size: int = 16,
                  crops_per_epoch: int = 512, val_fraction: float = 0.25, test_fraction: float = 0.25,
-                 split_by: str = "well", normalize: str = "percentile", target_transform: str = "none",
+                 split_by: str = "well", normalize: str = "percentile", target_normalize: str | None = None,
+                 target_transform: str = "none",
                  augment: dict | None = None, foreground_crops: float = 0.0, num_workers: int = 0, seed: int = 0,
                  test_groups: list[str] | None = None, val_groups: list[str] | None = None,
                  n_wells: int = 16, fields_per_well: int = 6, field_size: int = 256, cascade: list[str] | None = None):
@@ -282,8 +285,10 @@ class FluorescenceDataModule(lightning.LightningDataModule):
                 raise unknown("organelle", o, CHANNELS)
         if target_transform not in preprocess.TARGET_TRANSFORMS:
             raise unknown("target_transform", target_transform, preprocess.TARGET_TRANSFORMS)
-        if normalize not in NORMALIZATIONS:
-            raise unknown("normalization", normalize, NORMALIZATIONS)
+        for method in (normalize, target_normalize or normalize):
+            if method not in NORMALIZATIONS:
+                raise unknown("normalization", method, NORMALIZATIONS)
+        self.target_norm = target_normalize or normalize
         if split_by not in ("well", "field"):
             raise ValueError(f"split_by must be 'well' or 'field', got {split_by!r}")
         self.crop, self.batch_size, self.crops_per_epoch = crop, batch_size, crops_per_epoch
@@ -360,10 +365,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
     def prepare_image(self, x: np.ndarray, y: np.ndarray, group: str, key: str, extra=None) -> Image:
         """Normalize one raw pair (the target already transformed) with this module's normalization."""
         x = np.asarray(x, np.float32)
-        if self.norm == "fixed":
-            xs, ys = self.input_stats, self.target_stats
-        else:
-            xs, ys = norm_stats(x, self.norm), norm_stats(y, self.norm)
+        xs = self.input_stats if self.norm == "fixed" else norm_stats(x, self.norm)
+        ys = self.target_stats if self.target_norm == "fixed" else norm_stats(y, self.target_norm)
         if self.binary_target:
             ys = norm_stats(y, "none")
         return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra,

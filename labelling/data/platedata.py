@@ -217,10 +217,11 @@ class PlateDataModule(FluorescenceDataModule):
     def out_channels(self) -> int:
         return len(self.targets)
 
-    def _stats(self, sketches: list[dict], rows: list[tuple[str, int]], field=None) -> np.ndarray:
-        if self.norm == "fixed":
+    @staticmethod
+    def _stats(method: str, sketches: list[dict], rows: list[tuple[str, int]], field=None) -> np.ndarray:
+        if method == "fixed":
             return np.array([plates.pooled_stats([s[c] for s in sketches], z) for c, z in rows], np.float32)
-        return np.array([plates.plane_stats(field[c], z, self.norm) for c, z in rows], np.float32)
+        return np.array([plates.plane_stats(field[c], z, method) for c, z in rows], np.float32)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -235,12 +236,12 @@ class PlateDataModule(FluorescenceDataModule):
         in_rows = [(c, z) for c in self.inputs for z in self.planes]
         out_rows = [(c, self.target_plane) for c in self.targets]
         train = [s for s, g in zip(sketches, groups) if where[g] == "train"]
-        self.input_stats, self.target_stats = self._stats(train, in_rows), self._stats(train, out_rows)
+        self.input_stats, self.target_stats = self._stats("fixed", train, in_rows), self._stats("fixed", train, out_rows)
         self.means = np.array([[s[c]["mean"][z] for c, z in out_rows] for s in train])
         self.splits = {"train": [], "val": [], "test": []}
         for f, s, g, m in zip(self.fields, sketches, groups, meta):
-            xs = self.input_stats if self.norm == "fixed" else self._stats([], in_rows, s)
-            ys = self.target_stats if self.norm == "fixed" else self._stats([], out_rows, s)
+            xs = self.input_stats if self.norm == "fixed" else self._stats(self.norm, [], in_rows, s)
+            ys = self.target_stats if self.target_norm == "fixed" else self._stats(self.target_norm, [], out_rows, s)
             extra = {"well": f.well, "field": f.path, **({"phenotype": m["phenotype"]} if "phenotype" in m else {})}
             self.splits[where[g]].append(PlateField(self.path, f, self.inputs, self.planes, self.targets,
                                                     self.target_plane, xs, ys, g, extra))
