@@ -89,10 +89,11 @@ def predict_field(task, plate: plates.Plate, field: plates.Field, out: plates.Pl
                   and bin_factor((1, height, width), dep.get("max_size", 0)) == 1)
     if streamable:
         xs = input_stats(task, plate, field, names, planes)
-        predict.predict_tiled_rows(task.predict, lambda a, b: normalize(plate.read(field, names, planes, slice(a, b)), xs),
+        predict.predict_tiled_rows(predict.tile_model(task), lambda a, b: normalize(plate.read(field, names, planes, slice(a, b)), xs),
                                    height, width, lambda a, b, rows: store(a, b, rows if stats is None else
                                                                            denormalize(rows, stats)),
-                                   tile=size, overlap=overlap, blend=blend, batch_size=batch_size)
+                                   tile=size, overlap=overlap, blend=blend, batch_size=batch_size,
+                                   device=predict._device(task.predict))
     else:  # binned, cascaded or smaller than a tile: the whole field in memory, through predict()
         y = predict.predict(task, plate.read(field, names, planes), tile=tile, overlap=overlap, blend=blend,
                             batch_size=batch_size, name=field.path)

@@ -21,6 +21,9 @@ never from the image being predicted beyond its own input pixels:
 * ``null_level`` buffer - the mean training target intensity per channel: the null ("blind") predictor
   every downstream score is compared with.
 
+* ``deploy["tta"]`` - test-time augmentation: each tile's output is the average over its 8 flips and
+  90-degree rotations, mapped back (:func:`tile_model`); 8x the inference cost.
+
 Tiles overlap by a fraction of their size and are blended with a window that is highest in the centre
 (Gaussian like MONAI's, sigma = tile/8, or linear), so tile borders - where the net sees least context -
 contribute least and no seam shows.
@@ -114,7 +117,7 @@ def predict_tiled(model, image: np.ndarray, tile: int = 256, overlap: float = 0.
 
 @torch.no_grad()
 def predict_tiled_rows(model, read, height: int, width: int, write, tile: int = 256, overlap: float = 0.25,
-                       blend: str = "gaussian", batch_size: int = 8) -> None:
+                       blend: str = "gaussian", batch_size: int = 8, device=None) -> None:
     """:func:`predict_tiled` streamed row band by row band: memory grows with the width, not the field.
 
     The tiles, windows and sums are those of :func:`predict_tiled` on the whole image, so the result is the
@@ -130,13 +133,14 @@ def predict_tiled_rows(model, read, height: int, width: int, write, tile: int = 
         overlap: fraction of a tile shared with each neighbour.
         blend: tile blending window.
         batch_size: tiles per forward pass.
+        device: where to run (default: the model's).
     """
     if height < tile or width < tile:
         raise ValueError(f"streamed tiling needs a field of at least one tile ({tile}), got {height}x{width}")
     stride = max(1, int(round(tile * (1 - overlap))))
     window = blend_window(tile, blend)
     tops, lefts = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
-    device = _device(model)
+    device = device or _device(model)
     out = weight = None
     base = 0  # first row held in the accumulators
     for i, top in enumerate(tops):
@@ -308,8 +312,32 @@ def network_output(task, raw: np.ndarray, scale: float = 1.0, tile: int = 256, o
     raw = bin_image(raw, bin_factor(raw.shape, deployment(task).get("max_size", 0)))
     x = rescale(normalize_input(task, raw, normalization), scale)
     size = fit_tile(task.net, tile, max(x.shape[1:]))
-    y = predict_tiled(task.predict, x, tile=size, overlap=overlap, blend=blend, batch_size=batch_size)
+    y = predict_tiled(tile_model(task), x, tile=size, overlap=overlap, blend=blend, batch_size=batch_size,
+                      device=_device(task.predict))
     return rescale(y, 1.0, shape=(height, width)) if y.shape[1:] != (height, width) else y
+
+
+def tile_model(task):
+    """The callable that predicts batches of normalized square tiles.
+
+    ``task.predict``, or with ``deploy["tta"]`` its average over the 8 flips and 90-degree rotations of each
+    tile (each output mapped back).
+    """
+    if not deployment(task).get("tta"):
+        return task.predict
+
+    def averaged(x: torch.Tensor) -> torch.Tensor:
+        total = 0
+        for k in range(4):
+            for flip in (False, True):
+                view = torch.rot90(x, k, (2, 3))
+                view = view.flip(3) if flip else view
+                y = torch.as_tensor(task.predict(view))
+                y = y.flip(3) if flip else y
+                total = total + torch.rot90(y, -k, (2, 3))
+        return total / 8
+
+    return averaged
 
 
 def append_cascade(cascade: list, raw: np.ndarray, name: str = "image", **predict_args) -> np.ndarray:

@@ -192,6 +192,8 @@ def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None,
     torch.set_float32_matmul_precision("high")
     dm, task = build(cfg)
     attach_deployment(dm, task)
+    if hasattr(task, "deploy"):
+        task.deploy["tta"] = bool(cfg.tta)
     check_splits(cfg, dm)
 
     ckpt_dir = run_dir / "checkpoints"

@@ -274,3 +274,21 @@ def test_a_plate_behind_an_fsspec_url_is_read_like_a_folder(tmp_path):
     np.testing.assert_array_equal(remote.read(remote.fields[1], ["nuclei"], rows=slice(3, 40)),
                                   local.read(local.fields[1], ["nuclei"], rows=slice(3, 40)))
     assert remote.sketch(remote.fields[0], "brightfield") == local.sketch(local.fields[0], "brightfield")
+
+
+def test_a_z_range_of_a_plate_becomes_input_channels(tmp_path):
+    """2.5D from a plate: data.planes picks input planes; the target comes from the middle plane."""
+    from labelling.data.platedata import PlateDataModule
+
+    path = platetools.simulate(tmp_path / "Z.zarr", wells=4, fields=1, size=64, planes=5, progress=False).path
+    dm = PlateDataModule(path, planes="1:4", crop=32, batch_size=2, crops_per_epoch=4, normalize="zscore")
+    dm.setup("fit")
+    assert dm.planes == [1, 2, 3] and dm.target_plane == 2 and dm.in_channels == 3
+    assert dm.raw_input_names == ["brightfield_z1", "brightfield_z2", "brightfield_z3"]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input"].shape == (2, 3, 32, 32) and batch["target"].shape == (2, 1, 32, 32)
+    im = dm.splits["train"][0]
+    raw = dm.opened.array(im.field)
+    np.testing.assert_array_equal(im.raw_input()[0], raw[0, 0, 1])  # plane 1 of the brightfield stack
+    np.testing.assert_array_equal(im.raw_target()[0], raw[0, 1, 2])  # nuclei at the middle plane
+    assert not np.array_equal(im.raw_input()[0], im.raw_input()[1])  # defocus differs between planes

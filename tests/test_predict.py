@@ -181,3 +181,28 @@ def test_wandb_keys_of_per_channel_plots_do_not_overwrite_each_other(tmp_path):
     payload = wandb_payload({"agreement": pd.DataFrame({"a": [1]})}, plots, "test/downstream")
     assert {"test/downstream/nuclei/scatter_count", "test/downstream/er/scatter_count",
             "test/downstream/summary", "test/downstream/agreement"} <= payload.keys()
+
+
+def test_tta_averages_the_eight_flips_and_rotations_of_each_tile(net):
+    """deploy["tta"]: each tile's output is the group average over its 8 dihedral views, mapped back.
+
+    A group average is exactly equivariant: rotating or flipping the input rotates or flips the output,
+    which the plain net is not, and which a wrong back-mapping breaks.
+    """
+    task = make_task(net)
+    x = torch.nn.functional.avg_pool2d(torch.randn(2, 1, 32, 32), 3, 1, 1)
+    with torch.no_grad():
+        plain = task.predict(x)
+        task.deploy["tta"] = True
+        tta = predict.tile_model(task)
+        averaged = tta(x)
+        for k in (1, 2, 3):
+            torch.testing.assert_close(tta(torch.rot90(x, k, (2, 3))), torch.rot90(averaged, k, (2, 3)))
+        torch.testing.assert_close(tta(x.flip(3)), averaged.flip(3))
+        torch.testing.assert_close(tta(x.flip(2)), averaged.flip(2))
+        assert not torch.allclose(task.predict(torch.rot90(x, 1, (2, 3))), torch.rot90(plain, 1, (2, 3)), atol=1e-4)
+    image = np.random.default_rng(1).normal(1000, 100, size=(1, 96, 80)).astype(np.float32)
+    with_tta = predict.predict(task, image, tile=32)
+    task.deploy["tta"] = False
+    without = predict.predict(task, image, tile=32)
+    assert with_tta.shape == without.shape and not np.allclose(with_tta, without)
