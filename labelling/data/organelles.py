@@ -78,6 +78,7 @@ class FolderDataModule(FluorescenceDataModule):
     def __init__(self, root: str, pattern: str, inputs: list[str], targets: list[str],
                  spatial_blocks: int = 1, max_size: int = 0, planes: int | str | list[int] | None = None,
                  target_planes: int | str | list[int] | None = None, **kw):
+        kw.setdefault("normalize", "fixed")  # real data: dataset-level statistics survive sparse and dim fields
         super().__init__(organelle=kw.pop("organelle", "nuclei"), **kw)
         root = str(resolve_root(root))
         self.root, self.pattern = root, pattern
