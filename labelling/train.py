@@ -204,6 +204,7 @@ def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None,
     cbs += [registry.build("callback", c.name, **c.args) for c in cfg.callbacks]
     cbs += list(callbacks or [])
     trainer_args = {k: v for k, v in cfg.trainer.model_dump().items() if v is not None}
+    threads_before = torch.get_num_threads()  # restored on return: fit must not leave the process single-threaded
     set_threads(trainer_args.pop("threads", None), int(cfg.data.args.get("num_workers", 0) or 0))
     trainer = lightning.Trainer(default_root_dir=str(run_dir), logger=make_loggers(cfg, run_dir), callbacks=cbs,
                         **trainer_args)
@@ -225,6 +226,8 @@ def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None,
     except BaseException:
         _finish_wandb(trainer, None, exit_code=1)  # a pruned or crashed trial must not leak its W&B run
         raise
+    finally:
+        torch.set_num_threads(threads_before)
     metrics["fit_seconds"] = time.time() - start
     if trainer.is_global_zero:
         write_metrics(run_dir / "metrics.json", metrics)

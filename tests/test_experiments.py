@@ -269,6 +269,7 @@ def test_threads_setting_and_training_geometry_in_predict(tiny, tmp_path):
         torch.set_num_threads(before)
     run = tmp_path / "geo"
     fit("nuclei_mse", tiny + ["trainer.max_epochs=1", "trainer.threads=1", "callbacks=[]", "test=false"], run_dir=run)
+    assert torch.get_num_threads() == before  # fault: fit left the whole process on one thread
     task, _ = load_task(run)
     task.deploy["max_size"] = 32  # as if trained on fields binned to 32 px
     raw = np.random.default_rng(0).gamma(2, 300, (64, 64)).astype(np.float32)

@@ -150,8 +150,9 @@ def test_plate_round_trip_simulate_preprocess_train_predict(tmp_path):
         assert entry["complete"] and entry["normalize"] == "fixed" and entry["denormalize"]["scale"] > 0
     task, _ = load_task(run)
     f = plate.fields[5]  # the plate channel is what the single-image prediction path gives
-    np.testing.assert_allclose(plate.read(f, ["nuclei_predicted"]), predict.predict(task, plate.read(f, ["brightfield"])),
-                               rtol=1e-5, atol=1e-3)
+    expected = predict.predict(task, plate.read(f, ["brightfield"]))
+    # another process may pick other conv kernels (thread count): agree to 1e-4 of the output's range
+    np.testing.assert_allclose(plate.read(f, ["nuclei_predicted"]), expected, rtol=0, atol=1e-4 * np.ptp(expected))
     assert "8 already finished" in cli("predict", run, path)
     summary = cli("evaluate", run, "--plate", path)
     assert '"plate/fields": 8.0' in summary and '"plate/wells": 4.0' in summary
@@ -220,8 +221,8 @@ def test_two_process_cpu_ddp_predicts_each_field_exactly_once(plate_run, tmp_pat
     assert sorted({e["rank"] for e in entries}) == [0, 1]  # and both processes took their share
     task, _ = load_task(run)
     f = plate.fields[3]
-    np.testing.assert_allclose(plate.read(f, ["nuclei_predicted"]),
-                               predict.predict(task, plates.Plate(source).read(f, ["brightfield"])), rtol=1e-5, atol=1e-3)
+    expected = predict.predict(task, plates.Plate(source).read(f, ["brightfield"]))
+    np.testing.assert_allclose(plate.read(f, ["nuclei_predicted"]), expected, rtol=0, atol=1e-4 * np.ptp(expected))
 
 
 def test_plate_prediction_refuses_integer_plates_in_place_and_evaluation_needs_predictions(plate_run, tmp_path):
