@@ -69,13 +69,17 @@ def input_stats(task, plate: plates.Plate, field: plates.Field, names: list[str]
         return norm_stats(plate.read(field, names, planes), method)
 
 
-def predict_field(task, plate: plates.Plate, field: plates.Field, out: plates.Plate, out_field: plates.Field,
-                  indices: list[int], plane: int, channels: list[str] | None = None, tile: int = 256,
-                  overlap: float = 0.25, blend: str = "gaussian", batch_size: int = 8) -> int:
-    """Predict one field into channels `indices` (plane `plane`) of `out_field`; returns its pixel count."""
-    names, planes, _ = input_layout(task, plate, field, channels)
+def predict_field(task, plate: plates.Plate, field: plates.Field, out: plates.Plate, channels: list[str] | None = None,
+                  tile: int = 256, overlap: float = 0.25, blend: str = "gaussian", batch_size: int = 8) -> tuple[int, int]:
+    """Predict one field into its ``<target>_predicted`` channels of `out`; returns (pixel count, plane written).
+
+    The plane is the model's output plane (the middle of its input planes), or 0 in a one-plane plate.
+    """
+    names, planes, plane = input_layout(task, plate, field, channels)
+    plane = plane if out.shape(field)[2] > plane else 0
+    indices = out.channel_index(field, predicted_names(task))
     _, _, _, height, width = plate.shape(field)
-    array, stats = out.array(out_field), predict.output_stats(task)
+    array, stats = out.array(field), predict.output_stats(task)
     size = predict.fit_tile(task.net, tile, max(height, width))
 
     def store(top: int, bottom: int, y: np.ndarray) -> None:  # y in target units
@@ -98,7 +102,7 @@ def predict_field(task, plate: plates.Plate, field: plates.Field, out: plates.Pl
         y = predict.predict(task, plate.read(field, names, planes), tile=tile, overlap=overlap, blend=blend,
                             batch_size=batch_size, name=field.path)
         store(0, height, y)
-    return height * width
+    return height * width, plane
 
 
 # ------------------------------------------------------------------ Lightning: DDP over fields
@@ -153,11 +157,7 @@ class PlatePredictor(lightning.LightningModule):
         done = []
         for path in batch:
             field, start = plates.Field(path, path.rsplit("/", 1)[0]), time.perf_counter()
-            _, _, z, _, _ = out.shape(field)
-            _, _, plane = input_layout(self.task, plate, field, self.options.get("channels"))
-            indices = out.channel_index(field, predicted_names(self.task))
-            plane = plane if z > plane else 0  # a new plate holds one plane
-            pixels = predict_field(self.task, plate, field, out, field, indices, plane, **self.options)
+            pixels, plane = predict_field(self.task, plate, field, out, **self.options)
             done.append({"field": path, "pixels": pixels, "plane": plane, "seconds": time.perf_counter() - start})
         return done
 
@@ -165,9 +165,9 @@ class PlatePredictor(lightning.LightningModule):
 class FieldWriter(BasePredictionWriter):
     """Marks each field complete (with the run and the de-normalization used) once all its bands are written."""
 
-    def __init__(self, out: str, task, run: str):
+    def __init__(self, task, run: str):
         super().__init__(write_interval="batch")
-        self.out, self.task, self.run = out, task, run
+        self.task, self.run = task, run
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         out = pl_module.plates[1]
@@ -208,7 +208,7 @@ def predict_plate(model: str | Path, source: str | Path, out: str | Path | None 
         strategy = "auto" if devices == 1 else "ddp_spawn" if accelerator == "cpu" else "ddp"
     trainer = lightning.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                                 enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
-                                enable_progress_bar=progress, callbacks=[FieldWriter(out, task, run)])
+                                enable_progress_bar=progress, callbacks=[FieldWriter(task, run)])
     start = time.perf_counter()
     job = PlateJob(task, source, out, wells, run)
     trainer.predict(PlatePredictor(task, source, out, options), datamodule=job, return_predictions=False)

@@ -273,3 +273,18 @@ def test_inputs_per_image_and_targets_dataset_level_normalization():
     np.testing.assert_allclose(images[0].raw_target(), small_dm().splits["train"][0].raw_target(), rtol=1e-4, atol=1e-2)
     with pytest.raises(ValueError, match="normalization"):
         small_dm(target_normalize="fixd")
+
+
+def test_folder_fields_with_the_same_key_in_two_wells_are_both_kept(tmp_path):
+    """Fault: a key without its well (`s0` in wells A1 and B2) kept only one of the two fields."""
+    from labelling.data.readers import find_pairs
+
+    rng = np.random.default_rng(0)
+    for well in ("A1", "B2"):
+        for ch in ("w1", "w2"):
+            tifffile.imwrite(tmp_path / f"p_{well}_s0_{ch}.tif", (rng.random((16, 16)) * 100).astype(np.uint16))
+    pairs = find_pairs(tmp_path, r"p_(?P<well>[A-H]\d+)_(?P<key>s\d)_(?P<channel>w\d)", ["w2"], ["w1"])
+    assert [(p.key, p.group) for p in pairs] == [("A1_s0", "A1"), ("B2_s0", "B2")]
+    assert pairs[0].inputs[0].name == "p_A1_s0_w2.tif" and pairs[1].inputs[0].name == "p_B2_s0_w2.tif"
+    unique = find_pairs(tmp_path, r"p_(?P<well>[A-H]\d+)_s\d_(?P<channel>w\d)", ["w2"], ["w1"])
+    assert [p.key for p in unique] == ["p_A1_s0_*.tif", "p_B2_s0_*.tif"]  # unique keys stay as they were

@@ -174,7 +174,7 @@ class PlateDataModule(FluorescenceDataModule):
                  wells: list[str] | None = None, crops_per_read: int = 4, **kw):
         for key, bad, why in (("target_transform", "none", "store the transformed target as a plate channel"),
                               ("foreground_crops", 0, "use uniform crops"), ("cascade", None, "")):
-            if kw.get(key) not in (None, bad) and kw.get(key):
+            if kw.get(key) and kw[key] != bad:
                 raise ConfigError(f"data.{key} is not supported for plates yet; {why or 'train without it'}")
         if (kw.get("augment") or {}).get("corrupt_p", 0):
             raise ConfigError("corruption augmentation needs whole raw fields; not supported for plates yet "

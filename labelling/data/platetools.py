@@ -57,8 +57,7 @@ def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, s
             fluo = np.repeat(np.concatenate([f.fluorescence, (f.nuclei > 0)[None].astype(np.float32)])[:, None],
                              planes, 1)
             field = out.write(row, column, f.field, np.concatenate([bf[None], fluo]).astype(np.float32))
-            out_plate_attrs = {"phenotype": int(f.phenotype), "well_name": f.well}
-            out.root[field.path].attrs[plates.KEY] = out_plate_attrs
+            out.root[field.path].attrs[plates.KEY] = {"phenotype": int(f.phenotype), "well_name": f.well}
     plates.preprocess(path, progress=progress)
     return plates.Plate(path)
 
@@ -77,31 +76,15 @@ def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str]
     """
     from tqdm import tqdm
 
-    from labelling.data.readers import IMAGE_SUFFIXES, image_header, read_image
+    from labelling.data.readers import image_header, read_image, scan_fields
 
     def read(path: Path) -> np.ndarray:  # (Z, Y, X): z-stacks are kept whole
         return read_image(path, planes="all") if len(image_header(path)[0]) >= 3 else read_image(path)[None]
 
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
     if not str(out).endswith(".zarr"):
         raise ConfigError(f"the plate must be a .zarr folder, got {out}")
-    rx = re.compile(pattern)
-    if "channel" not in rx.groupindex:
-        raise ConfigError(f"pattern {pattern!r} needs a named group (?P<channel>...)")
-    found: dict[str, dict[str, Path]] = defaultdict(dict)
-    well_of: dict[str, str] = {}
-    for path in sorted(root.rglob("*")):
-        m = rx.search(path.relative_to(root).as_posix()) if path.suffix.lower() in IMAGE_SUFFIXES else None
-        if m:
-            key = m["key"] if "key" in rx.groupindex else path.name.replace(m["channel"], "*")
-            well = m.groupdict().get("well") or key
-            key = key if key.startswith(well) or well == key else f"{well}_{key}"  # fields of different wells stay apart
-            found[key][m["channel"]] = path
-            well_of[key] = well
-    if not found:
-        raise FileNotFoundError(f"no file under {root} matches pattern {pattern!r}")
+    found, well_of = scan_fields(root, pattern, "well")  # without a well group, each field is its own well
     names = list(channels or sorted({c for chans in found.values() for c in chans}))
     wells = sorted(set(well_of.values()))
     fov_count: dict[str, int] = defaultdict(int)

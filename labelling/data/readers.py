@@ -321,6 +321,45 @@ class Pair:
         return x, y
 
 
+def scan_fields(root: str | Path, pattern: str, group: str = "well") -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
+    """Image files under `root` matched by `pattern`: ``({field key: {channel: path}}, {field key: group})``.
+
+    The ``channel`` group names a file's channel; ``key`` (default: the path with the channel part cut out)
+    names its field, and the `group` regex group (e.g. ``well``) its split group, falling back to the key.
+    A key found in two groups (``s0`` in wells B03 and C12) becomes ``<group>_<key>`` so no field is lost.
+
+    Raises:
+        FileNotFoundError: root missing or no file matches.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    rx = re.compile(pattern)
+    if "channel" not in rx.groupindex:
+        raise ValueError(f"pattern {pattern!r} needs a named group (?P<channel>...) (and usually (?P<key>...))")
+    by_key: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        rel = path.relative_to(root).as_posix()
+        m = rx.search(rel)
+        if not m:
+            continue
+        # without a `key` group, a field is its path with the channel part cut out
+        key = m["key"] if "key" in rx.groupindex else rel[: m.start("channel")] + "*" + rel[m.end("channel"):]
+        by_key[(m.groupdict().get(group) or key, key)][m["channel"]] = path
+    if not by_key:
+        raise FileNotFoundError(f"no file under {root} matches pattern {pattern!r}")
+    groups_of: dict[str, set[str]] = defaultdict(set)
+    for g, key in by_key:
+        groups_of[key].add(g)
+    found, groups = {}, {}
+    for (g, key), chans in by_key.items():
+        name = key if len(groups_of[key]) == 1 else f"{g}_{key}"
+        found[name], groups[name] = chans, g
+    return found, groups
+
+
 def find_pairs(
     root: str | Path,
     pattern: str,
@@ -343,27 +382,7 @@ def find_pairs(
         FileNotFoundError: root missing or no file matches.
         ImageError: a field lacks one of the requested channels.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    rx = re.compile(pattern)
-    if "channel" not in rx.groupindex:
-        raise ValueError(f"pattern {pattern!r} needs a named group (?P<channel>...) (and usually (?P<key>...))")
-    found: dict[str, dict[str, Path]] = defaultdict(dict)
-    groups: dict[str, str] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        rel = path.relative_to(root).as_posix()
-        m = rx.search(rel)
-        if not m:
-            continue
-        # without a `key` group, a field is its path with the channel part cut out
-        key = m["key"] if "key" in rx.groupindex else rel[: m.start("channel")] + "*" + rel[m.end("channel"):]
-        found[key][m["channel"]] = path
-        groups[key] = m.groupdict().get(group) or key
-    if not found:
-        raise FileNotFoundError(f"no file under {root} matches pattern {pattern!r}")
+    found, groups = scan_fields(root, pattern, group)
     pairs = []
     for key, chans in sorted(found.items()):
         missing = [c for c in inputs + targets if c not in chans]
