@@ -40,6 +40,21 @@ def test_pearson_is_gain_and_offset_invariant():
     assert loss(-t, t).item() == pytest.approx(2.0, abs=1e-4)
 
 
+def test_pooled_pearson_weighs_background_crops_by_their_variance():
+    """A crop of faint background noise must not count as much as a crop holding the stain (pooled r)."""
+    g = torch.Generator().manual_seed(1)
+    cell = torch.zeros(1, 1, 16, 16)
+    cell[..., 4:12, 4:12] = 10.0
+    noise_t, noise_p = (torch.randn(1, 1, 16, 16, generator=g) * 0.01 for _ in range(2))
+    target, pred = torch.cat([cell, noise_t]), torch.cat([cell, noise_p])  # the noise is not reproduced
+    per_crop = registry.build("loss", "pearson", pooled=False)(pred, target).item()
+    pooled = registry.build("loss", "pearson")(pred, target).item()
+    assert per_crop == pytest.approx(0.5, abs=0.3)  # half the batch is an uncorrelated crop
+    assert pooled < 1e-3
+    flat = 1 - torch.corrcoef(torch.stack([pred.flatten(), target.flatten()]))[0, 1]
+    assert pooled == pytest.approx(flat.item(), abs=1e-5)
+
+
 def test_asymmetric_punishes_under_prediction_more():
     loss = registry.build("loss", "asymmetric", under_weight=4.0)
     t = torch.ones(1, 1, 4, 4)
@@ -126,10 +141,36 @@ def test_a_multi_target_model_logs_one_pcc_per_named_channel():
     task.deploy = {"targets": ["nuclei", "er"]}
     logged = {}
     task.log_dict = lambda values, **kw: logged.update(values)
+    task.log = lambda name, value, **kw: logged.update({name: value})
     target = torch.rand(2, 2, 32, 32)
     task._evaluate({"input": torch.rand(2, 1, 32, 32), "target": target}, "val")
+    task.on_validation_epoch_end()
     assert {"val/pcc/nuclei", "val/pcc/er", "val/pcc"} <= logged.keys()
     assert all(-1 <= float(logged[f"val/pcc/{c}"]) <= 1 for c in ("nuclei", "er"))
+
+
+def test_val_pcc_is_the_pearson_r_of_all_validation_pixels_pooled_over_batches():
+    """val/pcc correlates every pixel of the epoch at once; a near-empty crop weighs by its own variance."""
+    from labelling.nets.unet import UNet
+    from labelling.tasks.stainer import Stainer
+
+    task = Stainer(net=UNet(1, 1, depth=2, width=4), loss=registry.build("loss", "mse"))
+    logged = {}
+    task.log_dict = lambda values, **kw: None
+    task.log = lambda name, value, **kw: logged.update({name: float(value)})
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input": torch.rand(3, 1, 16, 16, generator=g), "target": torch.rand(3, 1, 16, 16, generator=g) * k}
+               for k in (1.0, 0.01)]  # the second batch is faint: it must barely move the pooled r
+    preds = []
+    for batch in batches:
+        task._evaluate(batch, "val")
+        preds.append(task.predict(batch["input"]))
+    task.on_validation_epoch_end()
+    p = torch.cat([x.flatten() for x in preds])
+    t = torch.cat([b["target"].flatten() for b in batches])
+    assert logged["val/pcc"] == pytest.approx(torch.corrcoef(torch.stack([p, t]))[0, 1].item(), abs=1e-4)
+    task.on_validation_epoch_end()  # reset after logging: a second epoch starts from nothing
+    assert logged["val/pcc"] == pytest.approx(torch.corrcoef(torch.stack([p, t]))[0, 1].item(), abs=1e-4)
 
 
 def test_per_channel_loss_applies_each_term_to_its_channel():

@@ -28,12 +28,24 @@ def pearson_per_image(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-
 
 
 class PearsonLoss(nn.Module):
-    """1 - Pearson correlation per image and channel, averaged. Invariant to intensity offset and gain."""
+    """1 - Pearson correlation per channel. Invariant to intensity offset and gain.
+
+    Args:
+        pooled: correlate each channel over all crops of the batch at once (default) instead of per crop.
+            A per-crop r asks a background-only crop to reproduce its noise at full contrast; pooled, each
+            crop weighs by its own variance, as pixels of a whole image do when the deployed stain is scored.
+    """
 
     activation = None
     scale_free = True  # output has no units: de-normalized by an affine calibration (labelling.predict)
 
+    def __init__(self, pooled: bool = True):
+        super().__init__()
+        self.pooled = bool(pooled)
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.pooled:  # (B, C, H, W) -> (1, C, B*H*W)
+            pred, target = (x.transpose(0, 1).reshape(1, x.shape[1], -1) for x in (pred, target))
         return 1.0 - pearson_per_image(pred, target).mean()
 
 

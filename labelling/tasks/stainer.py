@@ -9,13 +9,17 @@ import lightning
 import torch
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+from torchmetrics.regression import PearsonCorrCoef
 
 from labelling import registry
-from labelling.losses.basic import pearson_per_image
 
 
 class Stainer(lightning.LightningModule):
     """Train `net` with `loss`; logs ``train/loss``, ``val/loss``, ``val/pcc``, ``val/ssim`` (and ``test/*``).
+
+    ``val/pcc`` is the pixel Pearson r of the whole validation set, pooled over all its crops per channel
+    (and averaged over channels), not a mean of per-crop r: a crop of background noise would otherwise
+    count as much as one holding the stain, and checkpoints were picked by that noise.
 
     Args:
         net: image-to-image module, (B, Cin, H, W) -> (B, Cout, H, W); may accept ``return_embedding``.
@@ -38,6 +42,8 @@ class Stainer(lightning.LightningModule):
         self.register_buffer("input_stats", torch.tensor([[0.0, 1.0]] * n_in))
         self.register_buffer("null_level", torch.zeros(n_out))
         self.deploy: dict = {}
+        # streaming per-channel Pearson over every pixel of an epoch (non-persistent; synced under DDP)
+        self.pooled_pcc = nn.ModuleDict({stage: PearsonCorrCoef(num_outputs=n_out) for stage in ("val", "test")})
 
     def get_extra_state(self) -> dict:
         """Plain-data deployment settings stored in the state dict (loads with ``weights_only=True``)."""
@@ -84,17 +90,31 @@ class Stainer(lightning.LightningModule):
         span = (target.amax() - target.amin()).clamp_min(1e-6)
         metrics = {
             f"{stage}/loss": self.loss(raw, target),
-            f"{stage}/pcc": pearson_per_image(pred, target).mean(),
             f"{stage}/mse": torch.mean((pred - target) ** 2),
             f"{stage}/ssim": ssim(pred.float(), target.float(), data_range=float(span)),
         }
         self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True, batch_size=len(raw))
-        if pred.shape[1] > 1:  # several organelles: one score per channel, named after the target channel
-            names = self.deploy.get("targets") or [str(c) for c in range(pred.shape[1])]
-            per_channel = pearson_per_image(pred, target).mean(0)
-            self.log_dict({f"{stage}/pcc/{name}": value for name, value in zip(names, per_channel)},
-                          sync_dist=True, batch_size=len(raw))
+        pixels = [x.detach().float().transpose(0, 1).reshape(x.shape[1], -1).T for x in (pred, target)]  # (N, C)
+        self.pooled_pcc[stage].update(*(x[:, 0] if x.shape[1] == 1 else x for x in pixels))
         return metrics
+
+    def _log_pooled_pcc(self, stage: str) -> None:
+        meter = self.pooled_pcc[stage]
+        if not meter.update_called:
+            return
+        r = torch.nan_to_num(meter.compute().reshape(-1).float(), nan=0.0)  # constant output: r = 0
+        meter.reset()
+        self.log(f"{stage}/pcc", r.mean(), prog_bar=stage == "val")
+        if len(r) > 1:  # several organelles: one score per channel, named after the target channel
+            names = self.deploy.get("targets") or [str(c) for c in range(len(r))]
+            for name, value in zip(names, r):
+                self.log(f"{stage}/pcc/{name}", value)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_pooled_pcc("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_pooled_pcc("test")
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         return self._evaluate(batch, "val")
