@@ -143,6 +143,16 @@ def check_splits(cfg: config.Experiment, dm) -> None:
                             "or set test=false to train without a test.")
 
 
+CALIBRATION_FIELDS = 16  # training fields the affine calibration of a scale-free loss predicts (8x with TTA)
+
+
+def calibration_fields(train: list, k: int = CALIBRATION_FIELDS) -> list:
+    """At most `k` training fields, spread evenly over the split (whose order often follows a class or well)."""
+    if len(train) <= k:
+        return list(train)
+    return [train[i] for i in np.unique(np.linspace(0, len(train) - 1, k).round().astype(int))]
+
+
 def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: bool) -> None:
     """Load the best weights into `task`, and calibrate scale-free losses.
 
@@ -158,7 +168,7 @@ def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: b
     from labelling.predict import calibrate_affine
 
     task.eval()
-    train = dm.splits["train"][:32]
+    train = calibration_fields(dm.splits["train"])
     stats = calibrate_affine(task, [im.raw_input() for im in train], [im.raw_target() for im in train])
     task.target_stats.copy_(torch.from_numpy(stats))
     if not is_global_zero:

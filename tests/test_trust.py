@@ -14,7 +14,7 @@ from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.transforms import denormalize
 from labelling.losses.basic import MSELoss
 from labelling.tasks.stainer import Stainer
-from labelling.train import attach_deployment, fit
+from labelling.train import attach_deployment, calibration_fields, fit
 
 
 class BlindNet(torch.nn.Module):
@@ -90,7 +90,8 @@ def test_pearson_run_is_calibrated_on_training_fields_and_evaluate_equals_predic
     assert task.deploy["denormalize"] == "affine"
     dm = FluorescenceDataModule(**{"seed": cfg.seed, **cfg.data.args, "organelle": "nuclei"})
     dm.setup()
-    train = dm.splits["train"][:32]
+    train = calibration_fields(dm.splits["train"])
+    assert train[0] is dm.splits["train"][0] and train[-1] is dm.splits["train"][-1]  # spread, not the first k
     expected = predict.calibrate_affine(task, [im.raw_input() for im in train], [im.raw_target() for im in train])
     assert np.allclose(task.target_stats.numpy(), expected, rtol=1e-4, atol=1e-3)
     # the prediction written by `labelling predict` is the one the report scored
@@ -102,3 +103,12 @@ def test_pearson_run_is_calibrated_on_training_fields_and_evaluate_equals_predic
     assert np.allclose(written, scored[0], rtol=1e-5, atol=1e-4)
     metrics = json.loads((run / "metrics.json").read_text())
     assert abs(metrics["test/downstream/null/mean_intensity_pearson"]) < 0.3 and "test/downstream/count_ccc" in metrics
+
+
+def test_calibration_fields_spread_over_the_whole_training_split():
+    """The affine calibration sees every part of a split sorted by class or well, not its first fields."""
+    fields = list(range(100))
+    chosen = calibration_fields(fields)
+    assert len(chosen) == 16 and chosen == sorted(set(chosen))
+    assert chosen[0] == 0 and chosen[-1] == 99 and max(np.diff(chosen)) <= 7
+    assert calibration_fields(fields[:5]) == fields[:5]
