@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -144,6 +145,7 @@ def check_splits(cfg: config.Experiment, dm) -> None:
 
 
 CALIBRATION_FIELDS = 16  # training fields the affine calibration of a scale-free loss predicts (8x with TTA)
+CALIBRATION_PIXELS = 2**20  # pixels it predicts in all: a window of each field when fields are large
 
 
 def calibration_fields(train: list, k: int = CALIBRATION_FIELDS) -> list:
@@ -151,6 +153,27 @@ def calibration_fields(train: list, k: int = CALIBRATION_FIELDS) -> list:
     if len(train) <= k:
         return list(train)
     return [train[i] for i in np.unique(np.linspace(0, len(train) - 1, k).round().astype(int))]
+
+
+def calibration_windows(train: list, pixels: int = CALIBRATION_PIXELS, seed: int = 0) -> tuple[list, list]:
+    """Raw (inputs, targets) the affine calibration predicts: :func:`calibration_fields`, each cut to a window.
+
+    Each field gives one square window at a seeded random place (no part of a field is favoured), at least
+    256 px and sized so the windows hold about `pixels` in all. Moment matching needs the spread of many
+    fields, not every pixel of each: on 600 px blocks this predicts 1 M pixels instead of 5.8 M (x8 with TTA).
+    """
+    fields = calibration_fields(train)
+    side = max(256, math.isqrt(pixels // max(1, len(fields))))
+    rng = np.random.default_rng(seed)
+    inputs, targets = [], []
+    for im in fields:
+        x, y = im.raw_input(), im.raw_target()
+        height, width = x.shape[1:]
+        top, left = (int(rng.integers(n - min(side, n) + 1)) for n in (height, width))
+        window = (slice(None), slice(top, top + side), slice(left, left + side))
+        inputs.append(np.ascontiguousarray(x[window]))
+        targets.append(np.ascontiguousarray(y[window]))
+    return inputs, targets
 
 
 def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: bool) -> None:
@@ -168,8 +191,7 @@ def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: b
     from labelling.predict import calibrate_affine
 
     task.eval()
-    train = calibration_fields(dm.splits["train"])
-    stats = calibrate_affine(task, [im.raw_input() for im in train], [im.raw_target() for im in train])
+    stats = calibrate_affine(task, *calibration_windows(dm.splits["train"]))
     task.target_stats.copy_(torch.from_numpy(stats))
     if not is_global_zero:
         return

@@ -288,3 +288,21 @@ def test_folder_fields_with_the_same_key_in_two_wells_are_both_kept(tmp_path):
     assert pairs[0].inputs[0].name == "p_A1_s0_w2.tif" and pairs[1].inputs[0].name == "p_B2_s0_w2.tif"
     unique = find_pairs(tmp_path, r"p_(?P<well>[A-H]\d+)_s\d_(?P<channel>w\d)", ["w2"], ["w1"])
     assert [p.key for p in unique] == ["p_A1_s0_*.tif", "p_B2_s0_*.tif"]  # unique keys stay as they were
+
+
+def test_flip_augmentation_is_an_exact_symmetry_shared_by_input_and_target_drawn_uniformly():
+    """Flips and quarter turns (the default) reindex input and target alike; all 8 symmetries occur evenly."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 16, 16)).astype(np.float32)
+    views = [np.rot90(x, k, (1, 2)) for k in range(4)]
+    views += [v[:, :, ::-1] for v in views]
+    aug = PairedAugment(16, flip=True, seed=2)
+    assert aug.dihedral and not PairedAugment(16, flip=True, rotate=10).dihedral
+    drawn = []
+    for _ in range(800):
+        xa, ya = aug(x, np.concatenate([x[:1], 2 * x[:1]]))
+        assert np.array_equal(ya[0], xa[0]) and np.array_equal(ya[1], 2 * xa[0])  # exact, same geometry
+        assert xa.flags["C_CONTIGUOUS"] and ya.flags["C_CONTIGUOUS"]
+        drawn += [i for i, v in enumerate(views) if np.array_equal(v, xa)]
+    counts = np.bincount(drawn, minlength=8)
+    assert len(drawn) == 800 and counts.min() > 60 and counts.max() < 140  # 100 each expected (sd 9.4)

@@ -14,7 +14,7 @@ from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.transforms import denormalize
 from labelling.losses.basic import MSELoss
 from labelling.tasks.stainer import Stainer
-from labelling.train import attach_deployment, calibration_fields, fit
+from labelling.train import attach_deployment, calibration_fields, calibration_windows, fit
 
 
 class BlindNet(torch.nn.Module):
@@ -92,7 +92,7 @@ def test_pearson_run_is_calibrated_on_training_fields_and_evaluate_equals_predic
     dm.setup()
     train = calibration_fields(dm.splits["train"])
     assert train[0] is dm.splits["train"][0] and train[-1] is dm.splits["train"][-1]  # spread, not the first k
-    expected = predict.calibrate_affine(task, [im.raw_input() for im in train], [im.raw_target() for im in train])
+    expected = predict.calibrate_affine(task, *calibration_windows(dm.splits["train"]))
     assert np.allclose(task.target_stats.numpy(), expected, rtol=1e-4, atol=1e-3)
     # the prediction written by `labelling predict` is the one the report scored
     im = dm.splits["test"][0]
@@ -112,3 +112,25 @@ def test_calibration_fields_spread_over_the_whole_training_split():
     assert len(chosen) == 16 and chosen == sorted(set(chosen))
     assert chosen[0] == 0 and chosen[-1] == 99 and max(np.diff(chosen)) <= 7
     assert calibration_fields(fields[:5]) == fields[:5]
+
+
+def test_calibration_predicts_aligned_windows_of_the_spread_fields_within_a_pixel_budget():
+    """Large fields are cut to one window each, input and target from the same place, ~1 M pixels in all."""
+    from labelling.data.datamodule import Image
+
+    rng = np.random.default_rng(0)
+    stats = np.array([[0.0, 1.0]], np.float32)
+    fields = []
+    for i in range(20):  # the target is the input plus 1000: any misaligned window would show
+        x = rng.normal(size=(1, 600, 700)).astype(np.float32) + i
+        fields.append(Image(x, x + 1000, stats, stats, f"g{i}", f"k{i}"))
+    inputs, targets = calibration_windows(fields, pixels=16 * 256**2)
+    assert len(inputs) == 16 and all(x.shape == (1, 256, 256) for x in inputs + targets)
+    assert sum(x.size for x in inputs) == 16 * 256**2
+    assert all(np.array_equal(x + 1000, y) for x, y in zip(inputs, targets))
+    # windows at seeded random places: the first one is not always the top-left corner, and runs repeat
+    assert not np.array_equal(inputs[0], fields[0].input[:, :256, :256])
+    again, _ = calibration_windows(fields, pixels=16 * 256**2)
+    assert all(np.array_equal(a, b) for a, b in zip(inputs, again))
+    small, _ = calibration_windows(fields[:3], pixels=10**9)  # small fields stay whole
+    assert [x.shape for x in small] == [(1, 600, 700)] * 3

@@ -55,3 +55,82 @@ def test_bad_options_fail_with_choices():
         UNet(init="he")
     with pytest.raises(ValueError, match="batch"):
         UNet(norm="layer")
+
+
+def _tasks(**kw):
+    import copy
+
+    from labelling import registry
+    from labelling.tasks.stainer import Stainer
+
+    torch.manual_seed(0)
+    net = UNet(1, 1, depth=2, width=4)
+    plain = copy.deepcopy(net)  # before the first task turns `net` channels-last in place
+    return (Stainer(net, registry.build("loss", "mse"), {"scheduler": None, **kw}),
+            Stainer(plain, registry.build("loss", "mse"), {"scheduler": None, **kw}, channels_last=False))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop"])
+def test_optimizers_run_fused_where_torch_can_and_step_like_the_plain_loop(name):
+    """A fused kernel updates all parameters at once; the weights it gives match torch's per-tensor loop."""
+    from labelling import registry
+    from labelling.tasks.stainer import configure_optimizers, fused_supported
+
+    _, task = _tasks(name=name, lr=1e-2, weight_decay=1e-3)  # the plain layout: only the kernel differs
+    opt = configure_optimizers(task, task.optim)
+    cls = registry.get("optim", name)
+    assert bool(opt.param_groups[0].get("fused")) == fused_supported(cls, list(task.parameters()))
+    if name == "rmsprop":  # no fused kernel in torch: built as before
+        assert "fused" not in opt.param_groups[0]
+        return
+    if name in ("adamw", "adam"):
+        assert opt.param_groups[0]["fused"] is True
+    torch.manual_seed(0)
+    plain = UNet(1, 1, depth=2, width=4)
+    plain.load_state_dict(task.net.state_dict())
+    ref = cls(plain.parameters(), lr=1e-2, weight_decay=1e-3)
+    for model, optimizer in ((task.net, opt), (plain, ref)):
+        g = torch.Generator().manual_seed(1)  # the same gradients for both: only the update rule is compared
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
+            optimizer.step()
+    for a, b in zip(task.net.parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    start = _tasks()[1].net  # the same seeded initial weights: the steps moved every parameter
+    assert all(not torch.equal(a, b) for a, b in zip(task.net.parameters(), start.parameters()))
+    assert not fused_supported(cls, [torch.zeros(2, dtype=torch.int64)])  # integer tensors: no fused kernel
+
+
+def test_channels_last_changes_the_memory_layout_not_the_numbers():
+    from labelling import registry
+    from labelling.nets.monai_nets import MonaiUNet
+    from labelling.tasks.stainer import Stainer
+
+    fast, plain = _tasks()
+    conv = next(m for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = torch.rand(2, 1, 32, 32)
+    assert fast.layout(x).is_contiguous(memory_format=torch.channels_last)
+    # float rounding of another summation order (~2e-5 here); a layout mix-up would differ by O(1)
+    assert torch.allclose(fast.predict(x), plain.predict(x), atol=1e-4)
+    assert torch.allclose(fast.embed(x), plain.embed(x), atol=1e-4)
+    plain.load_state_dict(fast.state_dict())  # checkpoints move between layouts
+    assert torch.allclose(fast.predict(x), plain.predict(x), atol=1e-4)
+    # training: fused SGD on channels-last weights (gradients take the weights' layout) steps like the plain
+    # loop; SGD is linear in the gradient, so a layout mix-up would show at the scale of lr * gradient
+    from labelling.tasks.stainer import configure_optimizers
+
+    fast.optim.update(name="sgd", lr=0.1)
+    fast_opt = configure_optimizers(fast, fast.optim)
+    assert fast_opt.param_groups[0].get("fused")
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    y = torch.rand(2, 1, 32, 32)
+    for task, opt in ((fast, fast_opt), (plain, plain_opt)):
+        for _ in range(3):
+            opt.zero_grad()
+            task.loss(task(x), y).backward()
+            opt.step()
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(fast.net.parameters(), plain.net.parameters()))
+    stack = Stainer(MonaiUNet(3, 3, width=4, depth=1, spatial_dims=3), registry.build("loss", "mse"))
+    assert not stack.channels_last  # a 3D net keeps its layout (channels-last is a 2D format)

@@ -134,7 +134,7 @@ class RandomCrops(Dataset):
         self.foreground, self.min_fraction = float(foreground), float(min_fraction)
         self.tables: list[np.ndarray] = []
         self.pixels: list[np.ndarray] = []
-        self.weights = None
+        self.cumulative = None  # cumulative image weights of the foreground draw
         if self.foreground > 0:
             threshold = foreground_threshold(images)
             for img in images:  # summed-area tables: the foreground count of any crop in O(1)
@@ -142,7 +142,7 @@ class RandomCrops(Dataset):
                 self.tables.append(np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0))).astype(np.int64))
                 self.pixels.append(np.flatnonzero(mask).astype(np.int64))
             counts = np.array([len(p) for p in self.pixels], float)
-            self.weights = counts / counts.sum() if counts.sum() > 0 else None
+            self.cumulative = np.cumsum(counts / counts.sum()) if counts.sum() > 0 else None
 
     def _position(self, H: int, W: int, s: int) -> tuple[int, int]:
         return int(self.rng.integers(H - s + 1)), int(self.rng.integers(W - s + 1))
@@ -150,7 +150,7 @@ class RandomCrops(Dataset):
     def _foreground_crop(self, s: int) -> tuple[int, int, int] | None:
         """(image, top, left) of a crop with enough foreground, or None after 10 tries."""
         for _ in range(10):  # a crop around a random foreground pixel (at a random place in the crop)
-            k = int(self.rng.choice(len(self.images), p=self.weights))
+            k = min(int(np.searchsorted(self.cumulative, self.rng.random(), side="right")), len(self.images) - 1)
             H, W = self.images[k].input.shape[1:]
             if H < s or W < s:
                 return None
@@ -178,7 +178,7 @@ class RandomCrops(Dataset):
             self.augment.reseed(int(np.random.default_rng(seed).integers(2**31)))
         s = self.augment.source
         chosen = None
-        if self.weights is not None and self.rng.random() < self.foreground:
+        if self.cumulative is not None and self.rng.random() < self.foreground:
             chosen = self._foreground_crop(s)
         k = chosen[0] if chosen else int(self.rng.integers(len(self.images)))
         img = self.images[k]
