@@ -8,7 +8,7 @@ EXP   ?= golgi_asym
 ARGS  ?=
 export WANDB_SILENT ?= true
 
-.PHONY: help install train sweep test test-all bench bench-quality app dashboard clean
+.PHONY: help install train sweep test test-all bench bench-quality bench-step app dashboard clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench: $(STAMP)  ## speed figures -> bench/report.md (+ report.json)
 
 bench-quality: $(STAMP)  ## ours vs a plain MONAI UNet loop, equal wall time, real data -> bench/quality.{json,md}
 	$(BIN)/python bench/quality.py $(ARGS)
+
+bench-step: $(STAMP)  ## ms per training step: our fit vs a plain loop over the same net -> bench/step_vs_loop.{json,md}
+	$(BIN)/python bench/step_vs_loop.py $(ARGS)
 
 app: $(STAMP)  ## Streamlit page: upload a brightfield image, see predictions, metrics, drift warning
 	$(BIN)/streamlit run labelling/app/main.py --server.headless true $(ARGS)

@@ -281,6 +281,20 @@ def test_threads_setting_and_training_geometry_in_predict(tiny, tmp_path):
     assert np.allclose(binned, predict.rescale(direct, 1.0, shape=(64, 64)), atol=1e-4)
 
 
+def test_mixed_precision_runs_clip_gradients_with_an_unfused_optimizer(tiny, tmp_path):
+    """bf16-mixed (the GPU profiles) with gradient clipping: Lightning's AMP plugin refuses fused optimizers."""
+    metrics = fit("nuclei_mse", tiny + ["trainer.max_epochs=1", "trainer.precision=bf16-mixed", "callbacks=[]",
+                                        "test=false", "trainer.gradient_clip_val=1.0"], run_dir=tmp_path / "bf16")
+    import torch
+
+    from labelling.tasks.stainer import fused_supported
+
+    assert metrics["global_step"] > 0 and np.isfinite(metrics["train/loss_epoch"])
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert fused_supported(torch.optim.AdamW, params, "32-true")
+    assert not fused_supported(torch.optim.AdamW, params, "bf16-mixed")
+
+
 def test_panels_are_titled_with_the_channel_names():
     from labelling.callbacks.panels import panel_figure
 

@@ -27,7 +27,7 @@ def test_isl_phase_to_dapi_learns_on_spatial_holdout(tmp_path):
 @pytest.mark.realdata
 def test_mlcp_brightfield_to_dna_learns_and_counts(tmp_path):
     _need("mlcp_dna")
-    m = fit("mlcp_dna", ["logger.wandb=false", "trainer.enable_progress_bar=false", "trainer.max_epochs=6"],
+    m = fit("mlcp_dna", ["logger.wandb=false", "trainer.enable_progress_bar=false", "trainer.max_epochs=3"],
             run_dir=tmp_path / "mlcp")
     assert m["test/pcc"] > 0.6
     assert m["test/downstream/count_pearson"] > 0.8
