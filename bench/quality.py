@@ -89,25 +89,27 @@ def run_ours(name: str, dm, seed: int, budget: float, work: Path, overrides: lis
             "pixels_per_s": crops_per_s * crop * crop}
 
 
-def run_monai(dm, seed: int, budget: float) -> dict:
-    """The plain MONAI loop: z-score, 64 px crops with flips/rot90, Adam, MSE, for `budget` seconds."""
-    from monai.inferers import sliding_window_inference
+def zscore(a: np.ndarray) -> np.ndarray:
+    """Per-image, per-channel z-score of a (C, H, W) array (the loop's normalization)."""
+    return ((a - a.mean((1, 2), keepdims=True)) / (a.std((1, 2), keepdims=True) + 1e-6)).astype(np.float32)
+
+
+def plain_loop(dm, seed: int, seconds: float, crop: int = 64, batch: int = 16) -> tuple:
+    """The afternoon script: MONAI UNet, z-score, random crops with flips/rot90, Adam, MSE, for `seconds`.
+
+    Returns (net, steps, seconds trained).
+    """
     from monai.networks.nets import UNet
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-
-    def zscore(a):
-        return ((a - a.mean((1, 2), keepdims=True)) / (a.std((1, 2), keepdims=True) + 1e-6)).astype(np.float32)
-
     train = [(zscore(im.raw_input()), zscore(im.raw_target())) for im in dm.splits["train"]]
     cin, cout = train[0][0].shape[0], train[0][1].shape[0]
     net = UNet(spatial_dims=2, in_channels=cin, out_channels=cout, channels=(16, 32, 64, 128), strides=(2, 2, 2),
                num_res_units=2)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    crop, batch = 64, 16
     steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < budget:
+    while time.perf_counter() - start < seconds:
         xs, ys = [], []
         for _ in range(batch):
             x, y = train[rng.integers(len(train))]
@@ -124,7 +126,15 @@ def run_monai(dm, seed: int, budget: float) -> dict:
         loss.backward()
         opt.step()
         steps += 1
-    train_seconds = time.perf_counter() - start
+    return net, steps, time.perf_counter() - start
+
+
+def run_monai(dm, seed: int, budget: float) -> dict:
+    """The plain MONAI loop (64 px crops) for `budget` seconds; test blocks by MONAI's sliding window."""
+    from monai.inferers import sliding_window_inference
+
+    crop, batch = 64, 16
+    net, steps, train_seconds = plain_loop(dm, seed, budget, crop, batch)
     net.eval()
     preds = []
     with torch.no_grad():

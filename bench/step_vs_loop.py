@@ -26,43 +26,14 @@ import time
 from pathlib import Path
 
 import lightning
-import numpy as np
 import torch
-from quality import DATA, DATASETS, OUT, split_of
+from quality import DATA, DATASETS, OUT, plain_loop, split_of
 
 
 def loop_ms(dm, crop: int, batch: int, seconds: float) -> float:
-    """Mean milliseconds per step of the plain loop over `seconds`."""
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-
-    def zscore(a):
-        return ((a - a.mean((1, 2), keepdims=True)) / (a.std((1, 2), keepdims=True) + 1e-6)).astype(np.float32)
-
-    train = [(zscore(im.raw_input()), zscore(im.raw_target())) for im in dm.splits["train"]]
-    net = UNet(2, train[0][0].shape[0], train[0][1].shape[0], (16, 32, 64, 128), (2, 2, 2), num_res_units=2)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        xs, ys = [], []
-        for _ in range(batch):
-            x, y = train[rng.integers(len(train))]
-            top, left = rng.integers(0, x.shape[1] - crop + 1), rng.integers(0, x.shape[2] - crop + 1)
-            x, y = x[:, top:top + crop, left:left + crop], y[:, top:top + crop, left:left + crop]
-            k = int(rng.integers(4))
-            x, y = np.rot90(x, k, (1, 2)), np.rot90(y, k, (1, 2))
-            if rng.random() < 0.5:
-                x, y = x[:, :, ::-1], y[:, :, ::-1]
-            xs.append(np.ascontiguousarray(x))
-            ys.append(np.ascontiguousarray(y))
-        loss = torch.nn.functional.mse_loss(net(torch.from_numpy(np.stack(xs))), torch.from_numpy(np.stack(ys)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
-    return 1000 * (time.perf_counter() - start) / steps
+    """Mean milliseconds per step of the plain loop (:func:`quality.plain_loop`) over `seconds`."""
+    _, steps, spent = plain_loop(dm, 0, seconds, crop, batch)
+    return 1000 * spent / steps
 
 
 class StepTiming(lightning.Callback):
