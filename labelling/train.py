@@ -155,15 +155,25 @@ def calibration_fields(train: list, k: int = CALIBRATION_FIELDS) -> list:
     return [train[i] for i in np.unique(np.linspace(0, len(train) - 1, k).round().astype(int))]
 
 
-def calibration_windows(train: list, pixels: int = CALIBRATION_PIXELS, seed: int = 0) -> tuple[list, list]:
+def calibration_pixels(task) -> int | None:
+    """The calibration's pixel budget for `task`: windows with dataset-level (``fixed``) input statistics.
+
+    Per-image normalization would normalize a window by the window's own statistics, not the whole
+    field's as deployment does, so such runs calibrate on whole fields (None).
+    """
+    return CALIBRATION_PIXELS if getattr(task, "deploy", {}).get("normalize") == "fixed" else None
+
+
+def calibration_windows(train: list, pixels: int | None = CALIBRATION_PIXELS, seed: int = 0) -> tuple[list, list]:
     """Raw (inputs, targets) the affine calibration predicts: :func:`calibration_fields`, each cut to a window.
 
     Each field gives one square window at a seeded random place (no part of a field is favoured), at least
-    256 px and sized so the windows hold about `pixels` in all. Moment matching needs the spread of many
-    fields, not every pixel of each: on 600 px blocks this predicts 1 M pixels instead of 5.8 M (x8 with TTA).
+    256 px and sized so the windows hold about `pixels` in all (None: whole fields). Moment matching needs
+    the spread of many fields, not every pixel of each: on 600 px blocks this predicts 1 M pixels instead
+    of 5.8 M (x8 with TTA).
     """
     fields = calibration_fields(train)
-    side = max(256, math.isqrt(pixels // max(1, len(fields))))
+    side = max(256, math.isqrt(pixels // max(1, len(fields)))) if pixels else 1 << 30
     rng = np.random.default_rng(seed)
     inputs, targets = [], []
     for im in fields:
@@ -191,7 +201,7 @@ def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: b
     from labelling.predict import calibrate_affine
 
     task.eval()
-    stats = calibrate_affine(task, *calibration_windows(dm.splits["train"]))
+    stats = calibrate_affine(task, *calibration_windows(dm.splits["train"], calibration_pixels(task)))
     task.target_stats.copy_(torch.from_numpy(stats))
     if not is_global_zero:
         return

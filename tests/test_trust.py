@@ -1,6 +1,7 @@
 """Numbers a scientist can trust: evaluation takes the deployed path and nothing from the evaluated image."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.transforms import denormalize
 from labelling.losses.basic import MSELoss
 from labelling.tasks.stainer import Stainer
-from labelling.train import attach_deployment, calibration_fields, calibration_windows, fit
+from labelling.train import attach_deployment, calibration_fields, calibration_pixels, calibration_windows, fit
 
 
 class BlindNet(torch.nn.Module):
@@ -92,7 +93,8 @@ def test_pearson_run_is_calibrated_on_training_fields_and_evaluate_equals_predic
     dm.setup()
     train = calibration_fields(dm.splits["train"])
     assert train[0] is dm.splits["train"][0] and train[-1] is dm.splits["train"][-1]  # spread, not the first k
-    expected = predict.calibrate_affine(task, *calibration_windows(dm.splits["train"]))
+    assert calibration_pixels(task) is None  # per-image normalization: whole fields, normalized as deployed
+    expected = predict.calibrate_affine(task, *calibration_windows(dm.splits["train"], None))
     assert np.allclose(task.target_stats.numpy(), expected, rtol=1e-4, atol=1e-3)
     # the prediction written by `labelling predict` is the one the report scored
     im = dm.splits["test"][0]
@@ -134,3 +136,8 @@ def test_calibration_predicts_aligned_windows_of_the_spread_fields_within_a_pixe
     assert all(np.array_equal(a, b) for a, b in zip(inputs, again))
     small, _ = calibration_windows(fields[:3], pixels=10**9)  # small fields stay whole
     assert [x.shape for x in small] == [(1, 600, 700)] * 3
+    whole, _ = calibration_windows(fields, pixels=None)
+    assert len(whole) == 16 and all(x.shape == (1, 600, 700) for x in whole)
+    # only dataset-level input statistics normalize a window exactly as its whole field
+    assert calibration_pixels(SimpleNamespace(deploy={"normalize": "fixed"})) == 2**20
+    assert calibration_pixels(SimpleNamespace(deploy={"normalize": "zscore"})) is None
