@@ -60,24 +60,29 @@ def seg_args(cfg) -> dict:
     return {}
 
 
-def run_ours(name: str, dm, seed: int, budget: float, work: Path, overrides: list[str] | None = None) -> dict:
-    """Train our default recipe (plus `overrides`) for `budget` seconds; predict the test blocks as deployed."""
-    from labelling import predict, train
-    from labelling.build import load_task
+def budget_settings(seed: int, budget: float, overrides: list[str] | None = None) -> dict:
+    """Overrides of a run of our recipe for `budget` seconds on the fixed split (plus `overrides`)."""
+    from labelling import config
 
     seconds = int(budget)
     max_time = f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-    run_dir = work / f"ours_{name}_{seed}"
-    start = time.perf_counter()
-    from labelling import config
-
     settings = {"seed": seed, "data.seed": 0, "trainer.max_time": max_time, "trainer.max_epochs": 10000,
                 "logger.wandb": False, "logger.panels": 4, "callbacks": [], "test": False,
                 "trainer.enable_progress_bar": False}
     for item in overrides or []:  # e.g. optim.lr=1e-3: a recipe change to compare
         key, value = config._split(item)
         settings[key] = config.parse_value(value)
-    metrics = train.fit(name, settings, run_dir=run_dir)
+    return settings
+
+
+def run_ours(name: str, dm, seed: int, budget: float, work: Path, overrides: list[str] | None = None) -> dict:
+    """Train our default recipe (plus `overrides`) for `budget` seconds; predict the test blocks as deployed."""
+    from labelling import predict, train
+    from labelling.build import load_task
+
+    run_dir = work / f"ours_{name}_{seed}"
+    start = time.perf_counter()
+    metrics = train.fit(name, budget_settings(seed, budget, overrides), run_dir=run_dir)
     train_seconds = time.perf_counter() - start
     task, cfg = load_task(run_dir)
     test = dm.splits["test"]

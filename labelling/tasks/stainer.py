@@ -182,11 +182,9 @@ def fused_supported(cls, params: list, precision: str | None = None) -> bool:
     under mixed precision (``precision`` ``*-mixed``): Lightning's AMP plugin refuses to clip the gradients
     of a fused optimizer, and the experiments clip (``trainer.gradient_clip_val``).
     """
-    import inspect
-
     if precision and "mixed" in str(precision):
         return False
-    if not params or "fused" not in inspect.signature(cls).parameters:
+    if not params or "fused" not in (registry.accepted_args(cls) or []):
         return False
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
