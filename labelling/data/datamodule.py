@@ -403,15 +403,23 @@ class FluorescenceDataModule(lightning.LightningDataModule):
             self.splits[where[p[2]]].append(self.prepare_image(*p))
 
     # -- loaders -------------------------------------------------------------------------------
-    def _loader(self, ds, shuffle=False, batch_size=None) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+    def _loader(self, ds, shuffle=False, batch_size=None, drop_last=False) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size or self.batch_size, shuffle=shuffle, drop_last=drop_last,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
+    def _train_loader(self, crops) -> DataLoader:
+        """A training loader whose batches are all full (unless an epoch is shorter than one batch).
+
+        A short last batch of random crops adds nothing, and a compiled training step (``task.compile``)
+        would compile again for its shape.
+        """
+        return self._loader(crops, drop_last=len(crops) >= self.batch_size)
+
     def train_dataloader(self) -> DataLoader:
         aug = PairedAugment(self.crop, seed=self.seed, **self.augment_args)
-        return self._loader(RandomCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed,
-                                        renormalize=self.normalize_raw, foreground=self.foreground_crops))
+        return self._train_loader(RandomCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed,
+                                              renormalize=self.normalize_raw, foreground=self.foreground_crops))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(GridCrops(self.splits["val"], self.val_crop))

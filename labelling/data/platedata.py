@@ -252,7 +252,8 @@ class PlateDataModule(FluorescenceDataModule):
 
     def train_dataloader(self):
         aug = PairedAugment(self.crop, seed=self.seed, **self.augment_args)
-        return self._loader(PlateCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed, self.crops_per_read))
+        return self._train_loader(PlateCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed,
+                                             self.crops_per_read))
 
     def val_dataloader(self):
         return self._loader(PlateGridCrops(self.splits["val"], self.val_crop))

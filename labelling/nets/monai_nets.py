@@ -35,11 +35,14 @@ class _Wrapped(nn.Module):
         if ph or pw:
             x = functional.pad(x, (0, pw, 0, ph), mode="replicate")
         found: list[torch.Tensor] = []
-        hook = self.bottleneck.register_forward_hook(lambda module, args, out: found.append(out))
+        # the hook only when the embedding is asked for: a plain forward stays one graph for torch.compile
+        hook = self.bottleneck.register_forward_hook(lambda module, args, out: found.append(out)) \
+            if return_embedding else None
         try:
             y = self.net(x[:, None] if self.stacks_z else x)[..., :H, :W]
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         if self.stacks_z:  # (B, k, Z, H, W) -> (B, k * Z, H, W): k predicted stacks
             y = y.reshape(len(x), -1, H, W)
         return (y, found[-1].flatten(2).mean(-1)) if return_embedding else y

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 
 import lightning
 import torch
@@ -12,6 +14,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure as
 from torchmetrics.regression import PearsonCorrCoef
 
 from labelling import registry
+
+log = logging.getLogger(__name__)
 
 
 class Stainer(lightning.LightningModule):
@@ -29,12 +33,19 @@ class Stainer(lightning.LightningModule):
         channels_last: keep a 2D net's weights and inputs in channels-last memory layout (``task.channels_last``;
             on by default). The same arithmetic in the layout oneDNN and cuDNN convolve fastest: 5-10 % off
             a training step of the default CPU net here, more with bf16 on tensor cores.
+        compile: compile the training step's net and loss into one graph with ``torch.compile``
+            (``task.compile``). The numbers stay those of the eager step; a step of the default CPU net
+            takes about 20 % less time, after a first step that compiles (about 50 s on 2 cores, a few
+            seconds once the kernels are in torch's on-disk cache). Validation, prediction and checkpoints
+            use the plain net. Where compiling fails (no C compiler, say), training goes on eagerly with
+            a warning.
     """
 
     def __init__(self, net: nn.Module, loss: nn.Module, optim: dict | None = None, config: dict | None = None,
-                 channels_last: bool = True):
+                 channels_last: bool = True, compile: bool = False):
         super().__init__()
         self.net, self.loss = net, loss
+        self.compile, self._compiled = bool(compile), None  # the compiled step: built on first use, no submodule
         self.channels_last = bool(channels_last) and getattr(net, "spatial_dims", 2) == 2
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -51,6 +62,9 @@ class Stainer(lightning.LightningModule):
         self.deploy: dict = {}
         # streaming per-channel Pearson over every pixel of an epoch (non-persistent; synced under DDP)
         self.pooled_pcc = nn.ModuleDict({stage: PearsonCorrCoef(num_outputs=n_out) for stage in ("val", "test")})
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_compiled": None}  # a compiled function does not pickle (ddp_spawn)
 
     def get_extra_state(self) -> dict:
         """Plain-data deployment settings stored in the state dict (loads with ``weights_only=True``)."""
@@ -84,14 +98,36 @@ class Stainer(lightning.LightningModule):
         if not torch.isfinite(batch["input"]).all():
             raise FloatingPointError(f"non-finite values in input batch (images {batch['index'].tolist()})")
 
+    def step_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch: the net's raw output of `x` scored against `target`."""
+        return self.loss(self(x), target)
+
+    def training_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """:meth:`step_loss`, compiled when ``compile`` (shapes are static: the train loader's batches are full)."""
+        if not self.compile:
+            return self.step_loss(x, target)
+        first = self._compiled is None
+        if first:
+            log.info("task.compile: compiling the training step (the first step takes about a minute on a small "
+                     "CPU for a new net or crop shape, seconds once torch has cached it)")
+            self._compiled = torch.compile(self.step_loss, dynamic=False)
+        try:
+            return self._compiled(x, target)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: train eagerly, say so once
+            if not first:
+                raise
+            warnings.warn(f"task.compile: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); "
+                          "training without compiling", stacklevel=2)
+            self.compile, self._compiled = False, None
+            return self.step_loss(x, target)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        raw = self(batch["input"])
-        loss = self.loss(raw, batch["target"])
+        loss = self.training_loss(batch["input"], batch["target"])
         if not torch.isfinite(loss):
             self._check(batch)
             raise FloatingPointError(f"the training loss became {loss.item()} at step {self.global_step}; "
                                      f"lower optim.lr (now {self.optim['lr']:g}) or check the data")
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(raw))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["input"]))
         return loss
 
     def _evaluate(self, batch: dict, stage: str) -> dict:
