@@ -35,7 +35,7 @@ class Stainer(lightning.LightningModule):
             a training step of the default CPU net here, more with bf16 on tensor cores.
         compile: compile the training step's net and loss into one graph with ``torch.compile``
             (``task.compile``). The numbers stay those of the eager step; a step of the default CPU net
-            takes about 20 % less time, after a first step that compiles (about 50 s on 2 cores, a few
+            takes 20-30 % less time, after a first step that compiles (about 50 s on 2 cores, a few
             seconds once the kernels are in torch's on-disk cache). Validation, prediction and checkpoints
             use the plain net. Where compiling fails (no C compiler, say), training goes on eagerly with
             a warning.
