@@ -40,7 +40,8 @@ def test_compiled_training_step_matches_the_eager_step_and_leaves_checkpoints_pl
             opt.zero_grad()
             task.training_loss(x, y).backward()
             opt.step()
-    assert fast._compiled is not None and fast.compile  # it compiled and did not fall back
+    assert fast._compiled is not None and fast.compile_step  # it compiled and did not fall back
+    assert callable(fast.compile)  # the setting does not shadow nn.Module.compile
     assert _graphs() - before == 1  # one graph for the three steps: no recompiling
     # float rounding of fused kernels (~1e-6 here); a wrong graph would differ at the scale of lr * gradient
     moved = sum(float((a - b).detach().abs().max()) for a, b in zip(fast.parameters(), _pair()[0].parameters()))
@@ -50,7 +51,7 @@ def test_compiled_training_step_matches_the_eager_step_and_leaves_checkpoints_pl
     assert torch.allclose(eager.training_loss(x, y), fast.training_loss(x, y), atol=1e-5)
     assert list(fast.state_dict()) == list(eager.state_dict())  # no compiler prefix in checkpoints
     clone = pickle.loads(pickle.dumps(fast))  # ddp_spawn pickles the module: the compiled step is dropped
-    assert clone._compiled is None and clone.compile
+    assert clone._compiled is None and clone.compile_step
 
 
 def test_a_compiler_failure_trains_eagerly_with_a_warning(monkeypatch):
@@ -66,7 +67,7 @@ def test_a_compiler_failure_trains_eagerly_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="task.compile: torch.compile failed .*no C compiler"):
         loss = fast.training_loss(x, y)
     assert torch.allclose(loss, eager.training_loss(x, y), atol=1e-6)
-    assert not fast.compile and fast._compiled is None  # later steps run eagerly, without asking again
+    assert not fast.compile_step and fast._compiled is None  # later steps run eagerly, without asking again
 
 
 def test_a_compiled_fit_compiles_once_over_epochs_that_do_not_divide_into_batches(tmp_path, tiny):

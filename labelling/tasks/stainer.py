@@ -45,7 +45,8 @@ class Stainer(lightning.LightningModule):
                  channels_last: bool = True, compile: bool = False):
         super().__init__()
         self.net, self.loss = net, loss
-        self.compile, self._compiled = bool(compile), None  # the compiled step: built on first use, no submodule
+        # the compiled step: built on first use, not a submodule (nn.Module.compile is a method: other name)
+        self.compile_step, self._compiled = bool(compile), None
         self.channels_last = bool(channels_last) and getattr(net, "spatial_dims", 2) == 2
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -104,7 +105,7 @@ class Stainer(lightning.LightningModule):
 
     def training_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """:meth:`step_loss`, compiled when ``compile`` (shapes are static: the train loader's batches are full)."""
-        if not self.compile:
+        if not self.compile_step:
             return self.step_loss(x, target)
         first = self._compiled is None
         if first:
@@ -118,7 +119,7 @@ class Stainer(lightning.LightningModule):
                 raise
             warnings.warn(f"task.compile: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); "
                           "training without compiling", stacklevel=2)
-            self.compile, self._compiled = False, None
+            self.compile_step, self._compiled = False, None
             return self.step_loss(x, target)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
