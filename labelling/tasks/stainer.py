@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
 
 import lightning
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 from torchmetrics.regression import PearsonCorrCoef
 
 from labelling import registry
-
-log = logging.getLogger(__name__)
 
 
 class Stainer(lightning.LightningModule):
@@ -109,8 +107,8 @@ class Stainer(lightning.LightningModule):
             return self.step_loss(x, target)
         first = self._compiled is None
         if first:
-            log.info("task.compile: compiling the training step (the first step takes about a minute on a small "
-                     "CPU for a new net or crop shape, seconds once torch has cached it)")
+            rank_zero_info("task.compile: compiling the training step (the first step takes about a minute on a "
+                           "small CPU for a new net or crop shape, seconds once torch has cached it)")
             self._compiled = torch.compile(self.step_loss, dynamic=False)
         try:
             return self._compiled(x, target)
