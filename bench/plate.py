@@ -25,7 +25,7 @@ def peak_rss_training(plate: Path, run_dir: Path) -> float:
 
     VmHWM, not ``getrusage``: Linux carries a forking parent's peak RSS across ``exec`` into ``ru_maxrss``.
     """
-    code = ("from labelling.train import fit\n"
+    code = ("from labelling.runs.train import fit\n"
             f"fit('nuclei_mse', ['data.name=plate', 'data.path={plate}', *{TRAIN!r}], run_dir={str(run_dir)!r})\n"
             "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
             "print('RSS_KB', peak.split()[1])\n")
@@ -53,7 +53,7 @@ def predict_mp_per_s(run: Path, plate: Path, work: Path) -> dict:
     """Whole-plate prediction into a new plate with 1 and 2 CPU processes."""
     out = {}
     for devices in (1, 2):
-        code = ("from labelling.platepredict import predict_plate\nimport json\nif __name__ == '__main__':\n"
+        code = ("from labelling.inference.plates import predict_plate\nimport json\nif __name__ == '__main__':\n"
                 f"    r = predict_plate({str(run)!r}, {str(plate)!r}, out={str(work / f'pred{devices}.zarr')!r}, "
                 f"devices={devices}, accelerator='cpu', progress=False)\n    print('RESULT', json.dumps(r))\n")
         script = work / f"predict{devices}.py"

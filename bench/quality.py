@@ -4,7 +4,7 @@ For each real-data experiment (``isl_dapi`` with its z-stack, ``mlcp_dna``, ``wo
 
 * **ours** - ``labelling train <experiment>`` exactly as a user runs it (its default recipe, validation,
   best checkpoint) with ``trainer.max_time`` set to the budget, then every held-out test block predicted
-  through :func:`labelling.predict.predict` (the deployed path).
+  through :func:`labelling.inference.predict.predict` (the deployed path).
 * **MONAI** - the loop a user would write in an afternoon: MONAI ``UNet(16, 32, 64, 128)`` with residual
   units, Adam 1e-3, MSE, per-image z-score, random 64 px crops of the *same training blocks* with
   flips/rot90, trained for the same wall time; test blocks predicted with MONAI's sliding-window inferer
@@ -77,7 +77,8 @@ def budget_settings(seed: int, budget: float, overrides: list[str] | None = None
 
 def run_ours(name: str, dm, seed: int, budget: float, work: Path, overrides: list[str] | None = None) -> dict:
     """Train our default recipe (plus `overrides`) for `budget` seconds; predict the test blocks as deployed."""
-    from labelling import predict, train
+    from labelling.inference import predict
+    from labelling.runs import train
     from labelling.build import load_task
 
     run_dir = work / f"ours_{name}_{seed}"

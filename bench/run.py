@@ -91,7 +91,7 @@ def inference_vs_monai(size: int = 1024, tile: int = 256, overlap: float = 0.25)
     from monai.inferers import sliding_window_inference
 
     from labelling.nets.unet import UNet
-    from labelling.predict import predict_tiled
+    from labelling.inference.predict import predict_tiled
 
     torch.manual_seed(0)
     net = UNet(1, 1, depth=3, width=16).eval()
@@ -161,7 +161,7 @@ def write_report(r: dict, path: Path) -> None:
                      f"{v['achieved_gflops']:.1f} | {100 * v['fraction_of_conv_peak']:.0f}% |")
     lines += ["", f"## Tiled inference ({inf['image']}, tile {inf['tile']}, overlap {inf['overlap']}, Gaussian)", "",
               "| implementation | MP/s |", "|---|---|",
-              f"| labelling.predict.predict_tiled | {inf['ours_mp_per_s']:.2f} |",
+              f"| labelling.inference.predict.predict_tiled | {inf['ours_mp_per_s']:.2f} |",
               f"| MONAI sliding_window_inference | {inf['monai_mp_per_s']:.2f} |", "",
               f"Ratio ours/MONAI: **{inf['speed_ratio_ours_over_monai']:.2f}x**; max |difference| of outputs "
               f"{inf['max_abs_diff']:.2e}.", "",

@@ -2,7 +2,7 @@
 
 For each real-data experiment: a plain PyTorch loop (MONAI ``UNet(16, 32, 64, 128)``, 2 residual units,
 Adam, MSE, numpy crops with flips/rot90, the experiment's crop size and batch) runs for `--loop` seconds,
-then ``labelling.train.fit`` of the experiment's default recipe for `--budget` seconds with a timing
+then ``labelling.runs.train.fit`` of the experiment's default recipe for `--budget` seconds with a timing
 callback, then the loop again (the machine's speed drifts: the loop brackets our run). Written to
 ``bench/step_vs_loop.{json,md}``, per dataset in milliseconds per training step:
 
@@ -62,7 +62,7 @@ class StepTiming(lightning.Callback):
 
 
 def ours_ms(name: str, seconds: int, overrides: list[str], work: Path) -> dict:
-    from labelling import train
+    from labelling.runs import train
 
     timing, start = StepTiming(), time.perf_counter()
     metrics = train.fit(name, budget_settings(0, seconds, overrides), run_dir=work / name, callbacks=[timing])

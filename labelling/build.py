@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from labelling import config, registry
-from labelling.checkpoints import check_checkpoint
+from labelling.inference.checkpoints import check_checkpoint
 from labelling.errors import CheckpointError
 
 __all__ = ["build", "build_task", "load_task"]

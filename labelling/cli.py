@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _train(args) -> int:
-    from labelling.train import fit
+    from labelling.runs.train import fit
 
     metrics = fit(args.experiment, args.overrides, run_dir=args.run_dir)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
@@ -17,7 +17,7 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
-    from labelling.sweep import run_sweep
+    from labelling.runs.sweep import run_sweep
 
     study = run_sweep(args.experiment, storage=args.storage, n_trials=args.n_trials, overrides=args.overrides,
                       study_name=args.study_name, run_root=args.run_root)
@@ -91,7 +91,7 @@ def _preprocess(args) -> int:
 
 
 def _predict_plate(args, path: str) -> int:
-    from labelling.platepredict import predict_plate
+    from labelling.inference.plates import predict_plate
 
     result = predict_plate(args.checkpoint, path, out=args.out, wells=args.wells, devices=args.devices,
                            accelerator=args.accelerator, channels=args.channels, tile=args.tile,
@@ -121,7 +121,7 @@ def output_paths(images: list[str], out: Path, suffix: str) -> list[Path]:
 def _predict(args) -> int:
     from tqdm.auto import tqdm
 
-    from labelling import predict
+    from labelling.inference import predict
     from labelling.export.deployed import load_model
 
     if args.tile < 16 or args.tile > 8192:
@@ -169,7 +169,7 @@ def _predict(args) -> int:
 
 def _evaluate(args) -> int:
     from labelling import config
-    from labelling.evaluate import evaluate_run
+    from labelling.runs.evaluate import evaluate_run
 
     every = args.all
     seg = {}
@@ -177,7 +177,7 @@ def _evaluate(args) -> int:
         key, value = config._split(item)
         seg[key.removeprefix("seg.")] = config.parse_value(value)
     if args.plate:  # a whole plate's predicted channels against its real ones
-        from labelling.plateeval import evaluate_plate
+        from labelling.studies.plates import evaluate_plate
 
         summary = evaluate_plate(args.run, args.plate, predictions=args.predictions, wells=args.wells, seg=seg)
         print(json.dumps({k: round(float(v), 4) for k, v in summary.items()}, indent=2))
@@ -192,7 +192,7 @@ def _evaluate(args) -> int:
 
 
 def _cascade(args) -> int:
-    from labelling.cascadestudy import cascade_study
+    from labelling.studies.cascades import cascade_study
 
     table = cascade_study(args.experiment, tuple(args.helpers), args.overrides, args.out)
     print(table.round(3).to_string(index=False))
@@ -201,7 +201,7 @@ def _cascade(args) -> int:
 
 
 def _denoise(args) -> int:
-    from labelling.targetstudy import denoise_study
+    from labelling.studies.targets import denoise_study
 
     table = denoise_study(args.experiment, tuple(args.transforms), args.overrides, args.out)
     print(table.round(3).to_string(index=False))
@@ -231,7 +231,7 @@ def dashboard_storage(experiment: str, storage: str | None, run_root: str = "run
     import os
 
     from labelling.errors import ConfigError
-    from labelling.sweep import STORAGE_ENV, storage_url
+    from labelling.runs.sweep import STORAGE_ENV, storage_url
 
     url = storage or os.environ.get(STORAGE_ENV) or None
     if url is None:

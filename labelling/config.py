@@ -102,7 +102,7 @@ class Experiment(BaseModel):
     test: bool = True
     resume: bool = True  # continue from run_dir/checkpoints/last.ckpt when it exists
     checkpoint_every: int = Field(50, ge=0)  # also refresh last.ckpt every N training steps (0: epoch ends only)
-    tta: bool = False  # deployed predictions average the 8 flips/rotations of each tile (labelling.predict)
+    tta: bool = False  # deployed predictions average the 8 flips/rotations of each tile (labelling.inference.predict)
     task: Component = Component(name="stainer")
     data: Component
     net: Component = Component(name="unet")

@@ -23,7 +23,7 @@ TABLES: dict[str, dict[str, str]] = {
         "actin": "labelling.data.organelles:ActinDataModule",
         "gfp": "labelling.data.organelles:GFPDataModule",
         "nucleoli": "labelling.data.organelles:NucleoliDataModule",
-        "study": "labelling.trainstudies:study_data",  # restricted training data of the training studies
+        "study": "labelling.studies.training:study_data",  # restricted training data of the training studies
     },
     "task": {
         "stainer": "labelling.tasks.stainer:Stainer",

@@ -14,7 +14,7 @@ import tifffile
 
 from labelling.app import logic
 from labelling.data.simulate import simulate_field
-from labelling.train import fit
+from labelling.runs.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -64,7 +64,7 @@ def test_analyse_flags_drift_on_a_foreign_image(trained):
     alpha = max(logic.ALPHA, 1 / (1 + verdicts[0]["n_reference_fields"]))
     assert sum(v["drift"] for v in verdicts) / 40 <= 2.5 * alpha
     # the app shows exactly what `predict` writes: the one prediction path
-    from labelling import predict
+    from labelling.inference import predict
 
     assert np.array_equal(same["prediction"], predict.predict(task, bf))
 

@@ -23,7 +23,7 @@ from PIL import Image
 from labelling import cli, config
 from labelling.app import logic
 from labelling.build import load_task
-from labelling.checkpoints import CheckpointError, check_checkpoint
+from labelling.inference.checkpoints import CheckpointError, check_checkpoint
 from labelling.data.readers import ImageError, image_shape, read_image
 from tests.conftest import TINY
 
@@ -273,7 +273,7 @@ def test_cli_refuses_a_checkpoint_with_code(command, evil_checkpoints, capfd, tm
 
 
 def test_checkpoint_written_by_fit_loads_weights_only(tmp_path):
-    from labelling.train import fit
+    from labelling.runs.train import fit
 
     fit("golgi_asym", TINY + ["trainer.max_epochs=1", "test=false", "callbacks=[]", "logger.panels=0"],
         run_dir=tmp_path / "run")
@@ -398,7 +398,7 @@ PREDICT_CASES = [
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from labelling.train import fit
+    from labelling.runs.train import fit
     from tests.conftest import TINY
 
     run = tmp_path_factory.mktemp("predict") / "run"

@@ -124,7 +124,7 @@ def test_downstream_and_drift_tables_are_logged_to_wandb_offline(tmp_path, monke
     from labelling import config
     from labelling.build import build
     from labelling.callbacks.analyses import DownstreamEvaluation, DriftAnalysis
-    from labelling.train import attach_deployment
+    from labelling.runs.train import attach_deployment
     from tests.conftest import TINY
 
     monkeypatch.setenv("WANDB_MODE", "offline")

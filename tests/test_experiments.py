@@ -10,8 +10,8 @@ import yaml
 
 from labelling import config
 from labelling.build import load_task
-from labelling.checkpoints import CheckpointError, check_checkpoint
-from labelling.train import fit
+from labelling.inference.checkpoints import CheckpointError, check_checkpoint
+from labelling.runs.train import fit
 
 
 class WeightProbe(lightning.Callback):
@@ -113,7 +113,7 @@ def test_diverging_run_stops_with_a_message_and_nonzero_exit(tiny, tmp_path, cap
 
 
 def test_metrics_json_is_valid_json_with_non_finite_values(tmp_path):
-    from labelling.train import write_metrics
+    from labelling.runs.train import write_metrics
 
     write_metrics(tmp_path / "m.json", {"a": float("nan"), "b": float("-inf"), "c": 1.5})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": None, "c": 1.5}
@@ -139,7 +139,7 @@ def test_downstream_callback_evaluate_and_predict_commands(tiny, tmp_path):
     import tifffile
 
     from labelling.cli import main
-    from labelling.evaluate import evaluate_run
+    from labelling.runs.evaluate import evaluate_run
 
     run = tmp_path / "ds"
     tiny = [t for t in tiny if not t.startswith("data.n_wells") and not t.startswith("data.fields")]
@@ -177,7 +177,7 @@ def pd_read(path):
 
 
 def test_run_end_analyses_and_evaluate_all(tiny, tmp_path):
-    from labelling.evaluate import evaluate_run
+    from labelling.runs.evaluate import evaluate_run
 
     run = tmp_path / "robust"
     tiny = [t for t in tiny if not t.startswith("data.n_wells") and not t.startswith("data.fields")]
@@ -225,7 +225,7 @@ def test_autoencoders_train_and_embed(tiny, tmp_path):
         emb = task.embed(x)
         assert emb.shape == (4, 8) and torch.isfinite(emb).all()
         assert not torch.allclose(emb[0], emb[1]), "two different crops share an embedding"
-    from labelling.evaluate import evaluate_run
+    from labelling.runs.evaluate import evaluate_run
 
     summary = evaluate_run(tmp_path / "ae_vae", split="train", embeddings=True, max_images=3, log_wandb=False)
     assert 0 <= summary["embeddings/f1_mean"] <= 1 and "downstream/pixel_pearson" not in summary
@@ -259,8 +259,8 @@ def test_python_api_doc_example_runs(tmp_path, monkeypatch):
 def test_threads_setting_and_training_geometry_in_predict(tiny, tmp_path):
     import torch
 
-    from labelling import predict
-    from labelling.train import set_threads
+    from labelling.inference import predict
+    from labelling.runs.train import set_threads
 
     before = torch.get_num_threads()
     try:

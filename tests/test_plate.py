@@ -9,13 +9,15 @@ import pytest
 import tifffile
 import torch
 
-from labelling import plateeval, platepredict, predict
+from labelling.studies import plates as plateeval
+from labelling.inference import plates as platepredict
+from labelling.inference import predict
 from labelling.build import load_task
 from labelling.data import plate as plates
 from labelling.data import platetools
 from labelling.data.transforms import dataset_stats, norm_stats
 from labelling.errors import ConfigError, ImageError
-from labelling.train import fit
+from labelling.runs.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["trainer.max_epochs=1", "data.crops_per_epoch=16", "data.crop=32", "data.batch_size=4", "net.width=4",
@@ -204,7 +206,7 @@ def test_killed_plate_prediction_resumes_without_redoing_finished_fields(plate_r
 def test_two_process_cpu_ddp_predicts_each_field_exactly_once(plate_run, tmp_path):
     source, run = plate_run
     out = tmp_path / "out.zarr"
-    code = ("from labelling.platepredict import predict_plate\n"
+    code = ("from labelling.inference.plates import predict_plate\n"
             "if __name__ == '__main__':\n"
             f"    r = predict_plate({str(run)!r}, {str(source)!r}, out={str(out)!r}, wells=['A1', 'A2', 'A3', 'A4'],"
             " devices=2, accelerator='cpu', progress=False)\n"

@@ -5,7 +5,7 @@ import pytest
 import tifffile
 import torch
 
-from labelling import predict
+from labelling.inference import predict
 from labelling.data.transforms import norm_stats, normalize
 from labelling.losses.basic import MSELoss, PearsonLoss
 from labelling.nets.unet import UNet
@@ -149,7 +149,7 @@ def test_predict_composite_writes_a_colour_png_per_image(tmp_path, monkeypatch):
 
 def test_a_multi_target_run_scores_and_shows_each_organelle(tiny, tmp_path):
     """One model, several organelles: per-channel val/pcc/<name>, channel-named outputs, composite panels."""
-    from labelling import train
+    from labelling.runs import train
     from labelling.build import load_task
 
     run = tmp_path / "run"

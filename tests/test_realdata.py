@@ -5,7 +5,7 @@ import pytest
 
 from labelling import config
 from labelling.data.organelles import resolve_root
-from labelling.train import fit
+from labelling.runs.train import fit
 
 
 def _need(exp):
@@ -44,7 +44,7 @@ def test_corruption_augmentation_improves_stability(tmp_path):
     (With per-image normalization the plain model is already nearly as robust: it cancels gain and offset;
     measured 0.817 vs 0.827.)
     """
-    from labelling.evaluate import evaluate_run
+    from labelling.runs.evaluate import evaluate_run
 
     scores = {}
     for exp in ("nuclei_mse", "nuclei_robust"):

@@ -9,7 +9,7 @@ import yaml
 
 from labelling import config
 from labelling.errors import redact
-from labelling.sweep import load_space, make_sampler, run_sweep, storage_url, suggest, write_summary
+from labelling.runs.sweep import load_space, make_sampler, run_sweep, storage_url, suggest, write_summary
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import torch
 from labelling import config, registry
 from labelling.build import build
 from labelling.tasks.stainer import SCHEDULERS, Stainer, configure_optimizers
-from labelling.train import fit
+from labelling.runs.train import fit
 
 TINY_DATA = {"seed": 0, "n_wells": 4, "fields_per_well": 2, "field_size": 64, "crop": 32, "batch_size": 2,
              "crops_per_epoch": 4, "num_workers": 0}
@@ -211,7 +211,7 @@ def test_folder_data_with_two_targets_completes_a_fit(tiny, tmp_path):
 def test_ema_checkpoints_hold_the_averaged_weights_and_deploy_them(tiny, tmp_path):
     """callbacks: [{name: ema}]: validation, checkpoints and predict use the exponential moving average."""
     from labelling.build import load_task
-    from labelling.checkpoints import check_checkpoint
+    from labelling.inference.checkpoints import check_checkpoint
 
     cfg = config.to_dict(config.load("nuclei_mse", tiny + ["trainer.max_epochs=2", "test=false"]))
     cfg["callbacks"] = [{"name": "ema", "decay": 0.5}]

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labelling import registry, trainstudies
+from labelling import registry
+from labelling.studies import training as trainstudies
 from labelling.analysis import cost, generalization
-from labelling.train import fit
+from labelling.runs.train import fit
 
 from .conftest import TINY
 
@@ -190,8 +191,8 @@ def test_cost_from_a_finished_run(tmp_path):
 
 def test_study_callbacks_and_evaluate_flags_run_from_a_finished_run(tmp_path):
     """The three pieces of a study: the pure function, a callback line and an `evaluate` flag."""
-    from labelling.evaluate import evaluate_run
-    from labelling.train import fit
+    from labelling.runs.evaluate import evaluate_run
+    from labelling.runs.train import fit
     from tests.conftest import TINY
 
     run = tmp_path / "run"
@@ -209,9 +210,9 @@ def test_study_callbacks_and_evaluate_flags_run_from_a_finished_run(tmp_path):
 
 def test_cascade_study_trains_helpers_and_scores_the_target_with_and_without_them(tiny, tmp_path):
     """Thesis 5.3/7.4: ER from brightfield alone vs brightfield + predicted nuclei + actin, same split, same test."""
-    from labelling import predict
+    from labelling.inference import predict
     from labelling.build import load_task
-    from labelling.cascadestudy import cascade_study
+    from labelling.studies.cascades import cascade_study
 
     table = cascade_study("er_mse", ("nuclei", "actin"), tiny + ["trainer.max_epochs=1", "data.n_wells=8"], tmp_path)
     assert list(table["model"]) == ["brightfield alone", "null (training-mean intensity)",
@@ -233,7 +234,7 @@ def test_cascade_study_trains_helpers_and_scores_the_target_with_and_without_the
 
 
 def test_denoise_study_scores_each_target_transform_against_the_raw_golgi_stain(tiny, tmp_path):
-    from labelling.targetstudy import denoise_study
+    from labelling.studies.targets import denoise_study
 
     table = denoise_study("golgi_asym", ("none", "denoise_median"), tiny + ["trainer.max_epochs=1", "data.n_wells=8"],
                           tmp_path)

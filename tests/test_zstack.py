@@ -83,7 +83,7 @@ def test_folder_planes_from_a_stack_file_and_from_per_plane_files_agree(tmp_path
 
 
 def test_a_25d_model_predicts_from_a_z_stack_file_and_refuses_a_2d_one(tmp_path):
-    from labelling import predict
+    from labelling.inference import predict
     from labelling.build import build_task
     from labelling.config import load
 
@@ -114,7 +114,7 @@ def test_a_nearly_empty_field_keeps_its_darkness_under_dataset_normalization():
     """
     import torch
 
-    from labelling import predict
+    from labelling.inference import predict
     from labelling.build import build_task
     from labelling.config import load
 
@@ -137,7 +137,7 @@ def test_a_nearly_empty_field_keeps_its_darkness_under_dataset_normalization():
 
 def test_predict_cli_and_app_upload_feed_a_25d_model_its_planes(tmp_path, monkeypatch):
     """The command line and the app read a z-stack the way the 2.5D model was trained (its stored planes)."""
-    from labelling import predict
+    from labelling.inference import predict
     from labelling.app import logic
     from labelling.build import build_task
     from labelling.cli import main
@@ -164,7 +164,9 @@ def test_a_3d_net_convolves_across_z_and_predicts_whole_stacks(tmp_path):
     """``net: {name: monai_unet, spatial_dims: 3}`` with z-stack targets: trained, saved, predicted as deployed."""
     import torch
 
-    from labelling import predict, registry, train
+    from labelling import registry
+    from labelling.inference import predict
+    from labelling.runs import train
     from labelling.build import load_task
 
     net = registry.build("net", "monai_unet", in_channels=5, out_channels=5, width=4, depth=2, spatial_dims=3)

@@ -272,7 +272,7 @@ def write_report(table: pd.DataFrame, corr: pd.DataFrame, out_dir: str | Path, t
                  images: list[Path] | None = None, objects: pd.DataFrame | None = None,
                  warnings: list[str] | None = None) -> Path:
     """CSV tables (per image, agreement, per object) plus a Markdown and an HTML report with the plots."""
-    from labelling import reports
+    from labelling.reporting import reports
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ def read_upload(name: str, data: bytes, channel: int | None = None, rgb: str | N
     would expand to gigabytes is refused cheaply. `channel` / `rgb` pick or combine the channels of a
     multichannel or RGB image (see :func:`labelling.data.readers.read_image`); without them such an image is
     refused. With a `task` that takes several input channels (a 2.5D model), a z-stack is read as that model
-    takes it, (Cin, H, W) (see :func:`labelling.predict.read_input`). Every error names the uploaded file.
+    takes it, (Cin, H, W) (see :func:`labelling.inference.predict.read_input`). Every error names the uploaded file.
     """
     from labelling.data.readers import image_header
 
@@ -76,7 +76,7 @@ def read_upload(name: str, data: bytes, channel: int | None = None, rgb: str | N
                 raise UploadError(f"{name}: shape {'x'.join(map(str, shape))} ({axes}) is too large for one "
                                   "image; upload a single 2D plane")
             if task is not None and task.net.in_channels > 1:
-                from labelling.predict import read_input
+                from labelling.inference.predict import read_input
 
                 img = read_input(task, path, channel=channel, rgb=rgb)
             else:
@@ -104,8 +104,8 @@ def read_plate_field(task, path: str | Path, field: str) -> tuple[np.ndarray, np
     """
     from labelling.data.plate import Field, Plate
     from labelling.errors import ConfigError
-    from labelling.platepredict import input_layout
-    from labelling.predict import deployment
+    from labelling.inference.plates import input_layout
+    from labelling.inference.predict import deployment
 
     plate = Plate(path)
     chosen = Field(field, field.rsplit("/", 1)[0])
@@ -165,7 +165,7 @@ def analyse(task, cfg, run_dir: Path, image: np.ndarray, tile: int = 256, progre
         ``prediction``, ``labels``, ``metrics`` and ``drift`` (see
         :func:`labelling.export.driftref.image_verdict`; ``reason`` says why an image was not checked).
     """
-    from labelling import predict
+    from labelling.inference import predict
     from labelling.analysis.downstream import image_metrics
     from labelling.analysis.segmentation import segment
     from labelling.export import driftref

@@ -78,7 +78,7 @@ elif drift["checked"]:
 else:
     streamlit.info(f"No drift check: {drift.get('reason', 'not possible for this image')}.")
 
-from labelling.predict import deployment  # noqa: E402
+from labelling.inference.predict import deployment  # noqa: E402
 
 target = (deployment(task).get("targets") or [cfg.data.name])[0]
 cols = streamlit.columns(3)

@@ -15,7 +15,10 @@ from pathlib import Path
 import lightning
 import numpy as np
 
-from labelling import evaluate, predict, reports, studies
+from labelling import studies
+from labelling.runs import evaluate
+from labelling.inference import predict
+from labelling.reporting import reports
 
 
 def thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:
@@ -207,7 +210,8 @@ class TrainingStudies(_RunEndAnalysis):
     def analyse(self, module, images, out, trainer):
         import torch
 
-        from labelling import config, trainstudies
+        from labelling import config
+        from labelling.studies import training as trainstudies
 
         cfg = config.validate(config.apply_overrides(module.config, ["callbacks=[]", "logger.wandb=false",
                                                                      *self.overrides]))

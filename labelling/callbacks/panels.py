@@ -100,7 +100,7 @@ class PredictionPanels(lightning.Callback):
         out.mkdir(parents=True, exist_ok=True)
         import matplotlib.pyplot as plt
 
-        from labelling import predict  # late: the prediction path imports the data stack
+        from labelling.inference import predict  # late: the prediction path imports the data stack
 
         module.eval()
         deploy = predict.deployment(module)

@@ -1,8 +1,8 @@
 """Cascades: predictions of other trained runs as extra input channels (thesis 5.3, 7.4).
 
 ``data: {cascade: [runs/nuclei, runs/actin]}`` appends, to every field's raw input, what those runs predict
-from it - through :func:`labelling.predict.append_cascade`, the deployed path, in their target units. The model
-stores the run paths (``deploy["cascade"]``) and :func:`labelling.predict.network_output` computes the same
+from it - through :func:`labelling.inference.predict.append_cascade`, the deployed path, in their target units. The model
+stores the run paths (``deploy["cascade"]``) and :func:`labelling.inference.predict.network_output` computes the same
 channels from a new raw image, so a cascade is deployed exactly as it was trained.
 """
 
@@ -38,7 +38,7 @@ def channels(tasks: list) -> int:
 
 def names(paths: list[str], tasks: list) -> list[str]:
     """Names of the extra channels: ``<run folder>:<target channel>``."""
-    from labelling.predict import deployment
+    from labelling.inference.predict import deployment
 
     return [f"{Path(path).name}:{target}" for path, task in zip(paths, tasks)
             for target in (deployment(task).get("targets") or ["prediction"])[: task.net.out_channels]]

@@ -386,7 +386,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
             return
         pairs = [(x, self.transform_target(y), *rest) for x, y, *rest in self.load_pairs()]
         if self.cascade:  # the cascade runs' predictions of each raw field become extra input channels
-            from labelling.predict import append_cascade  # late: the prediction path sits above the data
+            from labelling.inference.predict import append_cascade  # late: the prediction path sits above the data
 
             pairs = [(append_cascade(self.cascade_tasks, x, key), y, group, key, extra)
                      for x, y, group, key, extra in pairs]

@@ -2,7 +2,7 @@
 
 The package holds the deployed net as TorchScript and ONNX weights (one output: the activated prediction
 before de-normalization), the run's input normalization as preprocessing, its de-normalization as
-postprocessing, a test input/output pair computed through :func:`labelling.predict.predict` on a small
+postprocessing, a test input/output pair computed through :func:`labelling.inference.predict.predict` on a small
 validation field, the training config and metrics as attachments, a cover and a README.
 
 How our normalization is written in the package's own terms (``deploy["normalize"]``):
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from labelling import predict
+from labelling.inference import predict
 
 CITATIONS = [
     {"text": "Ounkomol C, Seshamani S, Maleckar MM, Collman F, Johnson GR. Label-free prediction of "

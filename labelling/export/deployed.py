@@ -3,7 +3,7 @@
 An export is a folder holding the network file and ``deployment.json``: the normalization rule and
 statistics, the de-normalization, the null level, the output activation, channel names and the net's
 depth. :func:`load_exported` rebuilds from them an :class:`ExportedTask`, a stand-in for the trained
-``Stainer`` that :func:`labelling.predict.predict` accepts unchanged, so an exported model predicts through
+``Stainer`` that :func:`labelling.inference.predict.predict` accepts unchanged, so an exported model predicts through
 the one prediction path (binning, normalization, tiling, blending, de-normalization) like the run did.
 
 The network file takes ``(B, Cin, H, W)`` *normalized* inputs with any batch size and H, W multiples of
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from labelling import config, predict
+from labelling import config
+from labelling.inference import predict
 from labelling.errors import UserError, redact_obj
 
 STATE_FILE = "deployment.json"
@@ -81,7 +82,7 @@ def check_exportable(task) -> None:
 
 
 def deployment_state(task, cfg) -> dict:
-    """Everything :func:`labelling.predict.predict` reads from a task, as plain JSON-able data."""
+    """Everything :func:`labelling.inference.predict.predict` reads from a task, as plain JSON-able data."""
     net = task.net
     return {
         "format_version": STATE_VERSION,
@@ -189,7 +190,7 @@ def compare(task, state: dict, path: Path, repeats: int = 3) -> dict:
 
 
 class ExportedTask:
-    """What :func:`labelling.predict.predict` needs of a trained task, backed by an ONNX/TorchScript file.
+    """What :func:`labelling.inference.predict.predict` needs of a trained task, backed by an ONNX/TorchScript file.
 
     Attributes:
         net: ``in_channels``, ``out_channels`` and ``depth`` of the exported net.

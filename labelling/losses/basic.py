@@ -37,7 +37,7 @@ class PearsonLoss(nn.Module):
     """
 
     activation = None
-    scale_free = True  # output has no units: de-normalized by an affine calibration (labelling.predict)
+    scale_free = True  # output has no units: de-normalized by an affine calibration (labelling.inference.predict)
 
     def __init__(self, pooled: bool = True):
         super().__init__()

@@ -51,7 +51,7 @@ class Stainer(lightning.LightningModule):
         self.optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "cosine", **(optim or {})}
         self.config = config or {}
         self.save_hyperparameters(ignore=["net", "loss"])
-        # Deployment state, saved with every checkpoint (see labelling.predict): the output de-normalization
+        # Deployment state, saved with every checkpoint (see labelling.inference.predict): the output de-normalization
         # (offset, scale) per target channel, the dataset-level input statistics (``fixed`` normalization),
         # the training-mean target level (null predictor) and the settings in ``deploy``.
         n_in, n_out = getattr(net, "in_channels", 1), getattr(net, "out_channels", 1)

@@ -1,4 +1,4 @@
-"""The thesis studies of a trained stain, each run through the one prediction path (:mod:`labelling.predict`).
+"""The thesis studies of a trained stain, each run through the one prediction path (:mod:`labelling.inference.predict`).
 
 Every function takes a trained task and a list of :class:`labelling.data.datamodule.Image` (fields with
 their raw input and target) and returns tables; the numbers come from :mod:`labelling.analysis`. The
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from labelling import predict
+from labelling.inference import predict
 from labelling.analysis import downstream
 from labelling.analysis.corruptions import CORRUPTIONS, SEVERITIES, corrupt, grid
 

@@ -59,7 +59,8 @@ def cascade_study(experiment: str = "er_mse", helpers=("nuclei", "actin"), overr
     Returns:
         One row per model (target alone, target + cascade) and the null predictor.
     """
-    from labelling import reports, train
+    from labelling.reporting import reports
+    from labelling.runs import train
 
     out = Path(out)
     common = list(overrides or []) + ["callbacks=[]", "logger.wandb=false", "test=false"]

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from labelling import reports, studies
+from labelling import studies
+from labelling.reporting import reports
 from labelling.analysis import downstream
 
 
@@ -138,14 +139,14 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
     studies_wanted = {"phenotypes": phenotypes, "scaling_matrix": scaling_matrix, "learning_curve": learning_curve}
     if any(studies_wanted.values()):
         from labelling import config
-        from labelling.trainstudies import run_training_studies
+        from labelling.studies.training import run_training_studies
 
         study_cfg = config.validate(config.apply_overrides(config.to_dict(cfg), ["callbacks=[]", "logger.wandb=false"]))
         for name, df in run_training_studies(study_cfg, out / "studies", studies_wanted, max_images).items():
             tables[name] = df
             plots += sorted((out / "studies" / name).glob("*.png"))
     if cost:
-        from labelling.trainstudies import training_cost
+        from labelling.studies.training import training_cost
 
         tables["cost"] = training_cost(run_dir, out)
     reports.write_report(out, f"Evaluation of {cfg.name} ({split}, n={len(images)})",
@@ -204,7 +205,7 @@ def _log_wandb(cfg, run_dir: Path, tables: dict, plots: list) -> None:
         import wandb
     except ImportError:
         return
-    from labelling.train import wandb_mode
+    from labelling.runs.train import wandb_mode
 
     run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group or cfg.name,
                      name=f"{run_dir.name}-evaluate", job_type="evaluate", dir=str(run_dir), mode=wandb_mode(),

@@ -1,8 +1,8 @@
 """The thesis studies that need several trainings: phenotype transfer, image-scale matrix, learning curve, cost.
 
-Each study trains a handful of runs with :func:`labelling.train.fit` (one folder each under
+Each study trains a handful of runs with :func:`labelling.runs.train.fit` (one folder each under
 ``<out_dir>/runs/``; re-running a study reuses finished runs), evaluates every model through the one
-prediction path (:func:`labelling.studies.predict_pairs`, :func:`labelling.predict.predict_null`) and the
+prediction path (:func:`labelling.studies.predict_pairs`, :func:`labelling.inference.predict.predict_null`) and the
 downstream metrics (:func:`labelling.analysis.downstream.evaluate_pairs`), builds its tables with
 :mod:`labelling.analysis.generalization`, and writes CSV + Markdown (+ PNG, ``report.md``/``.html``) into
 `out_dir`. Give each study its own `out_dir`.
@@ -28,7 +28,9 @@ import lightning
 import numpy as np
 import pandas as pd
 
-from labelling import config, predict, registry, reports, studies
+from labelling import config, registry, studies
+from labelling.inference import predict
+from labelling.reporting import reports
 from labelling.analysis import downstream, generalization
 
 STUDY_DATA = "study"
@@ -192,7 +194,7 @@ class RecordSplits(lightning.Callback):
 def train_condition(cfg: config.Experiment, run_dir: Path):
     """Train (or reuse) one run; returns (metrics, trained task, recorded splits)."""
     from labelling.build import load_task
-    from labelling.train import check_resume, fit
+    from labelling.runs.train import check_resume, fit
 
     with registered():
         run_dir, _ = check_resume(cfg, Path(run_dir))  # resume=false: the fresh numbered folder fit will use

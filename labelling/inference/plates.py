@@ -2,9 +2,9 @@
 
 ``labelling predict RUN P.zarr`` writes each target as a new channel ``<target>_predicted`` into the plate
 (or into a new plate with ``--out NEW.zarr``). Each field goes through the one prediction path
-(:mod:`labelling.predict`): the training normalization (per-image statistics from the plate's stored
+(:mod:`labelling.inference.predict`): the training normalization (per-image statistics from the plate's stored
 sketch, exactly what ``predict`` computes from the whole field), the same tiles and blending, streamed
-band by band (:func:`~labelling.predict.predict_tiled_rows`) so memory does not grow with the field, and
+band by band (:func:`~labelling.inference.predict.predict_tiled_rows`) so memory does not grow with the field, and
 the training de-normalization, which is recorded in the field's attributes next to the run.
 
 Fields are sharded over Lightning ``trainer.predict`` processes (DDP); a prediction writer marks each field
@@ -21,7 +21,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from labelling import predict
+from labelling.inference import predict
 from labelling.data import plate as plates
 from labelling.data.transforms import bin_factor, denormalize, norm_stats, normalize
 from labelling.errors import ConfigError
@@ -58,7 +58,7 @@ def input_layout(task, plate: plates.Plate, field: plates.Field, channels: list[
 
 
 def input_stats(task, plate: plates.Plate, field: plates.Field, names: list[str], planes: list[int]) -> np.ndarray:
-    """(Cin, 2) normalization of a field's input, as :func:`labelling.predict.normalize_input` would compute it."""
+    """(Cin, 2) normalization of a field's input, as :func:`labelling.inference.predict.normalize_input` would compute it."""
     method = predict.deployment(task)["normalize"]
     if method == "fixed":
         return task.input_stats.detach().cpu().numpy().astype(np.float32)

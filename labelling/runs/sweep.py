@@ -1,4 +1,4 @@
-"""Optuna driver over :func:`labelling.train.fit`.
+"""Optuna driver over :func:`labelling.runs.train.fit`.
 
 A sweep is ``sweeps/<experiment>.yaml`` (or any YAML path): the metric and direction, a trial budget, and a
 search space keyed by dotted config paths; all of it is validated against the experiment before any trial
@@ -27,7 +27,8 @@ import lightning
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
-from labelling import config, reports
+from labelling import config
+from labelling.reporting import reports
 from labelling.errors import redact, redact_obj
 
 PARAM_TYPES = ("float", "int", "categorical")
@@ -313,7 +314,7 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
     """
     import optuna
 
-    from labelling.train import fit
+    from labelling.runs.train import fit
 
     sys.argv[:] = [redact(a) for a in sys.argv]  # W&B saves the command line in every run's metadata
     storage = storage or os.environ.get(STORAGE_ENV) or None

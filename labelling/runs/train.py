@@ -93,7 +93,7 @@ class LastCheckpoint(ModelCheckpoint):
 def attach_deployment(dm, task) -> None:
     """Store what deployment needs in the task, from the *training* split only (saved with every checkpoint).
 
-    See :mod:`labelling.predict`: the input normalization, the output de-normalization (mean training
+    See :mod:`labelling.inference.predict`: the input normalization, the output de-normalization (mean training
     target statistics; refitted after training for scale-free losses), the dataset-level input statistics
     and the null predictor's level.
     """
@@ -191,14 +191,14 @@ def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: b
 
     For scale-free losses fit the affine de-normalization on the training split and write it into the saved checkpoints, so tests, evaluation and deployment agree.
     """
-    from labelling.checkpoints import check_checkpoint
+    from labelling.inference.checkpoints import check_checkpoint
 
     best = checkpoint.best_model_path
     if best and Path(best).exists():
         task.load_state_dict(check_checkpoint(best)["state_dict"])
     if getattr(task, "deploy", {}).get("denormalize") != "affine":
         return
-    from labelling.predict import calibrate_affine
+    from labelling.inference.predict import calibrate_affine
 
     task.eval()
     stats = calibrate_affine(task, *calibration_windows(dm.splits["train"], calibration_pixels(task)))
@@ -258,7 +258,7 @@ def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None,
     resume = ckpt_dir / "last.ckpt"
     ckpt_path = str(resume) if cfg.resume and resume.exists() and not cfg.trainer.fast_dev_run else None
     if ckpt_path:
-        from labelling.checkpoints import check_checkpoint
+        from labelling.inference.checkpoints import check_checkpoint
 
         check_checkpoint(resume)
         rank_zero_info(f"resuming from {resume}")

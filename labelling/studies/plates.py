@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from labelling import platepredict, predict, reports
+from labelling.inference import plates as platepredict
+from labelling.inference import predict
+from labelling.reporting import reports
 from labelling.analysis import downstream
 from labelling.data import plate as plates
 from labelling.errors import ConfigError
