@@ -77,9 +77,9 @@ def budget_settings(seed: int, budget: float, overrides: list[str] | None = None
 
 def run_ours(name: str, dm, seed: int, budget: float, work: Path, overrides: list[str] | None = None) -> dict:
     """Train our default recipe (plus `overrides`) for `budget` seconds; predict the test blocks as deployed."""
+    from labelling.build import load_task
     from labelling.inference import predict
     from labelling.runs import train
-    from labelling.build import load_task
 
     run_dir = work / f"ours_{name}_{seed}"
     start = time.perf_counter()

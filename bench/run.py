@@ -90,8 +90,8 @@ def training_throughput(steps: int = 20, crop: int = 64, batch: int = 16, peak: 
 def inference_vs_monai(size: int = 1024, tile: int = 256, overlap: float = 0.25) -> dict:
     from monai.inferers import sliding_window_inference
 
-    from labelling.nets.unet import UNet
     from labelling.inference.predict import predict_tiled
+    from labelling.nets.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(1, 1, depth=3, width=16).eval()

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from labelling import config, registry
-from labelling.inference.checkpoints import check_checkpoint
 from labelling.errors import CheckpointError
+from labelling.inference.checkpoints import check_checkpoint
 
 __all__ = ["build", "build_task", "load_task"]
 

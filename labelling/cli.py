@@ -121,8 +121,8 @@ def output_paths(images: list[str], out: Path, suffix: str) -> list[Path]:
 def _predict(args) -> int:
     from tqdm.auto import tqdm
 
-    from labelling.inference import predict
     from labelling.export.deployed import load_model
+    from labelling.inference import predict
 
     if args.tile < 16 or args.tile > 8192:
         raise ValueError(f"--tile must be in 16..8192 pixels, got {args.tile}")

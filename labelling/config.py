@@ -10,7 +10,6 @@ knows (choices, ranges, types: ``optim.scheduler``, ``monitor``, ``net.dropout``
 from __future__ import annotations
 
 import copy
-import inspect
 import numbers
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = ROOT / "experiments"
 SWEEPS_DIR = ROOT / "sweeps"
 
-SCHEDULERS = ("cosine", "plateau", None)
+SCHEDULERS = ("cosine", "plateau", None)  # valid ``optim.scheduler`` values (built in labelling.tasks.stainer)
+# valid ``data.normalize`` values; the rule itself is labelling.data.normalization
+PER_IMAGE = ("percentile", "zscore", "minmax", "none")
+NORMALIZATIONS = (*PER_IMAGE, "fixed")  # fixed: dataset-level statistics of the training split
 # What each task logs (see labelling/tasks) and which direction is better: `monitor` must be one of these.
 MONITORS: dict[str, dict[str, str]] = {
     "stainer": {"val/pcc": "max", "val/ssim": "max", "val/loss": "min", "val/mse": "min", "train/loss": "min"},
@@ -153,8 +155,8 @@ DATA_ARGS = {"crop": (_positive_int, "a positive integer (pixels)"),
              "num_workers": (_count, "an integer >= 0"), "val_fraction": (_fraction, "a number in [0, 1)"),
              "test_fraction": (_fraction, "a number in [0, 1)")}
 # Known values that need no import to accept; anything else is looked up in the module that defines it.
-_KNOWN_AUGMENT = ("flip", "rotate", "scale", "corrupt_p", "max_severity", "corruptions")
-_KNOWN_NORMALIZE = ("percentile", "zscore", "minmax", "none", "fixed")
+# the arguments of labelling.data.augment.PairedAugment besides crop and seed (a test keeps them equal)
+AUGMENT_KEYS = ("flip", "rotate", "scale", "corrupt_p", "max_severity", "corruptions")
 
 
 def check_values(cfg: Experiment) -> list[str]:
@@ -212,26 +214,17 @@ def _check_data(data: Component) -> list[str]:
                         "(something must be left to train on)")
     if "split_by" in args and args["split_by"] not in SPLIT_BY:
         problems.append(str(unknown("data.split_by", args["split_by"], SPLIT_BY)))
-    if "normalize" in args and args["normalize"] not in _KNOWN_NORMALIZE:
-        from labelling.data.transforms import NORMALIZATIONS
-
-        if args["normalize"] not in NORMALIZATIONS:
-            problems.append(str(unknown("data.normalize", args["normalize"], NORMALIZATIONS)))
-    if "target_transform" in args:
-        from labelling.data.preprocess import TARGET_TRANSFORMS
-
-        if args["target_transform"] not in TARGET_TRANSFORMS:
-            problems.append(str(unknown("data.target_transform", args["target_transform"], TARGET_TRANSFORMS)))
+    for key in ("normalize", "target_normalize"):
+        if args.get(key) is not None and args[key] not in NORMALIZATIONS:
+            problems.append(str(unknown(f"data.{key}", args[key], NORMALIZATIONS)))
+    transforms = _registry_tables()["transform"]
+    if "target_transform" in args and args["target_transform"] not in transforms:
+        problems.append(str(unknown("data.target_transform", args["target_transform"], sorted(transforms))))
     augment = args.get("augment")
     if augment is not None and not isinstance(augment, dict):
         problems.append(f"data.augment={augment!r}: must be a mapping, e.g. {{flip: true, rotate: 15}}")
     elif augment:
-        bad = [k for k in augment if k not in _KNOWN_AUGMENT]
-        if bad:
-            from labelling.data.transforms import PairedAugment
-
-            valid = [n for n in inspect.signature(PairedAugment).parameters if n not in ("crop", "seed")]
-            problems += [str(unknown("data.augment key", k, valid)) for k in bad if k not in valid]
+        problems += [str(unknown("data.augment key", k, AUGMENT_KEYS)) for k in augment if k not in AUGMENT_KEYS]
     for key in ("inputs", "targets"):
         if key in args:
             channels, problem = _channel_list(key, args[key])

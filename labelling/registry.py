@@ -53,6 +53,15 @@ TABLES: dict[str, dict[str, str]] = {
         "sgd": "torch.optim:SGD",
         "rmsprop": "torch.optim:RMSprop",
     },
+    "transform": {  # data.target_transform: applied to each target channel before normalization
+        "none": "labelling.analysis.filters:identity",
+        "rolling_ball": "labelling.analysis.filters:rolling_ball",
+        "golgi_enhance": "labelling.analysis.filters:enhance_golgi",
+        "gfp_mask": "labelling.analysis.filters:gfp_mask",
+        "denoise_gaussian": "labelling.analysis.filters:denoise_gaussian",  # noise reduction of targets (thesis 6.3.3)
+        "denoise_median": "labelling.analysis.filters:denoise_median",
+        "denoise_nl_means": "labelling.analysis.filters:denoise_nl_means",
+    },
     "callback": {
         "panels": "labelling.callbacks.panels:PredictionPanels",
         "downstream": "labelling.callbacks.analyses:DownstreamEvaluation",

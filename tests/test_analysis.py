@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from skimage import draw
 
-from labelling.analysis import downstream
+from labelling.analysis import downstream, filters
 from labelling.analysis.corruptions import (
     BLUR_RADIUS,
     CONTRAST_GAIN,
@@ -17,7 +17,6 @@ from labelling.analysis.corruptions import (
     disk_kernel,
 )
 from labelling.analysis.segmentation import iou_matrix, match, segment
-from labelling.data import preprocess
 from labelling.data.simulate import simulate_field
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -131,30 +130,30 @@ def test_evaluate_pairs_report(tmp_path):
 def test_thresholds_and_gfp_mask():
     img, truth = blobs()
     for method in ("otsu", "mean"):  # both separate background (~0) from blobs (>= 0.6)
-        assert 0.03 < preprocess.threshold(img, method) < 0.5
+        assert 0.03 < filters.threshold(img, method) < 0.5
     with pytest.raises(ValueError, match="otsu"):
-        preprocess.threshold(img, "median")
-    assert preprocess.local_threshold(img, 20).shape == img.shape
-    mask = preprocess.gfp_mask(img)
+        filters.threshold(img, "median")
+    assert filters.local_threshold(img, 20).shape == img.shape
+    mask = filters.gfp_mask(img)
     assert ((mask > 0) == (truth > 0)).mean() > 0.97
     noise = np.random.default_rng(0).normal(100, 3, (64, 64)).astype(np.float32)
-    assert preprocess.gfp_mask(noise).sum() == 0  # a GFP-negative field stays empty
+    assert filters.gfp_mask(noise).sum() == 0  # a GFP-negative field stays empty
 
 
 def test_rolling_ball_fast_path_removes_background():
     img, truth = blobs(size=128)
     yy, xx = np.mgrid[:128, :128]
     bg = 0.5 + 0.004 * xx + 0.002 * yy
-    out = preprocess.rolling_ball(img + bg, radius=30)
+    out = filters.rolling_ball(img + bg, radius=30)
     assert abs(np.median(out[truth == 0])) < 0.05
     assert out[truth > 0].mean() > 0.5
-    exact = preprocess.rolling_ball(img + bg, radius=30, downsample=1)
+    exact = filters.rolling_ball(img + bg, radius=30, downsample=1)
     assert np.abs(out - exact)[truth == 0].mean() < 0.05
 
 
 def test_golgi_enhancement_clips_low_and_rescales():
     img = np.linspace(0, 1, 1000, dtype=np.float32).reshape(40, 25)
-    out = preprocess.enhance_golgi(img, low_quantile=0.6)
+    out = filters.enhance_golgi(img, low_quantile=0.6)
     assert out.min() == 0 and out.max() == pytest.approx(1.0)
     assert (out == 0).mean() == pytest.approx(0.6, abs=0.01)
 

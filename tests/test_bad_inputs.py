@@ -23,8 +23,8 @@ from PIL import Image
 from labelling import cli, config
 from labelling.app import logic
 from labelling.build import load_task
-from labelling.inference.checkpoints import CheckpointError, check_checkpoint
 from labelling.data.readers import ImageError, image_shape, read_image
+from labelling.inference.checkpoints import CheckpointError, check_checkpoint
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -160,3 +160,12 @@ def test_a_list_of_organelles_is_one_multi_target_simulator_experiment():
     assert cfg.data.name == "simulated" and cfg.data.args["organelle"] == ["nuclei", "er", "gfp"]
     dm, task = build(cfg)
     assert dm.target_names == ["nuclei", "er", "gfp"] and task.net.out_channels == 3
+
+
+def test_the_augment_keys_config_accepts_are_those_the_augmenter_takes():
+    import inspect
+
+    from labelling.data.augment import PairedAugment
+
+    takes = [n for n in inspect.signature(PairedAugment).parameters if n not in ("crop", "seed")]
+    assert sorted(config.AUGMENT_KEYS) == sorted(takes)

@@ -4,10 +4,11 @@ import tifffile
 import torch
 from PIL import Image as PILImage
 
+from labelling.data.augment import PairedAugment
 from labelling.data.datamodule import FluorescenceDataModule, split_groups
+from labelling.data.normalization import denormalize, image_stats, normalize
 from labelling.data.organelles import FolderDataModule, GFPDataModule
 from labelling.data.readers import ImageError, find_pairs, read_image, write_ome_zarr
-from labelling.data.transforms import PairedAugment, denormalize, norm_stats, normalize
 
 
 def small_dm(**kw):
@@ -40,7 +41,7 @@ def test_normalization_is_exactly_invertible():
     rng = np.random.default_rng(0)
     img = rng.gamma(2, 300, (2, 40, 50)).astype(np.float32) + 100
     for method in ("percentile", "zscore", "minmax"):
-        stats = norm_stats(img, method)
+        stats = image_stats(img, method)
         back = denormalize(normalize(img, stats), stats)
         assert np.allclose(back, img, rtol=1e-5, atol=1e-2)
         t = denormalize(torch.from_numpy(normalize(img, stats))[None], torch.from_numpy(stats)[None])[0]
@@ -250,7 +251,7 @@ def test_foreground_crops_draw_stained_regions_on_sparse_images():
 
 @pytest.mark.parametrize("name", ["denoise_gaussian", "denoise_median", "denoise_nl_means"])
 def test_denoising_target_transforms_bring_a_noisy_golgi_target_closer_to_the_clean_one(name):
-    from labelling.data.preprocess import TARGET_TRANSFORMS
+    from labelling import registry
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:96, :96]
@@ -258,7 +259,7 @@ def test_denoising_target_transforms_bring_a_noisy_golgi_target_closer_to_the_cl
     for cy, cx in rng.integers(8, 88, (25, 2)):  # Golgi-like puncta
         clean += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 6.0).astype(np.float32)
     noisy = (clean + rng.normal(0, 0.15, clean.shape)).astype(np.float32)
-    out = TARGET_TRANSFORMS[name](noisy)
+    out = registry.get("transform", name)(noisy)
     assert out.shape == noisy.shape and out.dtype == np.float32
     assert np.abs(out - clean).mean() < 0.7 * np.abs(noisy - clean).mean()
 

@@ -10,12 +10,12 @@ import tifffile
 import torch
 
 from labelling import registry
-from labelling.inference import predict
 from labelling.build import load_task
 from labelling.cli import main
+from labelling.data.normalization import normalize
 from labelling.data.simulate import simulate_field
-from labelling.data.transforms import normalize
 from labelling.export import ExportError, bioimage, deployed, driftref, export_run
+from labelling.inference import predict
 from labelling.runs.train import fit
 
 pytest.importorskip("onnxruntime")

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from labelling.data.normalization import dataset_stats, image_stats, pooled_stats, sketch_stats
 
-from labelling.studies import plates as plateeval
-from labelling.inference import plates as platepredict
-from labelling.inference import predict
 from labelling.build import load_task
 from labelling.data import plate as plates
 from labelling.data import platetools
-from labelling.data.transforms import dataset_stats, norm_stats
 from labelling.errors import ConfigError, ImageError
+from labelling.inference import plates as platepredict
+from labelling.inference import predict
 from labelling.runs.train import fit
+from labelling.studies import plates as plateeval
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["trainer.max_epochs=1", "data.crops_per_epoch=16", "data.crop=32", "data.batch_size=4", "net.width=4",
@@ -72,13 +72,23 @@ def test_plate_layout_is_ngff_04_and_readable_by_ome_zarr(tmp_path):
 def test_stored_statistics_equal_whole_field_normalization(tmp_path):
     plate = platetools.simulate(tmp_path / "P.zarr", wells=4, fields=2, size=64, progress=False)
     for f in plate.fields[:3]:
-        sketch, full = plate.sketch(f, "brightfield"), plate.read(f, ["brightfield"])
+        full = plate.read(f, ["brightfield"])
         for method in ("percentile", "zscore", "minmax"):
-            np.testing.assert_allclose(plates.plane_stats(sketch, 0, method), norm_stats(full, method)[0], rtol=1e-5)
-    # fixed (dataset-level) statistics from the pooled sketches vs the pooled pixels
-    targets = [plate.read(f, ["nuclei"]) for f in plate.fields]
-    pooled = plates.pooled_stats([plate.sketch(f, "nuclei") for f in plate.fields], 0)
-    np.testing.assert_allclose(pooled, dataset_stats(targets, max_pixels=10**7)[0], rtol=0.03)
+            np.testing.assert_allclose(sketch_stats(plate.sketch(f, "brightfield", 0), method),
+                                       image_stats(full, method)[0], rtol=1e-5)
+
+
+def test_fixed_statistics_of_the_same_pixels_agree_as_folder_and_as_plate(tmp_path):
+    """One rule: the same training fields give the same dataset-level statistics from files or from a plate."""
+    plate = platetools.simulate(tmp_path / "P.zarr", wells=4, fields=2, size=64, progress=False)
+    for channel in ("brightfield", "nuclei"):
+        folder = dataset_stats([plate.read(f, [channel]) for f in plate.fields])[0]
+        from_plate = pooled_stats([plate.sketch(f, channel, 0) for f in plate.fields])
+        np.testing.assert_allclose(from_plate, folder, rtol=0, atol=1e-5 * max(1.0, abs(folder[1])))
+        # and the pooled rule means what it says: close to the percentiles of all pixels pooled
+        pixels = np.concatenate([plate.read(f, [channel]).ravel() for f in plate.fields])
+        lo, hi = np.percentile(pixels, (1.0, 99.8))
+        assert abs(folder[0] - lo) < 0.05 * (hi - lo) and abs(folder[0] + folder[1] - hi) < 0.05 * (hi - lo)
 
 
 def test_convert_a_tiff_folder_into_a_plate(tmp_path):

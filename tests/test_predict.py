@@ -5,8 +5,8 @@ import pytest
 import tifffile
 import torch
 
+from labelling.data.normalization import image_stats, normalize
 from labelling.inference import predict
-from labelling.data.transforms import norm_stats, normalize
 from labelling.losses.basic import MSELoss, PearsonLoss
 from labelling.nets.unet import UNet
 from labelling.tasks.stainer import Stainer
@@ -69,7 +69,7 @@ def test_predict_normalizes_like_training_and_denormalizes_with_stored_stats(net
         y = predict.predict(task, img, tile=32, scale=scale)
         assert y.shape == (2, 90, 70) and np.isfinite(y).all()
     y = predict.predict(task, img, tile=32)
-    net_out = predict.predict_tiled(net, normalize(img[None], norm_stats(img[None], "percentile")), 32)
+    net_out = predict.predict_tiled(net, normalize(img[None], image_stats(img[None], "percentile")), 32)
     assert np.allclose(y[0], net_out[0] * 50 + 100, atol=1e-2)  # de-normalized with the stored training stats
     assert np.allclose(y[1], net_out[1] * 2 + 10, atol=1e-3)
     # fixed normalization uses the stored dataset statistics, not the image's own
@@ -149,8 +149,8 @@ def test_predict_composite_writes_a_colour_png_per_image(tmp_path, monkeypatch):
 
 def test_a_multi_target_run_scores_and_shows_each_organelle(tiny, tmp_path):
     """One model, several organelles: per-channel val/pcc/<name>, channel-named outputs, composite panels."""
-    from labelling.runs import train
     from labelling.build import load_task
+    from labelling.runs import train
 
     run = tmp_path / "run"
     metrics = train.fit("nuclei_mse", tiny + ["data.name=simulated", "data.organelle=[nuclei,er]",

@@ -13,8 +13,8 @@ import torch
 
 from labelling import config, registry
 from labelling.build import build
-from labelling.tasks.stainer import SCHEDULERS, Stainer, configure_optimizers
 from labelling.runs.train import fit
+from labelling.tasks.stainer import SCHEDULERS, Stainer, configure_optimizers
 
 TINY_DATA = {"seed": 0, "n_wells": 4, "fields_per_well": 2, "field_size": 64, "crop": 32, "batch_size": 2,
              "crops_per_epoch": 4, "num_workers": 0}

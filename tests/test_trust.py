@@ -9,14 +9,14 @@ import tifffile
 import torch
 
 from labelling import studies
-from labelling.inference import predict
 from labelling.analysis import downstream
 from labelling.build import load_task
 from labelling.data.datamodule import FluorescenceDataModule
-from labelling.data.transforms import denormalize
+from labelling.data.normalization import denormalize
+from labelling.inference import predict
 from labelling.losses.basic import MSELoss
-from labelling.tasks.stainer import Stainer
 from labelling.runs.train import attach_deployment, calibration_fields, calibration_pixels, calibration_windows, fit
+from labelling.tasks.stainer import Stainer
 
 
 class BlindNet(torch.nn.Module):

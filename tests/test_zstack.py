@@ -83,9 +83,9 @@ def test_folder_planes_from_a_stack_file_and_from_per_plane_files_agree(tmp_path
 
 
 def test_a_25d_model_predicts_from_a_z_stack_file_and_refuses_a_2d_one(tmp_path):
-    from labelling.inference import predict
     from labelling.build import build_task
     from labelling.config import load
+    from labelling.inference import predict
 
     _stack_folder(tmp_path)
     cfg = load("nuclei_mse", {"data.name": "folder", "data.root": str(tmp_path), "data.inputs": ["bf"],
@@ -114,16 +114,16 @@ def test_a_nearly_empty_field_keeps_its_darkness_under_dataset_normalization():
     """
     import torch
 
-    from labelling.inference import predict
     from labelling.build import build_task
     from labelling.config import load
+    from labelling.inference import predict
 
     rng = np.random.default_rng(0)
     typical = rng.poisson(300, (1, 128, 128)).astype(np.float32)
     typical[0, 40:80, 40:80] += 3000  # a bright cell
     empty = rng.poisson(300, (1, 128, 128)).astype(np.float32)  # background only
     task = build_task(load("mlcp_dna"), 1, 1).eval()
-    from labelling.data.transforms import dataset_stats
+    from labelling.data.normalization import dataset_stats
 
     task.input_stats.copy_(torch.as_tensor(dataset_stats([typical])))
     task.deploy = {"normalize": "fixed"}
@@ -137,11 +137,11 @@ def test_a_nearly_empty_field_keeps_its_darkness_under_dataset_normalization():
 
 def test_predict_cli_and_app_upload_feed_a_25d_model_its_planes(tmp_path, monkeypatch):
     """The command line and the app read a z-stack the way the 2.5D model was trained (its stored planes)."""
-    from labelling.inference import predict
     from labelling.app import logic
     from labelling.build import build_task
     from labelling.cli import main
     from labelling.config import load
+    from labelling.inference import predict
 
     stack = _stack(7, 64)
     tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
@@ -165,9 +165,9 @@ def test_a_3d_net_convolves_across_z_and_predicts_whole_stacks(tmp_path):
     import torch
 
     from labelling import registry
+    from labelling.build import load_task
     from labelling.inference import predict
     from labelling.runs import train
-    from labelling.build import load_task
 
     net = registry.build("net", "monai_unet", in_channels=5, out_channels=5, width=4, depth=2, spatial_dims=3)
     x = torch.rand(2, 5, 24, 24)

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
 
-from labelling.data.preprocess import threshold
+from labelling.analysis.filters import threshold
 
 
 def _unit(image: np.ndarray) -> np.ndarray:

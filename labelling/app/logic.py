@@ -165,10 +165,10 @@ def analyse(task, cfg, run_dir: Path, image: np.ndarray, tile: int = 256, progre
         ``prediction``, ``labels``, ``metrics`` and ``drift`` (see
         :func:`labelling.export.driftref.image_verdict`; ``reason`` says why an image was not checked).
     """
-    from labelling.inference import predict
     from labelling.analysis.downstream import image_metrics
     from labelling.analysis.segmentation import segment
     from labelling.export import driftref
+    from labelling.inference import predict
 
     step = progress or (lambda fraction, text: None)
     step(0.1, "predicting")

@@ -16,9 +16,9 @@ import lightning
 import numpy as np
 
 from labelling import studies
-from labelling.runs import evaluate
 from labelling.inference import predict
 from labelling.reporting import reports
+from labelling.runs import evaluate
 
 
 def thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:

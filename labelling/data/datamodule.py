@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from labelling import registry
 from labelling.config import unknown
 from labelling.data import cascade as cascade_runs
-from labelling.data import preprocess
+from labelling.data.augment import PairedAugment
+from labelling.data.normalization import NORMALIZATIONS, dataset_stats, denormalize, image_stats, normalize
 from labelling.data.simulate import CHANNELS, simulate_plate
-from labelling.data.transforms import NORMALIZATIONS, PairedAugment, dataset_stats, denormalize, norm_stats, normalize
 
 
 @dataclass
@@ -283,8 +284,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         for o in self.organelles:
             if o not in CHANNELS:
                 raise unknown("organelle", o, CHANNELS)
-        if target_transform not in preprocess.TARGET_TRANSFORMS:
-            raise unknown("target_transform", target_transform, preprocess.TARGET_TRANSFORMS)
+        if target_transform not in registry.TABLES["transform"]:
+            raise unknown("target_transform", target_transform, registry.names("transform"))
         for method in (normalize, target_normalize or normalize):
             if method not in NORMALIZATIONS:
                 raise unknown("normalization", method, NORMALIZATIONS)
@@ -359,16 +360,16 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         return out
 
     def transform_target(self, y: np.ndarray) -> np.ndarray:
-        tt = preprocess.TARGET_TRANSFORMS[self.target_transform]
+        tt = registry.get("transform", self.target_transform)
         return np.stack([tt(c) for c in y]).astype(np.float32)
 
     def prepare_image(self, x: np.ndarray, y: np.ndarray, group: str, key: str, extra=None) -> Image:
         """Normalize one raw pair (the target already transformed) with this module's normalization."""
         x = np.asarray(x, np.float32)
-        xs = self.input_stats if self.norm == "fixed" else norm_stats(x, self.norm)
-        ys = self.target_stats if self.target_norm == "fixed" else norm_stats(y, self.target_norm)
+        xs = self.input_stats if self.norm == "fixed" else image_stats(x, self.norm)
+        ys = self.target_stats if self.target_norm == "fixed" else image_stats(y, self.target_norm)
         if self.binary_target:
-            ys = norm_stats(y, "none")
+            ys = image_stats(y, "none")
         return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra,
                      self.raw_channels if self.cascade else None)
 
@@ -378,7 +379,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
 
     def normalize_raw(self, raw: np.ndarray, image: Image) -> np.ndarray:
         """Normalize a raw input like deployment does (fixed: the stored statistics of `image`)."""
-        stats = image.input_stats if self.norm == "fixed" else norm_stats(raw, self.norm)
+        stats = image.input_stats if self.norm == "fixed" else image_stats(raw, self.norm)
         return normalize(raw, stats)
 
     def setup(self, stage: str | None = None) -> None:
@@ -396,8 +397,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         train = [p for p in pairs if where[p[2]] == "train"]
         # Dataset-level statistics from the training split only (fixed normalization, and the fixed view
         # of the stability study); test images never contribute to anything the model uses.
-        self.input_stats = dataset_stats([p[0] for p in train], seed=self.seed)
-        self.target_stats = dataset_stats([p[1] for p in train], seed=self.seed)
+        self.input_stats = dataset_stats([p[0] for p in train])
+        self.target_stats = dataset_stats([p[1] for p in train])
         self.splits = {"train": [], "val": [], "test": []}
         for p in pairs:
             self.splits[where[p[2]]].append(self.prepare_image(*p))

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from labelling.data.datamodule import FluorescenceDataModule
+from labelling.data.normalization import bin_factor, bin_image
 from labelling.data.readers import find_pairs, parse_planes
-from labelling.data.transforms import bin_factor, bin_image
 
 
 class NucleiDataModule(FluorescenceDataModule):

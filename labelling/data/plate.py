@@ -12,8 +12,9 @@ with ome-zarr-py's metadata writers, and read 0.4 and 0.5 plates.
 
 Per-field statistics (``labelling preprocess``) live in each field's attributes under ``labelling.stats``:
 per channel and z plane the mean, standard deviation and a quantile sketch. Per-image normalizations are
-computed from them exactly as :func:`labelling.data.transforms.norm_stats` would from the whole field,
-and the dataset-level (``fixed``) statistics of any set of fields are the quantiles of their pooled sketch.
+computed from them exactly as :func:`labelling.data.normalization.image_stats` would from the whole field,
+and the dataset-level (``fixed``) statistics of any set of fields pool their sketches by the same rule as
+folder data (:mod:`labelling.data.normalization`).
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from labelling.data.normalization import GRID, pooled_stats, sketch
 from labelling.errors import ConfigError, ImageError, unknown
 
 KEY = "labelling"  # our attributes in a field's image group: {"stats": ..., "predictions": ...}
 AXES = ("t", "c", "z", "y", "x")
-# Quantile sketch: percentiles kept per channel and plane; 1 and 99.8 are exact (percentile normalization).
-GRID = np.array([0, 0.1, 0.2, 0.5, 1, 2, 3, 5, 7.5, *range(10, 91, 5), 92.5, 95, 97, 98, 99, 99.5, 99.8, 99.9, 100],
-                float)
 
 
 @dataclass(frozen=True)
@@ -166,13 +165,16 @@ class Plate:
         group = self.group(field)
         group.attrs[KEY] = {**dict(group.attrs.get(KEY, {})), **values}
 
-    def sketch(self, field: Field, channel: str) -> dict:
-        """The stored statistics of one channel of a field: ``{"mean": [per z], "std": ..., "q": [[per z]]}``."""
+    def sketch(self, field: Field, channel: str, z: int | None = None) -> dict:
+        """The stored statistics of one channel of a field: ``{"mean": [per z], "std": ..., "q": [[per z]]}``.
+
+        With `z`, the :func:`labelling.data.normalization.sketch` of that plane.
+        """
         stats = self.attrs(field).get("stats", {})
         if channel not in stats:
             raise ConfigError(f"{self.path}: field {field.path} has no statistics for channel '{channel}'; "
                               f"run `labelling preprocess {self.path}` first")
-        return stats[channel]
+        return stats[channel] if z is None else plane_sketch(stats[channel], z)
 
     # -- writing -----------------------------------------------------------------------------------
     def append_channels(self, field: Field, names: list[str]) -> list[int]:
@@ -277,10 +279,9 @@ def _omero(channels: list[str], image: np.ndarray) -> dict:
 
 
 # ------------------------------------------------------------------------------- statistics
-def field_sketch(plane: np.ndarray) -> dict:
-    """Mean, standard deviation and quantile sketch (``GRID`` percentiles) of one 2D plane."""
-    flat = np.asarray(plane, np.float64).ravel()
-    return {"mean": float(flat.mean()), "std": float(flat.std()), "q": np.percentile(flat, GRID).tolist()}
+def plane_sketch(stored: dict, z: int) -> dict:
+    """One plane's sketch from a channel's stored per-plane statistics."""
+    return {key: stored[key][z] for key in ("mean", "std", "q")}
 
 
 def preprocess(path: str | Path, progress: bool = True) -> int:
@@ -298,56 +299,12 @@ def preprocess(path: str | Path, progress: bool = True) -> int:
         array, names = plate.array(field), plate.channels(field)
         stats = {}
         for c, name in enumerate(names):
-            per_plane = [field_sketch(array[0, c, z]) for z in range(array.shape[2])]
+            per_plane = [sketch(array[0, c, z]) for z in range(array.shape[2])]
             stats[name] = {k: [p[k] for p in per_plane] for k in ("mean", "std", "q")}
             pooled.setdefault(name, []).append(stats[name])
         plate.update_attrs(field, stats=stats, grid=GRID.tolist())
     summary = {name: {"mean": float(np.mean([s["mean"] for s in items])),
-                      "fixed_percentile": list(map(float, pooled_stats(items, 0)))}
+                      "fixed_percentile": list(pooled_stats([plane_sketch(s, 0) for s in items]))}
                for name, items in pooled.items()}
     plate.root.attrs[KEY] = {**dict(plate.root.attrs.get(KEY, {})), "stats": summary, "fields": len(plate.fields)}
     return len(plate.fields)
-
-
-def plane_stats(sketch: dict, z: int, method: str) -> tuple[float, float]:
-    """``(offset, scale)`` of one plane for a per-image normalization, as ``norm_stats`` computes it."""
-    q = sketch["q"][z]
-    if method == "percentile":
-        lo, hi = _quantile(q, 1.0), _quantile(q, 99.8)
-        off, scale = lo, hi - lo
-    elif method == "zscore":
-        off, scale = sketch["mean"][z], sketch["std"][z]
-    elif method == "minmax":
-        off, scale = q[0], q[-1] - q[0]
-    elif method == "none":
-        off, scale = 0.0, 1.0
-    else:
-        raise ValueError(f"unknown per-image normalization '{method}'")
-    return float(off), float(max(scale, 1e-6))
-
-
-def _quantile(q: list[float], percent: float) -> float:
-    return float(np.interp(percent, GRID, q))
-
-
-def pooled_stats(sketches: list[dict], z: int, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
-    """Percentile ``(offset, scale)`` of the pixels of several fields pooled (``fixed`` normalization).
-
-    Each field's distribution is the piecewise-linear CDF through its sketch; the pooled CDF is their
-    average (equal weight per field, like :func:`~labelling.data.transforms.dataset_stats`), inverted by
-    bisection.
-    """
-    qs = np.array([s["q"][z] for s in sketches], float)
-
-    def cdf(v: float) -> float:
-        return float(np.mean([np.interp(v, q, GRID) for q in qs]))
-
-    def inverse(percent: float) -> float:
-        lo, hi = float(qs[:, 0].min()), float(qs[:, -1].max())
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if cdf(mid) < percent else (lo, mid)
-        return (lo + hi) / 2
-
-    a, b = inverse(low), inverse(high)
-    return a, max(b - a, 1e-6)

@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from labelling.data import plate as plates
+from labelling.data.augment import PairedAugment
 from labelling.data.datamodule import FluorescenceDataModule, GridCrops, split_groups, to_batch
+from labelling.data.normalization import pooled_stats, sketch_stats
 from labelling.data.readers import parse_planes
-from labelling.data.transforms import PairedAugment
 from labelling.errors import ConfigError
 
 
@@ -220,8 +221,8 @@ class PlateDataModule(FluorescenceDataModule):
     @staticmethod
     def _stats(method: str, sketches: list[dict], rows: list[tuple[str, int]], field=None) -> np.ndarray:
         if method == "fixed":
-            return np.array([plates.pooled_stats([s[c] for s in sketches], z) for c, z in rows], np.float32)
-        return np.array([plates.plane_stats(field[c], z, method) for c, z in rows], np.float32)
+            return np.array([pooled_stats([plates.plane_sketch(s[c], z) for s in sketches]) for c, z in rows], np.float32)
+        return np.array([sketch_stats(plates.plane_sketch(field[c], z), method) for c, z in rows], np.float32)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from labelling import config
-from labelling.inference import predict
 from labelling.errors import UserError, redact_obj
+from labelling.inference import predict
 
 STATE_FILE = "deployment.json"
 STATE_VERSION = 1

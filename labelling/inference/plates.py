@@ -21,10 +21,10 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from labelling.inference import predict
 from labelling.data import plate as plates
-from labelling.data.transforms import bin_factor, denormalize, norm_stats, normalize
+from labelling.data.normalization import bin_factor, denormalize, image_stats, normalize, sketch_stats
 from labelling.errors import ConfigError
+from labelling.inference import predict
 
 SUFFIX = "_predicted"
 
@@ -63,10 +63,10 @@ def input_stats(task, plate: plates.Plate, field: plates.Field, names: list[str]
     if method == "fixed":
         return task.input_stats.detach().cpu().numpy().astype(np.float32)
     try:
-        return np.array([plates.plane_stats(plate.sketch(field, c), z, method) for c in names for z in planes],
+        return np.array([sketch_stats(plate.sketch(field, c, z), method) for c in names for z in planes],
                         np.float32)
     except ConfigError:  # not preprocessed: the same statistics from the whole field
-        return norm_stats(plate.read(field, names, planes), method)
+        return image_stats(plate.read(field, names, planes), method)
 
 
 def predict_field(task, plate: plates.Plate, field: plates.Field, out: plates.Plate, channels: list[str] | None = None,

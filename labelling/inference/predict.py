@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelling.data.transforms import bin_factor, bin_image, denormalize, norm_stats, normalize
+from labelling.data.normalization import bin_factor, bin_image, denormalize, image_stats, normalize
 
 BLENDS = ("gaussian", "linear", "constant")
 MAX_SCALE = 8.0
@@ -213,7 +213,7 @@ def normalize_input(task, raw: np.ndarray, normalization: str | None = None) -> 
             raise ValueError("fixed normalization needs the training input statistics stored in the checkpoint")
         stats = stats.detach().cpu().numpy() if torch.is_tensor(stats) else np.asarray(stats)
         return normalize(raw, stats.astype(np.float32))
-    return normalize(raw, norm_stats(raw, method))
+    return normalize(raw, image_stats(raw, method))
 
 
 def output_stats(task) -> np.ndarray | None:

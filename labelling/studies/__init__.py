@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from labelling.inference import predict
 from labelling.analysis import downstream
 from labelling.analysis.corruptions import CORRUPTIONS, SEVERITIES, corrupt, grid
+from labelling.inference import predict
 
 
 def corrupt_image(raw: np.ndarray, corruption: tuple[str, int] | None, seed: int = 0) -> np.ndarray:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from labelling.inference import plates as platepredict
-from labelling.inference import predict
-from labelling.reporting import reports
 from labelling.analysis import downstream
 from labelling.data import plate as plates
 from labelling.errors import ConfigError
+from labelling.inference import plates as platepredict
+from labelling.inference import predict
+from labelling.reporting import reports
 
 
 def field_rows(task, plate: plates.Plate, preds: plates.Plate, field: plates.Field, seg: dict) -> list[dict]:

@@ -41,11 +41,11 @@ def denoise_study(experiment: str = "golgi_asym", transforms=("none", "golgi_enh
         One row per transform (and the null predictor): n, then ``own_*`` and ``raw_*`` pixel Pearson (CI)
         and count / mean-intensity Pearson and CCC.
     """
+    from labelling.build import build, load_task
+    from labelling.config import load
     from labelling.inference import predict
     from labelling.reporting import reports
     from labelling.runs import train
-    from labelling.build import build, load_task
-    from labelling.config import load
 
     out = Path(out)
     common = list(overrides or []) + ["callbacks=[]", "logger.wandb=false", "test=false"]

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from labelling import config, registry, studies
+from labelling.analysis import downstream, generalization
 from labelling.inference import predict
 from labelling.reporting import reports
-from labelling.analysis import downstream, generalization
 
 STUDY_DATA = "study"
 STUDY_KEYS = ("base", "phenotypes", "train_fields", "train_scale")
@@ -85,7 +85,7 @@ def _scaled(dm, image, scale: float):
 
 def restrict(dm, phenotypes=None, train_fields: int | None = None, train_scale: float = 1.0, seed: int = 0) -> None:
     """Restrict a set-up data module's training/validation splits in place (see the module doc)."""
-    from labelling.data.transforms import dataset_stats
+    from labelling.data.normalization import dataset_stats
 
     train, val = list(dm.splits["train"]), list(dm.splits["val"])
     if phenotypes is not None:
@@ -105,8 +105,8 @@ def restrict(dm, phenotypes=None, train_fields: int | None = None, train_scale: 
         return
     raw = {"train": [_scaled(dm, im, train_scale) for im in train], "val": [_scaled(dm, im, train_scale) for im in val],
            "test": [(im.raw_input(), im.raw_target(), im.group, im.key, im.extra) for im in dm.splits["test"]]}
-    dm.input_stats = dataset_stats([p[0] for p in raw["train"]], seed=dm.seed)  # from what is trained on only
-    dm.target_stats = dataset_stats([p[1] for p in raw["train"]], seed=dm.seed)
+    dm.input_stats = dataset_stats([p[0] for p in raw["train"]])  # from what is trained on only
+    dm.target_stats = dataset_stats([p[1] for p in raw["train"]])
     rebuild = ("train", "val", "test") if "fixed" in (dm.norm, getattr(dm, "target_norm", dm.norm)) else ("train", "val")
     dm.splits = {split: [dm.prepare_image(*p) for p in raw[split]] if split in rebuild else list(dm.splits[split])
                  for split in ("train", "val", "test")}

@@ -1,4 +1,4 @@
-"""Invertible intensity normalization and paired augmentation (albumentations).
+"""Paired augmentation (albumentations); the normalization rule is :mod:`labelling.data.normalization`.
 
 Geometry is drawn once per sample and applied to input and target alike (the target is registered as an
 extra *image*, so it is interpolated bilinearly, not nearest-neighbour); flips and quarter turns alone are
@@ -17,72 +17,6 @@ import cv2
 import numpy as np
 
 from labelling.analysis.corruptions import CORRUPTIONS, UNSIGNED, corrupt
-
-PER_IMAGE = ("percentile", "zscore", "minmax", "none")
-NORMALIZATIONS = (*PER_IMAGE, "fixed")  # fixed: percentile statistics of the whole training set
-
-
-def norm_stats(image: np.ndarray, method: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """Per-channel ``(offset, scale)`` for a (C, H, W) image such that ``(x - offset) / scale`` is normalized."""
-    if method not in PER_IMAGE:
-        hint = " ('fixed' is dataset-level: use dataset_stats)" if method == "fixed" else ""
-        raise ValueError(f"unknown per-image normalization '{method}'{hint}; valid: {list(PER_IMAGE)}")
-    flat = image.reshape(image.shape[0], -1).astype(np.float64)
-    if method == "percentile":
-        lo, hi = np.percentile(flat, (low, high), axis=1)
-        off, scale = lo, hi - lo
-    elif method == "zscore":
-        off, scale = flat.mean(1), flat.std(1)
-    elif method == "minmax":
-        off, scale = flat.min(1), flat.max(1) - flat.min(1)
-    else:
-        off, scale = np.zeros(len(flat)), np.ones(len(flat))
-    return np.stack([off, np.maximum(scale, 1e-6)], 1).astype(np.float32)  # (C, 2)
-
-
-def dataset_stats(images: list[np.ndarray], max_pixels: int = 200_000, seed: int = 0) -> np.ndarray:
-    """Percentile ``(offset, scale)`` per channel of a whole set of (C, H, W) images (``fixed`` normalization).
-
-    Pixels are pooled over the images (an equal random subsample of each, at most `max_pixels` in all), so
-    one bright field cannot dominate and the statistics are the same whatever the field order.
-    """
-    if not images:
-        raise ValueError("dataset_stats needs at least one image")
-    rng = np.random.default_rng(seed)
-    per = max(1, max_pixels // len(images))
-    pooled = []
-    for img in images:
-        flat = img.reshape(img.shape[0], -1)
-        take = rng.choice(flat.shape[1], min(per, flat.shape[1]), replace=False)
-        pooled.append(flat[:, take])
-    pooled = np.concatenate(pooled, 1)
-    return norm_stats(pooled[:, None, :], "percentile")
-
-
-def bin_factor(shape: tuple[int, ...], max_size: int) -> int:
-    """Integer binning factor that brings the longer side of `shape` (.., H, W) to at most `max_size` (0: none)."""
-    longest = max(shape[-2:])
-    return int(np.ceil(longest / max_size)) if max_size and longest > max_size else 1
-
-
-def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
-    """Average `factor` x `factor` blocks of a (C, H, W) image (the remainder rows/columns are dropped)."""
-    if factor <= 1:
-        return image
-    c, h, w = image.shape
-    image = image[:, : h - h % factor, : w - w % factor]
-    return image.reshape(c, h // factor, factor, w // factor, factor).mean((2, 4)).astype(np.float32)
-
-
-def normalize(image: np.ndarray, stats: np.ndarray) -> np.ndarray:
-    """Apply ``(x - offset) / scale`` per channel; `stats` is (C, 2) from :func:`norm_stats`."""
-    return ((image - stats[:, :1, None]) / stats[:, 1:, None]).astype(np.float32)
-
-
-def denormalize(image, stats):
-    """Exact inverse of :func:`normalize`; works on numpy arrays and torch tensors, (C,H,W) or (B,C,H,W)."""
-    off, scale = stats[..., 0], stats[..., 1]
-    return image * scale[..., None, None] + off[..., None, None]
 
 
 class PairedAugment:

@@ -1,6 +1,7 @@
-"""Fluorescence preprocessing: thresholds, background removal, Golgi enhancement, GFP -> mask.
+"""Fluorescence image filters: thresholds, background removal, Golgi enhancement, GFP -> mask, denoising.
 
-Pure numpy/scikit-image functions on 2D float images; each returns a new array.
+Pure numpy/scikit-image functions on 2D float images; each returns a new array. The target transforms of
+``data.target_transform`` are the ``transform`` table of :mod:`labelling.registry`, which names these.
 """
 
 from __future__ import annotations
@@ -8,6 +9,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters, restoration, transform
+
+
+def identity(image: np.ndarray) -> np.ndarray:
+    """The target as it is (``target_transform: none``)."""
+    return image
 
 
 def threshold(image: np.ndarray, method: str = "otsu") -> float:
@@ -104,13 +110,3 @@ def denoise_nl_means(image: np.ndarray, patch_size: int = 5, patch_distance: int
     return nl_means(image, patch_size=patch_size, patch_distance=patch_distance, h=h * sigma, sigma=sigma,
                     fast_mode=True).astype(np.float32)
 
-
-TARGET_TRANSFORMS = {
-    "none": lambda x: x,
-    "rolling_ball": rolling_ball,
-    "golgi_enhance": enhance_golgi,
-    "gfp_mask": gfp_mask,
-    "denoise_gaussian": denoise_gaussian,   # noise reduction of targets (thesis 6.3.3)
-    "denoise_median": denoise_median,
-    "denoise_nl_means": denoise_nl_means,
-}

@@ -1,0 +1,130 @@
+"""THE normalization rule: per image or dataset-level (``fixed``), for folders and plates alike.
+
+Every statistic a model is trained and deployed with comes from here:
+
+* per image (``percentile``, ``zscore``, ``minmax``, ``none``): :func:`image_stats` of the whole field;
+* ``fixed`` (dataset level): each training field is summarized by a :func:`sketch` (mean, SD and the
+  :data:`GRID` percentiles of each channel) and the sketches are pooled by :func:`pooled_stats` (the
+  average of the fields' piecewise-linear CDFs, so every field weighs the same, inverted by bisection).
+  A plate stores the same sketches (``labelling preprocess``), so the same pixels give the same ``fixed``
+  statistics whether they are read as a folder or as a plate (``tests/test_normalization.py``).
+
+Statistics are ``(offset, scale)`` rows per channel: ``normalized = (raw - offset) / scale`` and its exact
+inverse :func:`denormalize`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from labelling.config import NORMALIZATIONS, PER_IMAGE
+
+__all__ = ["GRID", "LOW", "HIGH", "NORMALIZATIONS", "PER_IMAGE", "image_stats", "sketch", "sketch_stats",
+           "pooled_stats", "dataset_stats", "normalize", "denormalize", "bin_factor", "bin_image"]
+
+LOW, HIGH = 1.0, 99.8  # the percentiles of ``percentile`` normalization (the only place they are written)
+# the sketch's percentiles; LOW and HIGH are among them, so a per-image percentile from a sketch is exact
+GRID = np.array([0, 0.1, 0.2, 0.5, LOW, 2, 3, 5, 7.5, *range(10, 91, 5), 92.5, 95, 97, 98, 99, 99.5, HIGH, 99.9, 100],
+                float)
+MIN_SCALE = 1e-6  # a constant channel still gets a usable (invertible) scale
+
+
+def _rows(offset, scale) -> np.ndarray:
+    return np.stack([np.asarray(offset, np.float64), np.maximum(np.asarray(scale, np.float64), MIN_SCALE)],
+                    -1).astype(np.float32)
+
+
+def image_stats(image: np.ndarray, method: str = "percentile") -> np.ndarray:
+    """Per-channel ``(offset, scale)`` of a (C, H, W) image for a per-image normalization, shape (C, 2)."""
+    if method not in PER_IMAGE:
+        hint = " ('fixed' is dataset-level: use dataset_stats)" if method == "fixed" else ""
+        raise ValueError(f"unknown per-image normalization '{method}'{hint}; valid: {list(PER_IMAGE)}")
+    flat = np.asarray(image).reshape(len(image), -1).astype(np.float64)
+    if method == "percentile":
+        lo, hi = np.percentile(flat, (LOW, HIGH), axis=1)
+        return _rows(lo, hi - lo)
+    if method == "zscore":
+        return _rows(flat.mean(1), flat.std(1))
+    if method == "minmax":
+        return _rows(flat.min(1), flat.max(1) - flat.min(1))
+    return _rows(np.zeros(len(flat)), np.ones(len(flat)))
+
+
+def sketch(plane: np.ndarray) -> dict:
+    """Mean, SD and :data:`GRID` percentiles of one 2D plane: what a field contributes to ``fixed`` statistics."""
+    flat = np.asarray(plane, np.float64).ravel()
+    return {"mean": float(flat.mean()), "std": float(flat.std()), "q": np.percentile(flat, GRID).tolist()}
+
+
+def sketch_stats(one: dict, method: str) -> tuple[float, float]:
+    """``(offset, scale)`` of a plane from its :func:`sketch`, equal to :func:`image_stats` of the plane."""
+    q = one["q"]
+    if method == "percentile":
+        lo, hi = np.interp(LOW, GRID, q), np.interp(HIGH, GRID, q)
+        off, scale = lo, hi - lo
+    elif method == "zscore":
+        off, scale = one["mean"], one["std"]
+    elif method == "minmax":
+        off, scale = q[0], q[-1] - q[0]
+    elif method == "none":
+        off, scale = 0.0, 1.0
+    else:
+        raise ValueError(f"unknown per-image normalization '{method}'; valid: {list(PER_IMAGE)}")
+    return float(np.float32(off)), float(np.float32(max(scale, MIN_SCALE)))
+
+
+def pooled_stats(sketches: list[dict]) -> tuple[float, float]:
+    """Percentile ``(offset, scale)`` of several fields' pixels pooled, from their sketches (``fixed``).
+
+    Each field's distribution is the piecewise-linear CDF through its sketch; the pooled CDF is their
+    average (equal weight per field: one large or bright field cannot dominate, and the order of the fields
+    does not matter), inverted by bisection.
+    """
+    if not sketches:
+        raise ValueError("dataset-level statistics need at least one field")
+    qs = np.array([s["q"] for s in sketches], float)
+
+    def inverse(percent: float) -> float:
+        lo, hi = float(qs[:, 0].min()), float(qs[:, -1].max())
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            below = np.mean([np.interp(mid, q, GRID) for q in qs]) < percent
+            lo, hi = (mid, hi) if below else (lo, mid)
+        return (lo + hi) / 2
+
+    a, b = inverse(LOW), inverse(HIGH)
+    return float(np.float32(a)), float(np.float32(max(b - a, MIN_SCALE)))
+
+
+def dataset_stats(images: list[np.ndarray]) -> np.ndarray:
+    """``fixed`` statistics (C, 2) of a set of (C, H, W) fields: :func:`pooled_stats` of their sketches."""
+    if not len(images):
+        raise ValueError("dataset_stats needs at least one image")
+    return np.array([pooled_stats([sketch(img[c]) for img in images]) for c in range(len(images[0]))], np.float32)
+
+
+def normalize(image: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """``(x - offset) / scale`` per channel of a (C, H, W) image; `stats` is (C, 2)."""
+    stats = np.asarray(stats, np.float32)
+    return ((np.asarray(image, np.float32) - stats[:, :1, None]) / stats[:, 1:, None]).astype(np.float32)
+
+
+def denormalize(image, stats):
+    """Exact inverse of :func:`normalize`; numpy arrays and torch tensors, (C, H, W) or (B, C, H, W)."""
+    off, scale = stats[..., 0], stats[..., 1]
+    return image * scale[..., None, None] + off[..., None, None]
+
+
+def bin_factor(shape: tuple[int, ...], max_size: int) -> int:
+    """Integer binning factor bringing the longer side of `shape` (.., H, W) to at most `max_size` (0: none)."""
+    longest = max(shape[-2:])
+    return int(np.ceil(longest / max_size)) if max_size and longest > max_size else 1
+
+
+def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
+    """Average `factor` x `factor` blocks of a (C, H, W) image (the remainder rows/columns are dropped)."""
+    if factor <= 1:
+        return image
+    c, h, w = image.shape
+    image = image[:, : h - h % factor, : w - w % factor]
+    return image.reshape(c, h // factor, factor, w // factor, factor).mean((2, 4)).astype(np.float32)
