@@ -1,67 +1,73 @@
-"""Config -> objects: ``build(cfg) -> (datamodule, task)``, and checkpoint -> task (:func:`load_task`).
+"""Config -> objects: the only place that builds a data module, net, loss or task from an experiment config.
 
-Train, the predict CLI, evaluate, the app and the training studies all build through here, so a config
-means the same objects everywhere.
+Training, the studies, the loader (:mod:`labelling.inference.load`, which rebuilds a checkpoint's task from the
+config stored inside it) and ``show``/``sweep`` (:func:`check_components`) all build through here, so a config
+means the same objects everywhere and is refused for the same reasons everywhere.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from labelling import config, contracts, registry
 
-from labelling import config, registry
-from labelling.errors import CheckpointError
-from labelling.inference.checkpoints import check_checkpoint
-
-__all__ = ["build", "build_task", "load_task"]
+__all__ = ["build", "build_data", "build_task", "check_components"]
 
 
-def build_task(cfg: config.Experiment, in_channels: int, out_channels: int):
-    """Net + loss + LightningModule of a config (the net's channel counts come from the data)."""
+def _net_args(cfg: config.Experiment) -> dict:
     net_args = dict(cfg.net.args)
     if "size" in (registry.accepted_args(registry.get("net", cfg.net.name)) or []):
         net_args.setdefault("size", cfg.data.args.get("crop", 64))  # fixed-size autoencoders
-    net = registry.build("net", cfg.net.name, in_channels=in_channels, out_channels=out_channels, **net_args)
+    return net_args
+
+
+def build_task(cfg: config.Experiment, in_channels: int, out_channels: int):
+    """Net + loss + LightningModule of a config (the net's channel counts come from the data).
+
+    Raises:
+        ConfigError: a component that does not meet its contract, or a training crop the net cannot take.
+    """
+    net = registry.build("net", cfg.net.name, in_channels=in_channels, out_channels=out_channels, **_net_args(cfg))
+    contracts.check_crop(net, int(cfg.data.args.get("crop", 64)))
     loss = registry.build("loss", cfg.loss.name, **cfg.loss.args)
     return registry.build("task", cfg.task.name, net=net, loss=loss, optim=cfg.optim.model_dump(),
                           config=config.to_dict(cfg), **cfg.task.args)
 
 
-def build(cfg: config.Experiment):
-    """Build (datamodule, task) from a validated config."""
-    data_args = {"seed": cfg.seed, **cfg.data.args}
-    dm = registry.build("data", cfg.data.name, **data_args)
-    out = dm.in_channels if cfg.task.name == "autoencoder" else dm.out_channels
-    return dm, build_task(cfg, dm.in_channels, out)
+def build_data(cfg: config.Experiment, cascade: list | None = None):
+    """The data module of a config.
 
-
-def load_task(path: str | Path):
-    """Rebuild the task (net + loss from the embedded config) of a checkpoint or run folder, in eval mode.
-
-    Returns:
-        (task, validated config).
-
-    Raises:
-        CheckpointError: no checkpoint in the run folder, or one that is unreadable or not labelling's.
+    `cascade` is the loaded ``data.cascade`` (:class:`labelling.inference.load.CascadeInputs`): their
+    predictions are extra input channels.
     """
-    path = Path(path)
-    if path.is_dir():  # a run folder
-        for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt"):
-            if (path / name).exists():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"no checkpoints/best.ckpt or last.ckpt under run folder {path}")
-    ckpt = check_checkpoint(path)
-    try:
-        cfg = config.validate(ckpt["labelling_config"])
-    except config.ConfigError as err:
-        raise CheckpointError(f"{path}: its embedded config does not validate: {err}") from err
-    io = ckpt.get("labelling_io", {"in": 1, "out": 1})
-    task = build_task(cfg, io["in"], io["out"])
-    task.load_state_dict(ckpt["state_dict"])
-    cascade = (getattr(task, "deploy", None) or {}).get("cascade") or []
-    try:  # runs whose predictions this model takes as extra input channels
-        task.cascade = [load_task(run)[0] for run in cascade]
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: a run of its cascade cannot be loaded ({err}); the model needs it") from None
-    return task.eval(), cfg
+    dm = registry.build("data", cfg.data.name, **{"seed": cfg.seed, **cfg.data.args})
+    if dm.cascade:
+        dm.attach_cascade(cascade)
+    return dm
+
+
+def build(cfg: config.Experiment, cascade: list | None = None):
+    """Build (datamodule, task) from a validated config (see :func:`build_data` for `cascade`)."""
+    dm = build_data(cfg, cascade)
+    out = dm.in_channels if cfg.task.name == "autoencoder" else dm.out_channels
+    task = build_task(cfg, dm.in_channels, out)
+    dm.spatial_multiple = task.net.spatial_multiple  # whole-field val/test crops are cut to what the net takes
+    return dm, task
+
+
+def check_components(cfg: config.Experiment) -> None:
+    """Check every component of a config without data (names, arguments, contracts, crop vs net).
+
+    Names and argument names against the builders, the net and loss against their contracts
+    (:mod:`labelling.contracts`), and the crop against the net's spatial multiple.
+    :func:`labelling.config.validate` checks the schema and values; ``show``, ``train`` and ``sweep`` run both,
+    so ``show`` refuses exactly what ``train`` would refuse before training. Raises ConfigError.
+    """
+    for kind, comp in (("task", cfg.task), ("data", cfg.data), ("net", cfg.net), ("loss", cfg.loss)):
+        registry.check_args(registry.get(kind, comp.name), comp.args, f"{kind} '{comp.name}'")
+    registry.get("optim", cfg.optim.name)
+    for comp in cfg.callbacks:
+        registry.check_args(registry.get("callback", comp.name), comp.args, f"callback '{comp.name}'")
+    # the net with one channel in and out: its contract and spatial multiple do not depend on the data
+    channels = 1
+    net = registry.build("net", cfg.net.name, in_channels=channels, out_channels=channels, **_net_args(cfg))
+    contracts.check_crop(net, int(cfg.data.args.get("crop", 64)))
+    registry.build("loss", cfg.loss.name, **cfg.loss.args)

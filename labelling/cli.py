@@ -30,10 +30,10 @@ def _sweep(args) -> int:
 def _show(args) -> int:
     import yaml
 
-    from labelling import config
+    from labelling import build, config
 
     cfg = config.load(args.experiment, args.overrides)
-    config.check_components(cfg)  # refuse exactly what train would refuse
+    build.check_components(cfg)  # refuse exactly what train would refuse
     print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
     return 0
 
@@ -49,35 +49,23 @@ def _list(args) -> int:
 
 
 def _simulate(args) -> int:
-    from pathlib import Path
-
-    import tifffile
-
-    from labelling.data.simulate import CHANNELS, simulate_plate
+    from labelling.data import platetools
 
     if args.plate:  # an HCS OME-Zarr plate instead of TIFF files
-        from labelling.data import platetools
-
         plate = platetools.simulate(args.plate, seed=args.seed, wells=args.wells, fields=args.fields, size=args.size,
-                                    planes=args.planes)
+                                    planes=args.planes, overwrite=args.overwrite)
         print(f"wrote {plate} with channels {plate.channels(plate.fields[0])}")
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in simulate_plate(args.seed, n_wells=args.wells, fields_per_well=args.fields, size=args.size):
-        stem = f"{f.plate}_{f.well}_f{f.field}"
-        tifffile.imwrite(out / f"{stem}_brightfield.tif", f.brightfield)
-        for name, img in zip(CHANNELS, f.fluorescence):
-            tifffile.imwrite(out / f"{stem}_{name}.tif", img)
-        tifffile.imwrite(out / f"{stem}_nucleimask.tif", f.nuclei)
-    print(f"wrote {args.wells * args.fields} fields to {out}")
+    n = platetools.simulate_folder(args.out, seed=args.seed, wells=args.wells, fields=args.fields, size=args.size,
+                                   overwrite=args.overwrite)
+    print(f"wrote {n} fields to {args.out}")
     return 0
 
 
 def _convert(args) -> int:
     from labelling.data import platetools
 
-    plate = platetools.convert(args.folder, args.pattern, args.out, channels=args.channels)
+    plate = platetools.convert(args.folder, args.pattern, args.out, channels=args.channels, overwrite=args.overwrite)
     print(f"wrote {plate} with channels {plate.channels(plate.fields[0])}")
     return 0
 
@@ -90,81 +78,58 @@ def _preprocess(args) -> int:
     return 0
 
 
-def _predict_plate(args, path: str) -> int:
-    from labelling.inference.plates import predict_plate
-
-    result = predict_plate(args.checkpoint, path, out=args.out, wells=args.wells, devices=args.devices,
-                           accelerator=args.accelerator, channels=args.channels, tile=args.tile,
-                           overlap=args.overlap, blend=args.blend)
-    skipped = result["fields"] - result["predicted"]
-    print(f"predicted {result['predicted']} field(s) into {result['out']} as {result['channels']}"
-          + (f"; {skipped} already finished" if skipped else "")
-          + f" ({result['megapixels_per_s']:.2f} Mpx/s)")
-    return 0
+PLATE_IGNORES = {"scale": [1.0], "channel": None, "rgb": None, "planes": None, "composite": False}
+IMAGE_IGNORES = {"wells": None, "devices": 1, "accelerator": "auto", "channels": None}
 
 
-def output_paths(images: list[str], out: Path, suffix: str) -> list[Path]:
-    """One output per input, keeping the inputs' paths relative to their common folder.
-
-    So two inputs with the same file name never overwrite each other).
-    """
-    import os
-
-    paths = [Path(f).resolve() for f in images]
-    common = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path(".")
-    dests = [out / p.parent.relative_to(common) / f"{p.name.split('.')[0]}{suffix}.ome.tif" for p in paths]
-    if len(set(dests)) != len(dests):
-        raise ValueError("two inputs map to the same output name; give each image once")
-    return dests
+def _refuse(args, defaults: dict, what: str) -> None:
+    """An option the command cannot honour for this input is an error, never silently ignored."""
+    given = [f"--{k}" for k, default in defaults.items() if getattr(args, k) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be used {what}")
 
 
 def _predict(args) -> int:
-    from tqdm.auto import tqdm
-
-    from labelling.export.deployed import load_model
+    from labelling.data.plate import is_plate
     from labelling.inference import predict
 
-    if args.tile < 16 or args.tile > 8192:
-        raise ValueError(f"--tile must be in 16..8192 pixels, got {args.tile}")
+    predict.check_options(tile=args.tile, overlap=args.overlap, blend=args.blend)
     for scale in args.scale:
-        if not 0 < scale <= predict.MAX_SCALE:
-            raise ValueError(f"--scale must be in (0, {predict.MAX_SCALE:g}], got {scale}")
-    from labelling.data.plate import is_plate
-
+        predict.check_options(scale=scale)
     plates = [p for p in args.images if is_plate(p)]
     if plates:  # whole plates: every field, streamed, resumable, on one or several devices
         if len(args.images) > 1:
             raise ValueError("give one plate per `predict` call (or image files only)")
-        return _predict_plate(args, plates[0])
-    task, _ = load_model(args.checkpoint)  # a run, a checkpoint or an exported ONNX/TorchScript model
-    names = predict.deployment(task).get("targets") or ["prediction"]
-    out = Path(args.out or "predictions")
-    try:  # fail before the first image, not after it
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as err:
-        raise PermissionError(f"cannot write predictions to {out}: {err.strerror or err}") from None
+        _refuse(args, PLATE_IGNORES, "with a plate (they apply to image files)")
+        from labelling.inference.plates import predict_plate
+
+        result = predict_plate(args.checkpoint, plates[0], out=args.out, wells=args.wells, devices=args.devices,
+                               accelerator=args.accelerator, channels=args.channels, tile=args.tile,
+                               overlap=args.overlap, blend=args.blend, overwrite=args.overwrite)
+        skipped = result["fields"] - result["predicted"]
+        print(f"predicted {result['predicted']} field(s) into {result['out']} as {result['channels']}"
+              + (f"; {skipped} already finished" if skipped else "")
+              + f" ({result['megapixels_per_s']:.2f} Mpx/s)")
+        return 0
+    _refuse(args, IMAGE_IGNORES, "with image files (they apply to plates)")
+    from labelling.inference.files import predict_files
+    from labelling.inference.load import load
+
+    model = load(args.checkpoint)  # a run, a checkpoint or an export, all as one typed model
     written = 0
-    for scale in args.scale:
-        suffix = f"_{'+'.join(names)}" + ("" if scale == 1.0 else f"_x{scale:g}")
-        for src, dest in tqdm(list(zip(args.images, output_paths(args.images, out, suffix))),
-                              desc=f"predict x{scale:g}", disable=len(args.images) < 2):
-            image = predict.read_input(task, src, channel=args.channel, rgb=args.rgb, planes=args.planes)
-            y = predict.predict(task, image, tile=args.tile, overlap=args.overlap, blend=args.blend, scale=scale,
-                                name=str(src))
-            predict.write_ome_tiff(dest, y, list(names)[: len(y)])
-            written += 1
-            print(f"wrote {dest}")
-            if args.composite:  # the predicted channels together, one colour each
-                from PIL import Image
-
-                from labelling.callbacks.panels import composite
-
-                png = dest.with_name(dest.name.removesuffix(".ome.tif").removesuffix(".tif") + "_composite.png")
-                Image.fromarray(composite(y)).save(png)
-                print(f"wrote {png}")
+    for path in predict_files(model, args.images, Path(args.out or "predictions"), scales=args.scale,
+                              overwrite=args.overwrite, composite=args.composite,
+                              read_args={"channel": args.channel, "rgb": args.rgb, "planes": args.planes},
+                              tile=args.tile, overlap=args.overlap, blend=args.blend):
+        written += 1
+        print(f"wrote {path}")
     return 0 if written else 1
+
+
+EVALUATE_PLATE_IGNORES = {"split": "test", "scales": [0.7, 1.0, 1.3], "max_images": 64, "stability": False,
+                          "embeddings": False, "drift": False, "live": False, "phenotypes": False,
+                          "scaling_matrix": False, "learning_curve": False, "cost": False, "all": False,
+                          "wandb": False}
 
 
 def _evaluate(args) -> int:
@@ -177,11 +142,14 @@ def _evaluate(args) -> int:
         key, value = config._split(item)
         seg[key.removeprefix("seg.")] = config.parse_value(value)
     if args.plate:  # a whole plate's predicted channels against its real ones
+        _refuse(args, EVALUATE_PLATE_IGNORES, "with --plate (they apply to a run's own test fields)")
         from labelling.studies.plates import evaluate_plate
 
-        summary = evaluate_plate(args.run, args.plate, predictions=args.predictions, wells=args.wells, seg=seg)
+        summary = evaluate_plate(args.run, args.plate, predictions=args.predictions, wells=args.wells, seg=seg,
+                                 accept_other=args.accept_other_predictions)
         print(json.dumps({k: round(float(v), 4) for k, v in summary.items()}, indent=2))
         return 0
+    _refuse(args, {"predictions": None, "wells": None, "accept_other_predictions": False}, "without --plate")
     summary = evaluate_run(args.run, scales=args.scales, split=args.split, max_images=args.max_images,
                            stability=args.stability or every, embeddings=args.embeddings or every,
                            drift=args.drift or every, seg=seg, log_wandb=None if args.wandb else False,
@@ -222,55 +190,10 @@ def _export(args) -> int:
     return 0
 
 
-def dashboard_storage(experiment: str, storage: str | None, run_root: str = "runs") -> str:
-    """The sweep's study storage of `experiment`: `storage`, ``$LABELLING_STORAGE`` or its SQLite file.
-
-    Raises:
-        ConfigError: no storage given and no ``runs/<exp>/study.db`` (the sweep has not run yet).
-    """
-    import os
-
-    from labelling.errors import ConfigError
-    from labelling.runs.sweep import STORAGE_ENV, storage_url
-
-    url = storage or os.environ.get(STORAGE_ENV) or None
-    if url is None:
-        path = Path(run_root) / experiment / "study.db"
-        if not path.is_file():
-            found = sorted(p.parent.name for p in Path(run_root).glob("*/study.db"))
-            raise ConfigError(f"no study database at {path}: run `make sweep EXP={experiment}` first, or give "
-                              f"--storage URL. Studies under {run_root}/: {', '.join(found) or 'none'}")
-        url = f"sqlite:///{path}"
-    return storage_url(url)
-
-
 def _dashboard(args) -> int:
-    import socket
+    from labelling.runs.sweep import serve_dashboard
 
-    from labelling.errors import ConfigError, redact
-
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", args.port))
-        except OSError as err:
-            raise ConfigError(f"port {args.port} on 127.0.0.1 is taken ({err.strerror}); pass --port N "
-                              "(make dashboard PORT=N)") from None
-    url = dashboard_storage(args.experiment, args.storage, args.run_root)
-    try:
-        import optuna
-        from optuna_dashboard import run_server
-    except ImportError as err:
-        raise ConfigError(f"the dashboard needs optuna-dashboard: pip install 'labelling[hpo]' ({err})") from None
-    try:
-        studies = [s.study_name for s in optuna.get_all_study_summaries(url)]
-    except Exception as err:  # a wrong URL, an unreachable server: say so without the password
-        raise ConfigError(f"cannot open the study storage {redact(url)}: {type(err).__name__}: {redact(err)}") from None
-    print(f"optuna-dashboard on http://127.0.0.1:{args.port}/ - {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} "
-          f"({', '.join(studies) or 'none yet'}) in {redact(url)}; Ctrl-C stops it", flush=True)
-    run_server(url, host="127.0.0.1", port=args.port)
-    return 0
+    return serve_dashboard(args.experiment, args.storage, args.port, args.run_root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--wells", type=int, default=4)
     sim.add_argument("--fields", type=int, default=2)
     sim.add_argument("--size", type=int, default=256)
+    sim.add_argument("--overwrite", action="store_true", help="replace an existing --out plate or files")
     sim.set_defaults(fn=_simulate)
 
     cv = sub.add_parser("convert", help="a folder of TIFFs -> an HCS OME-Zarr plate: convert FOLDER --pattern RX --out P.zarr")
@@ -318,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="regex with named groups channel, key (a field) and well, as in folder experiments")
     cv.add_argument("--out", required=True, help="the plate to write (.zarr)")
     cv.add_argument("--channels", nargs="+", default=None, help="channel values to keep, in order (default: all)")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing plate at --out")
     cv.set_defaults(fn=_convert)
 
     pp = sub.add_parser("preprocess", help="store per-field normalization statistics in a plate: preprocess P.zarr")
@@ -332,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                          "into (default: the plate itself)")
     pr.add_argument("--wells", nargs="+", default=None, help="plate: only these wells (A/1, A1 or regex B.*)")
     pr.add_argument("--devices", type=int, default=1, help="plate: processes (GPUs, or CPU DDP) sharing the fields")
-    pr.add_argument("--accelerator", default="auto", help="plate: cpu, gpu or auto")
+    pr.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"), help="plate: cpu, gpu or auto")
     pr.add_argument("--channels", nargs="+", default=None,
                     help="plate: input channel names (default: those the model was trained on)")
     pr.add_argument("--tile", type=int, default=256)
@@ -343,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--rgb", choices=("luminance", "mean"), default=None, help="convert an RGB image to grey")
     pr.add_argument("--composite", action="store_true",
                     help="also write a PNG of the predicted channels together, one colour each")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace existing prediction files, or a non-plate --out folder for a plate")
     pr.add_argument("--planes", default=None,
                     help="z planes of a stack as input channels, e.g. '3:10' (default: the planes the model was "
                          "trained on)")
@@ -368,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--plate", default=None, help="score a plate's predicted channels per field and per well")
     ev.add_argument("--predictions", default=None, help="--plate: the plate holding the predictions (default: it)")
     ev.add_argument("--wells", nargs="+", default=None, help="--plate: only these wells")
+    ev.add_argument("--accept-other-predictions", action="store_true",
+                    help="--plate: score predicted channels another model (or another plate) produced")
     ev.set_defaults(fn=_evaluate)
 
     ex = sub.add_parser("export", help="export a trained run: export RUN --format onnx|torchscript|bioimageio --out DIR")

@@ -3,8 +3,8 @@
 An experiment YAML has the top keys ``seed, data, net, loss, optim, trainer, callbacks, logger``. Each
 component is ``{name: <short name>, ...arguments}``. :func:`validate` checks the schema and every value it
 knows (choices, ranges, types: ``optim.scheduler``, ``monitor``, ``net.dropout``, ``data.crop``...);
-:func:`check_components` checks component names and argument names against the builders' signatures in
-:mod:`labelling.registry`. Either way a mistake names the valid choices before training starts.
+:func:`labelling.build.check_components` checks component names and argument names against the builders'
+signatures in :mod:`labelling.registry` and builds the net and loss against their contracts. Either way a mistake names the valid choices before training starts.
 """
 
 from __future__ import annotations
@@ -185,12 +185,6 @@ def check_values(cfg: Experiment) -> list[str]:
         problems += _check_args("net", cfg.net.args, NET_ARGS)
     if cfg.data.name in tables.get("data", ()):
         problems += _check_data(cfg.data)
-    crop, depth = cfg.data.args.get("crop", 64), cfg.net.args.get("depth", 3)
-    # CAREamics-style: catch crop/depth mismatches before any data is built.
-    if cfg.net.name in ("unet", "conv_ae", "vae") and _positive_int(crop) and _positive_int(depth) \
-            and crop % (2**depth):
-        problems.append(f"data.crop={crop} is not divisible by 2**net.depth={2 ** depth}; "
-                        f"use a crop that is a multiple of {2 ** depth} or a smaller depth")
     return problems
 
 
@@ -414,21 +408,6 @@ def apply_profile(raw: dict, overrides: list[str] | dict[str, Any] | None = None
 def load(name_or_path: str | Path, overrides: list[str] | dict | None = None) -> Experiment:
     """Load, merge, override (with a ``profile=...`` applied) and validate an experiment in one call."""
     return validate(apply_profile(apply_overrides(load_raw(name_or_path), overrides or []), overrides))
-
-
-def check_components(cfg: Experiment) -> None:
-    """Check every component's name and argument names against its builder, without building anything.
-
-    :func:`validate` checks the schema and values; this adds what needs the registry (``show`` runs both, so it
-    refuses exactly what ``train`` would refuse before training). Raises ConfigError.
-    """
-    from labelling import registry  # late: the registry sits above this module
-
-    for kind, comp in (("task", cfg.task), ("data", cfg.data), ("net", cfg.net), ("loss", cfg.loss)):
-        registry.check_args(registry.get(kind, comp.name), comp.args, f"{kind} '{comp.name}'")
-    registry.get("optim", cfg.optim.name)
-    for comp in cfg.callbacks:
-        registry.check_args(registry.get("callback", comp.name), comp.args, f"callback '{comp.name}'")
 
 
 def to_dict(cfg: Experiment) -> dict:

@@ -27,6 +27,10 @@ class CheckpointError(UserError, RuntimeError):
     """A missing, truncated, foreign or unsafe checkpoint; the message names the file."""
 
 
+class ExportError(UserError, ValueError):
+    """A run that cannot be exported, or an export folder that cannot be loaded; the message says why."""
+
+
 def suggest(word, choices) -> str:
     """`` Did you mean 'x'?`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)

@@ -23,7 +23,7 @@ TABLES: dict[str, dict[str, str]] = {
         "actin": "labelling.data.organelles:ActinDataModule",
         "gfp": "labelling.data.organelles:GFPDataModule",
         "nucleoli": "labelling.data.organelles:NucleoliDataModule",
-        "study": "labelling.studies.training:study_data",  # restricted training data of the training studies
+        "study": "labelling.data.restricted:study_data",  # restricted training data of the training studies
     },
     "task": {
         "stainer": "labelling.tasks.stainer:Stainer",
@@ -69,7 +69,6 @@ TABLES: dict[str, dict[str, str]] = {
         "stability": "labelling.callbacks.analyses:StabilityAnalysis",
         "embeddings": "labelling.callbacks.analyses:EmbeddingAnalysis",
         "drift": "labelling.callbacks.analyses:DriftAnalysis",
-        "training_studies": "labelling.callbacks.analyses:TrainingStudies",
         "cost": "labelling.callbacks.analyses:TrainingCost",
         "early_stopping": "lightning.pytorch.callbacks:EarlyStopping",
         "ema": "lightning.pytorch.callbacks:EMAWeightAveraging",  # validate, save and deploy averaged weights
@@ -125,13 +124,19 @@ def build(kind: str, name: str, **args):
     """Instantiate a registered component, with clear errors for unknown names, arguments and values.
 
     A builder's ``TypeError`` or ``ValueError`` (a bad argument value) becomes a ConfigError that names the
-    component; an ImageError (a bad file) passes unchanged.
+    component; an ImageError (a bad file) passes unchanged. A net or loss that does not meet its contract
+    (:mod:`labelling.contracts`) is a ConfigError naming what it lacks.
     """
     fn = get(kind, name)
     check_args(fn, args, f"{kind} '{name}'")
     try:
-        return fn(**args)
+        built = fn(**args)
     except ImageError:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{kind} '{name}': {err}") from err
+    if kind in ("net", "loss"):  # every table entry meets its declared contract, or is refused here
+        from labelling import contracts
+
+        contracts.check(kind, built)
+    return built

@@ -2,7 +2,7 @@
 
 Table-driven: each case is one line ``(command and args, expected exit code, message fragment)``, run through
 ``labelling.cli.main`` in-process. Config cases run twice: as ``train`` (through the CLI, with tiny settings;
-no run folder may appear) and as ``show`` (load + validate + :func:`labelling.config.check_components`).
+no run folder may appear) and as ``show`` (load + validate + :func:`labelling.build.check_components`).
 """
 
 import math
@@ -18,13 +18,13 @@ import pytest
 import tifffile
 import torch
 import yaml
+from labelling.inference.checkpoints import CheckpointError, check_checkpoint
 from PIL import Image
 
 from labelling import cli, config
 from labelling.app import logic
 from labelling.build import load_task
 from labelling.data.readers import ImageError, image_shape, read_image
-from labelling.inference.checkpoints import CheckpointError, check_checkpoint
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -94,15 +94,15 @@ def test_builder_value_errors_become_config_errors_naming_the_component():
 
 def test_every_experiment_passes_the_component_check():
     for name in config.list_experiments():
-        config.check_components(config.load(name))
+        build.check_components(config.load(name))
 
 
 def test_component_check_finds_what_validation_cannot():
     cfg = config.load("golgi_asym", ["net.widht=8"])  # schema and values are fine; the name is not an argument
     with pytest.raises(config.ConfigError, match="widht.*Did you mean 'width'"):
-        config.check_components(cfg)
+        build.check_components(cfg)
     with pytest.raises(config.ConfigError, match="callback name 'downstrem'"):
-        config.check_components(config.load("golgi_asym", ["callbacks=[{name: downstrem}]"]))
+        build.check_components(config.load("golgi_asym", ["callbacks=[{name: downstrem}]"]))
 
 
 def test_all_value_problems_are_reported_at_once():

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labelling.cli import dashboard_storage, main
+from labelling.cli import main
+from labelling.runs.sweep import dashboard_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 

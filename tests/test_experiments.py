@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from labelling.inference.checkpoints import CheckpointError, check_checkpoint
 
 from labelling import config
 from labelling.build import load_task
-from labelling.inference.checkpoints import CheckpointError, check_checkpoint
 from labelling.runs.train import fit
 
 
@@ -296,7 +296,7 @@ def test_mixed_precision_runs_clip_gradients_with_an_unfused_optimizer(tiny, tmp
 
 
 def test_panels_are_titled_with_the_channel_names():
-    from labelling.callbacks.panels import panel_figure
+    from labelling.reporting.images import panel_figure
 
     img = np.random.default_rng(0).random((2, 16, 16))
     fig = panel_figure(img[0], img, img, ["DAPI", "MAP2"], input_name="phase")

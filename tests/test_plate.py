@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from labelling.data.normalization import dataset_stats, image_stats, pooled_stats, sketch_stats
 
 from labelling.build import load_task
 from labelling.data import plate as plates
 from labelling.data import platetools
+from labelling.data.normalization import dataset_stats, image_stats, pooled_stats, sketch_stats
 from labelling.errors import ConfigError, ImageError
 from labelling.inference import plates as platepredict
 from labelling.inference import predict

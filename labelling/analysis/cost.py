@@ -2,9 +2,9 @@
 
 :func:`cost_table` is pure arithmetic: a measured throughput (random training crops per second, from a run's
 ``metrics.json``) times per-instance speed-up *assumptions*, against on-demand prices, both read from an
-editable YAML file (:data:`PRICES`, which records the date and region of its prices). A measured
-``crops_per_second`` for an instance in that file replaces the assumption. :func:`cost_from_run` reads a
-finished run folder; :func:`load_prices` the price file (the only two functions here that touch files).
+editable YAML file (:data:`labelling.studies.cost.PRICES`, which records the date and region of its prices). A measured
+``crops_per_second`` for an instance in that file replaces the assumption. Reading a run folder and the price
+file is :mod:`labelling.studies.cost`'s job; nothing here touches files.
 
 Arithmetic, per instance: ``crops_per_second = measured x speedup_vs_cpu x (gpus x multi_gpu_efficiency when
 gpus > 1)``, ``hours = runs x n_crops / crops_per_second / 3600``, ``usd = runs x max(hours per run, 1 min) x
@@ -13,29 +13,10 @@ usd_per_hour`` (EC2 bills per second with a 60 s minimum per instance start).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-PRICES = Path(__file__).with_name("aws_prices.yaml")
 MIN_BILLED_HOURS = 60 / 3600
-
-
-def load_prices(path: str | Path | None = None) -> dict:
-    """The price/assumption table (default: the one shipped next to this module); checks its required keys."""
-    import yaml
-
-    prices = yaml.safe_load(Path(path or PRICES).read_text())
-    missing = [k for k in ("date", "region", "currency", "instances") if k not in (prices or {})]
-    if missing:
-        raise ValueError(f"price file {path or PRICES} lacks {missing}: prices need a date and a region")
-    for name, spec in prices["instances"].items():
-        if "usd_per_hour" not in spec or ("speedup_vs_cpu" not in spec and "crops_per_second" not in spec):
-            raise ValueError(f"price file: instance {name} needs usd_per_hour and speedup_vs_cpu or crops_per_second")
-    prices["date"] = str(prices["date"])  # YAML reads an unquoted date as a date object
-    return prices
 
 
 def instance_speed(measured: float, spec: dict, efficiency: float) -> tuple[float, float, str]:
@@ -56,7 +37,7 @@ def cost_table(crops_per_second: float, n_crops: float | None = None, prices: di
     Args:
         crops_per_second: measured training throughput (crops per wall-clock second) of the reference run.
         n_crops: training crops one run needs; or give `epochs` and `crops_per_epoch`.
-        prices: a table as returned by :func:`load_prices` (default: the shipped one).
+        prices: a table as returned by :func:`labelling.studies.cost.load_prices`.
         epochs: training epochs of one run (with `crops_per_epoch`, instead of `n_crops`).
         crops_per_epoch: random crops per epoch (with `epochs`).
         runs: how many such trainings (e.g. the trials of a sweep, the conditions of a study).
@@ -76,7 +57,8 @@ def cost_table(crops_per_second: float, n_crops: float | None = None, prices: di
         raise ValueError(f"crops_per_second must be a positive number, got {crops_per_second}")
     if n_crops < 0 or runs < 1:
         raise ValueError(f"n_crops must be >= 0 and runs >= 1, got {n_crops}, {runs}")
-    prices = prices or load_prices()
+    if prices is None:
+        raise ValueError("cost_table needs a price table (labelling.studies.cost.load_prices())")
     efficiency = float(prices.get("multi_gpu_efficiency", 1.0))
     total = float(n_crops) * runs
     common = {"n_crops": float(n_crops), "runs": int(runs), "price_date": prices["date"], "region": prices["region"]}
@@ -112,26 +94,3 @@ def run_throughput(metrics: dict, config: dict) -> dict[str, float]:
         raise ValueError("metrics lack global_step or fit_seconds: is the run finished?")
     return {"crops": float(steps) * per_step, "seconds": float(seconds),
             "crops_per_second": float(steps) * per_step / float(seconds)}
-
-
-def cost_from_run(run_dir: str | Path, prices: dict | str | Path | None = None, n_crops: float | None = None,
-                  epochs: float | None = None, runs: int = 1) -> pd.DataFrame:
-    """:func:`cost_table` of a finished run folder (``metrics.json`` + ``config.yaml``).
-
-    The budget defaults to the run's own (``trainer.max_epochs x data.crops_per_epoch``); `epochs` keeps the
-    run's crops per epoch with another number of epochs, `n_crops` sets it outright.
-    """
-    import yaml
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.json").exists() or not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} has no metrics.json/config.yaml: give a finished run folder")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    speed = run_throughput(metrics, config)
-    if n_crops is None:
-        per_epoch = float(config.get("data", {}).get("crops_per_epoch", 512))
-        n_crops = float(epochs if epochs is not None else config.get("trainer", {}).get("max_epochs", 1)) * per_epoch
-    if not isinstance(prices, dict):
-        prices = load_prices(prices)
-    return cost_table(speed["crops_per_second"], n_crops, prices, runs=runs, measured_on=f"{run_dir.name} (measured)")

@@ -341,30 +341,3 @@ def f1_summary(table: pd.DataFrame) -> pd.DataFrame:
         if len(sub):
             wide[col] = sub.set_index(["reducer", "clusterer"])[src]
     return wide.reset_index()
-
-
-def plot_projections(projections: dict[str, np.ndarray], meta: pd.DataFrame, path) -> None:
-    """One row per reducer: points coloured by corruption kind (control crops apart), and by severity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kind = meta["corruption"].astype(str).to_numpy().copy()
-    if "source" in meta:
-        kind[(meta["source"] == "control").to_numpy()] = "control"
-    fig, axes = plt.subplots(len(projections), 2, figsize=(9, 4 * len(projections)), squeeze=False)
-    kinds = sorted(set(kind))
-    for row, (name, z) in enumerate(projections.items()):
-        ax = axes[row, 0]
-        for k in kinds:
-            sel = kind == k
-            ax.scatter(z[sel, 0], z[sel, 1], s=6, label=k, alpha=0.7)
-        ax.set_title(f"{name}: corruption (reducer fitted on clean training crops)")
-        ax.legend(markerscale=2, fontsize=7)
-        sc = axes[row, 1].scatter(z[:, 0], z[:, 1], c=meta["severity"], cmap="coolwarm", s=6, vmin=-5, vmax=5)
-        axes[row, 1].set_title(f"{name}: severity")
-        fig.colorbar(sc, ax=axes[row, 1])
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -24,7 +24,7 @@ def find_runs(root: str | Path) -> list[Path]:
     """Run folders (with a best or last checkpoint) and exported models under `root` (up to three levels), newest first.
 
     An exported model is a folder from ``labelling export RUN --format onnx|torchscript`` (it holds
-    ``deployment.json``); the app predicts with it exactly like with the run.
+    ``manifest.json``); the app predicts with it exactly like with the run, through the same loader.
     """
     root = Path(root)
     if not root.exists():
@@ -32,16 +32,17 @@ def find_runs(root: str | Path) -> list[Path]:
     runs = {p.parent.parent for pat in ("*/checkpoints/best.ckpt", "*/*/checkpoints/best.ckpt",
                                         "*/*/*/checkpoints/best.ckpt", "*/checkpoints/last.ckpt")
             for p in root.glob(pat)}
-    runs |= {p.parent for pat in ("deployment.json", "*/deployment.json", "*/*/deployment.json",
-                                  "*/*/*/deployment.json") for p in root.glob(pat)}
+    runs |= {p.parent for pat in ("manifest.json", "*/manifest.json", "*/*/manifest.json",
+                                  "*/*/*/manifest.json") for p in root.glob(pat)}
     return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def load(path: str | Path):
-    """(task, config) of a run folder, a checkpoint or an exported ONNX/TorchScript model."""
-    from labelling.export.deployed import load_model
+    """(model, config) of a run folder, a checkpoint or an export, through the one loader."""
+    from labelling.inference.load import load as load_model
 
-    return load_model(path)
+    model = load_model(path)
+    return model, model.config
 
 
 def read_upload(name: str, data: bytes, channel: int | None = None, rgb: str | None = None,
@@ -75,7 +76,7 @@ def read_upload(name: str, data: bytes, channel: int | None = None, rgb: str | N
             if float(np.prod(shape, dtype=np.float64)) > 4 * MAX_SIDE**2:  # a long stack: every plane decodes
                 raise UploadError(f"{name}: shape {'x'.join(map(str, shape))} ({axes}) is too large for one "
                                   "image; upload a single 2D plane")
-            if task is not None and task.net.in_channels > 1:
+            if task is not None and task.raw_channels > 1:
                 from labelling.inference.predict import read_input
 
                 img = read_input(task, path, channel=channel, rgb=rgb)
@@ -105,7 +106,6 @@ def read_plate_field(task, path: str | Path, field: str) -> tuple[np.ndarray, np
     from labelling.data.plate import Field, Plate
     from labelling.errors import ConfigError
     from labelling.inference.plates import input_layout
-    from labelling.inference.predict import deployment
 
     plate = Plate(path)
     chosen = Field(field, field.rsplit("/", 1)[0])
@@ -116,7 +116,7 @@ def read_plate_field(task, path: str | Path, field: str) -> tuple[np.ndarray, np
     except ConfigError as err:
         raise UploadError(str(err)) from None
     image = plate.read(chosen, names, planes)
-    targets = [t for t in deployment(task).get("targets") or [] if t in plate.channels(chosen)]
+    targets = [t for t in task.targets if t in plate.channels(chosen)]
     real = plate.read(chosen, targets, [min(plane, plate.shape(chosen)[2] - 1)]) if targets else None
     return (image[0] if len(image) == 1 else image), real
 
@@ -132,18 +132,16 @@ def drift_reference(task, cfg, run_dir: Path, crop: int, n: int = 128) -> dict |
     model carries it in ``drift.npz`` (None when it was exported with ``--no-drift``).
     """
     from labelling.export import driftref
-    from labelling.export.deployed import state_file
+    from labelling.inference.load import build_run, is_export
 
     run_dir = Path(run_dir)
-    if state_file(run_dir) is not None:  # an export: the reference shipped with it, no training data needed
+    if is_export(run_dir):  # an export: the reference shipped with it, no training data needed
         return driftref.load_image_reference(run_dir) if (run_dir / driftref.DRIFT_FILE).is_file() else None
     cache = run_dir / "drift_reference.npz"
     if cache.exists():
         data = np.load(cache)
         return {"reference": data["reference"], "null": data["null"], "sigma": float(data["sigma"])}
-    from labelling import registry
-
-    dm = registry.build("data", cfg.data.name, **{"seed": cfg.seed, **cfg.data.args})
+    dm, _ = build_run(cfg)
     dm.setup()
     ref = driftref.image_reference(task, dm.splits["train"], dm.splits["val"], crop, n)
     np.savez(cache, reference=ref["reference"], null=ref["null"], sigma=ref["sigma"])

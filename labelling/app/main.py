@@ -78,9 +78,7 @@ elif drift["checked"]:
 else:
     streamlit.info(f"No drift check: {drift.get('reason', 'not possible for this image')}.")
 
-from labelling.inference.predict import deployment  # noqa: E402
-
-target = (deployment(task).get("targets") or [cfg.data.name])[0]
+target = task.targets[0]
 cols = streamlit.columns(3)
 shown = image if image.ndim == 2 else image[len(image) // 2]  # a 2.5D input: its middle plane
 cols[0].image(logic.to_png_bytes(logic.overlay(shown, shown * 0)), caption="brightfield", use_container_width=True)
@@ -89,9 +87,9 @@ cols[1].image(logic.to_png_bytes(logic.overlay(shown * 0, pred[0])), caption=f"p
 cols[2].image(logic.to_png_bytes(logic.overlay(shown, pred[0], labels)), caption="overlay + segmentation",
               use_container_width=True)
 if len(pred) > 1:  # several organelles: shown together, one colour each
-    from labelling.callbacks.panels import composite  # noqa: E402
+    from labelling.reporting.images import composite  # noqa: E402
 
-    names = (deployment(task).get("targets") or [])[: len(pred)]
+    names = task.targets[: len(pred)]
     streamlit.image(logic.to_png_bytes(composite(pred)), caption="predicted together: " + ", ".join(
         f"{n} ({c})" for n, c in zip(names, ("blue", "green", "magenta", "yellow", "cyan", "red"))),
         use_container_width=True)

@@ -17,8 +17,9 @@ import numpy as np
 
 from labelling import studies
 from labelling.inference import predict
+from labelling.inference.model import Model
+from labelling.reporting import plots as figures
 from labelling.reporting import reports
-from labelling.runs import evaluate
 
 
 def thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:
@@ -123,15 +124,15 @@ class DownstreamEvaluation(_RunEndAnalysis):
         table, corr, plots, warnings = studies.downstream_report(module, images, out, self.seg, title=title,
                                                                  predictions=self.predictions)
         self.results["test/downstream/segmentation_warnings"] = float(len(warnings))
-        self.results.update(evaluate.downstream_summary(corr, table, prefix="test/downstream/"))
+        self.results.update(studies.downstream_summary(corr, table, prefix="test/downstream/"))
         tables = {"agreement": corr, "per_image": table}
-        names = predict.deployment(module).get("targets") or []
-        if getattr(module.net, "out_channels", 1) > 1:  # several organelles: one report per channel as well
-            for c, name in enumerate(names[: module.net.out_channels]):
+        names = Model.from_task(module).targets
+        if len(names) > 1:  # several organelles: one report per channel as well
+            for c, name in enumerate(names):
                 t, agreement, channel_plots, _ = studies.downstream_report(
                     module, images, Path(out) / name, self.seg, title=f"{title} - {name}", channel=c,
                     predictions=self.predictions)
-                self.results.update(evaluate.downstream_summary(agreement, t, prefix=f"test/downstream/{name}/"))
+                self.results.update(studies.downstream_summary(agreement, t, prefix=f"test/downstream/{name}/"))
                 tables[f"agreement_{name}"] = agreement
                 plots = plots + channel_plots
         return tables, plots
@@ -153,7 +154,7 @@ class StabilityAnalysis(_RunEndAnalysis):
         df = studies.stability_study(module, images, progress=False)
         for _, r in df[df["corruption"] != "clean"].iterrows():
             self.results[f"test/stability/{r['mode']}/{r['corruption']}_{r['severity']:+d}_pcc"] = float(r["pixel_pearson"])
-        return {"stability": df}, evaluate.plot_stability(df, out)
+        return {"stability": df}, figures.plot_stability(df, out)
 
 
 class EmbeddingAnalysis(_RunEndAnalysis):
@@ -166,12 +167,12 @@ class EmbeddingAnalysis(_RunEndAnalysis):
         self.reducers, self.clusterers = reducers, clusterers
 
     def analyse(self, module, images, out, trainer):
-        from labelling.analysis.embeddings import f1_summary, plot_projections
+        from labelling.analysis.embeddings import f1_summary
 
         dm = trainer.datamodule
         f1, headline, proj, meta = studies.embedding_study(module, dm.splits["train"], images, dm.splits["val"],
                                                             dm.crop, self.reducers, self.clusterers)
-        plot_projections(proj, meta, out / "embeddings.png")
+        figures.plot_projections(proj, meta, out / "embeddings.png")
         self.results.update({f"test/embeddings/{k}": float(v) for k, v in headline.items()
                              if isinstance(v, (int, float))})
         return {"embeddings_f1": f1_summary(f1)}, [out / "embeddings.png"]
@@ -185,51 +186,15 @@ class DriftAnalysis(_RunEndAnalysis):
     def analyse(self, module, images, out, trainer):
         dm = trainer.datamodule
         found = studies.drift_study(module, dm.splits["val"], images, dm.crop)
-        self.results.update({f"test/{k}": v for k, v in evaluate.drift_summary(found).items()})
+        self.results.update({f"test/{k}": v for k, v in studies.drift_summary(found).items()})
         return found, []
-
-
-class TrainingStudies(_RunEndAnalysis):
-    """Studies that train more models of this experiment.
-
-    Phenotype generalization (train on one simulated phenotype, test on the other), the train x predict scaling matrix (thesis Table 2) and a learning curve.
-
-    Args:
-        phenotypes, scaling_matrix, learning_curve: which studies to run (each trains several models).
-        overrides: dotted overrides for the study trainings (e.g. ``["trainer.max_epochs=4"]``).
-    """
-
-    folder, prefix = "studies", "test/studies"
-
-    def __init__(self, phenotypes: bool = True, scaling_matrix: bool = False, learning_curve: bool = False,
-                 overrides: list[str] | None = None, max_images: int = 64):
-        super().__init__(max_images)
-        self.which = {"phenotypes": phenotypes, "scaling_matrix": scaling_matrix, "learning_curve": learning_curve}
-        self.overrides = list(overrides or [])
-
-    def analyse(self, module, images, out, trainer):
-        import torch
-
-        from labelling import config
-        from labelling.studies import training as trainstudies
-
-        cfg = config.validate(config.apply_overrides(module.config, ["callbacks=[]", "logger.wandb=false",
-                                                                     *self.overrides]))
-
-        with torch.inference_mode(False), torch.enable_grad():  # test hooks run without autograd
-            tables = trainstudies.run_training_studies(cfg, out, self.which, self.max_images)
-        for name, df in tables.items():
-            model = df[df.get("predictor", "model") == "model"] if "predictor" in df else df
-            if "pixel_pearson" in model:
-                self.results[f"{self.prefix}/{name}/mean_pixel_pearson"] = float(model["pixel_pearson"].mean())
-        return {}, sorted(out.glob("*/*.png"))
 
 
 class TrainingCost(lightning.Callback):
     """Measured training throughput of this run -> hours and USD on named AWS GPU instances (``cost.md``).
 
     The throughput is measured over the training epochs only (validation excluded); GPU speed-ups and
-    prices come from the editable, dated table ``labelling/analysis/aws_prices.yaml``.
+    prices come from the editable, dated table ``labelling/studies/aws_prices.yaml``.
 
     Args:
         runs: how many such trainings to price (e.g. the trials of a sweep).
@@ -256,11 +221,12 @@ class TrainingCost(lightning.Callback):
         if not trainer.is_global_zero or self.seconds <= 0:
             return
         from labelling.analysis.cost import cost_table
+        from labelling.studies.cost import load_prices
 
         dm = trainer.datamodule
         crops = trainer.global_step * dm.batch_size * trainer.accumulate_grad_batches * trainer.world_size
         speed = crops / self.seconds
         total = (trainer.max_epochs or 1) * dm.crops_per_epoch
-        table = cost_table(speed, n_crops=total, runs=self.runs)
+        table = cost_table(speed, n_crops=total, prices=load_prices(), runs=self.runs)
         reports.write_table(table, Path(trainer.default_root_dir), "cost")
         self.results["test/cost/crops_per_second"] = float(speed)

@@ -1,9 +1,10 @@
 """Cascades: predictions of other trained runs as extra input channels (thesis 5.3, 7.4).
 
 ``data: {cascade: [runs/nuclei, runs/actin]}`` appends, to every field's raw input, what those runs predict
-from it - through :func:`labelling.inference.predict.append_cascade`, the deployed path, in their target units. The model
-stores the run paths (``deploy["cascade"]``) and :func:`labelling.inference.predict.network_output` computes the same
-channels from a new raw image, so a cascade is deployed exactly as it was trained.
+from it - through the deployed path, in their target units. The loader (:func:`labelling.inference.load.
+build_run`) loads the runs and hands them to the data module; the model stores the run paths
+(``Deployment.cascade``) and the one prediction path computes the same channels from a new raw image, so a
+cascade is deployed exactly as it was trained.
 """
 
 from __future__ import annotations
@@ -24,21 +25,12 @@ def resolve(paths: list[str] | None) -> list[str]:
     return out
 
 
-def load(paths: list[str]) -> list:
-    """The trained tasks of a cascade, in eval mode."""
-    from labelling.build import load_task  # late: building sits above the data layer
-
-    return [load_task(path)[0] for path in paths]
-
-
-def channels(tasks: list) -> int:
+def channels(models: list) -> int:
     """Extra input channels a cascade adds."""
-    return sum(task.net.out_channels for task in tasks)
+    return sum(model.out_channels for model in models)
 
 
-def names(paths: list[str], tasks: list) -> list[str]:
+def names(paths: list[str], models: list) -> list[str]:
     """Names of the extra channels: ``<run folder>:<target channel>``."""
-    from labelling.inference.predict import deployment
-
-    return [f"{Path(path).name}:{target}" for path, task in zip(paths, tasks)
-            for target in (deployment(task).get("targets") or ["prediction"])[: task.net.out_channels]]
+    return [f"{Path(path).name}:{target}" for path, model in zip(paths, models)
+            for target in model.targets[: model.out_channels]]

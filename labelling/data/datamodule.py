@@ -22,6 +22,7 @@ from labelling.data import cascade as cascade_runs
 from labelling.data.augment import PairedAugment
 from labelling.data.normalization import NORMALIZATIONS, dataset_stats, denormalize, image_stats, normalize
 from labelling.data.simulate import CHANNELS, simulate_plate
+from labelling.deployment import Deployment
 
 
 @dataclass
@@ -302,7 +303,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
             raise ValueError(f"foreground_crops must be a share in [0, 1], got {foreground_crops}")
         self.foreground_crops = foreground_crops
         self.cascade = cascade_runs.resolve(cascade)
-        self._cascade_tasks: list | None = None
+        self.cascade_inputs = None  # the loaded cascade (labelling.build.build_data attaches it)
         if self.cascade and self.augment_args.get("corrupt_p", 0):
             raise ValueError("data.cascade with corruption augmentation would need the cascade's predictions of "
                              "every corrupted crop; set augment.corrupt_p=0")
@@ -314,29 +315,67 @@ class FluorescenceDataModule(lightning.LightningDataModule):
 
     @property
     def input_names(self) -> list[str]:
-        return self.raw_input_names + cascade_runs.names(self.cascade, self.cascade_tasks)
+        return self.raw_input_names + cascade_runs.names(self.cascade, self.cascade_models)
 
     @property
     def raw_input_names(self) -> list[str]:
         return ["brightfield"]
 
+    def attach_cascade(self, inputs) -> None:
+        """Take the loaded cascade (:class:`labelling.inference.load.CascadeInputs`).
+
+        ``inputs.models`` give the channel counts and names; ``inputs(raw, key)`` the raw input followed by
+        their predictions (the deployed path).
+        """
+        if self.cascade and inputs is None:
+            raise ValueError("data.cascade lists runs but none were loaded; build with "
+                             "labelling.inference.load.build_run(cfg)")
+        self.cascade_inputs = inputs
+
     @property
-    def cascade_tasks(self) -> list:
-        """The trained runs of ``cascade`` (loaded once)."""
-        if self._cascade_tasks is None:
-            self._cascade_tasks = cascade_runs.load(self.cascade)
-        return self._cascade_tasks
+    def cascade_models(self) -> list:
+        """The models of ``cascade`` (empty without one)."""
+        if self.cascade and self.cascade_inputs is None:
+            self.attach_cascade(None)
+        return list(self.cascade_inputs.models) if self.cascade else []
 
     @property
     def target_names(self) -> list[str]:
         return list(self.organelles)
 
-    # -- properties the task needs -------------------------------------------------------------
+    # -- properties the task and the deployment state need ----------------------------------------
     raw_channels = 1
+    max_size = 0  # fields binned to this longer side (folder data)
+    planes: list[int] | None = None  # z planes read as input channels
+    channels: list[str] | None = None  # plate channel names read as inputs
+    pixel_size: tuple[float, float] | None = None  # (y, x) micrometres, when the files say
+    spatial_multiple = 16  # whole-field val/test crops are cut to this (build sets the net's)
+
+    def deployment(self, net, loss, tta: bool = False) -> Deployment:
+        """The typed deployment state of a model trained on this data, from the *training* split only.
+
+        The input normalization (and dataset-level input statistics), the output de-normalization (the
+        training targets' statistics; ``affine`` for scale-free losses, refitted after training; ``none``
+        for logit losses and binary targets), the null predictor's level and the geometry and channels.
+        """
+        self.setup("fit")
+        train = self.splits["train"]
+        rule = "none" if loss.activation == "sigmoid" or self.binary_target else "affine" if loss.scale_free else "stats"
+        target_stats = self.target_stats if self.target_norm == "fixed" else np.mean([im.target_stats for im in train], 0)
+        return Deployment(
+            inputs=list(self.input_names), targets=list(self.target_names), raw_channels=self.raw_channels,
+            in_channels=net.in_channels, out_channels=net.out_channels, spatial_multiple=net.spatial_multiple,
+            spatial_dims=net.spatial_dims, normalize=self.norm, input_stats=np.asarray(self.input_stats).tolist(),
+            denormalize=rule, target_stats=np.asarray(target_stats).tolist(),
+            null_level=np.asarray(self.null_level(), np.float64).tolist(), activation=loss.activation,
+            target_transform=self.target_transform, max_size=int(self.max_size or 0),
+            planes=list(self.planes) if self.planes is not None else None,
+            channels=list(self.channels) if self.channels is not None else None, cascade=list(self.cascade),
+            tta=bool(tta), pixel_size=self.pixel_size)
 
     @property
     def in_channels(self) -> int:
-        return self.raw_channels + cascade_runs.channels(self.cascade_tasks)
+        return self.raw_channels + cascade_runs.channels(self.cascade_models)
 
     @property
     def out_channels(self) -> int:
@@ -387,9 +426,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
             return
         pairs = [(x, self.transform_target(y), *rest) for x, y, *rest in self.load_pairs()]
         if self.cascade:  # the cascade runs' predictions of each raw field become extra input channels
-            from labelling.inference.predict import append_cascade  # late: the prediction path sits above the data
-
-            pairs = [(append_cascade(self.cascade_tasks, x, key), y, group, key, extra)
+            pairs = [(self.cascade_inputs(x, key), y, group, key, extra)
                      for x, y, group, key, extra in pairs]
         strata = {p[2]: p[4]["stratum"] for p in pairs if p[4] and "stratum" in p[4]}
         where = split_groups([p[2] for p in pairs], self.val_fraction, self.test_fraction, self.seed, strata,
@@ -426,4 +463,4 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         return self._loader(GridCrops(self.splits["val"], self.val_crop))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(GridCrops(self.splits["test"], None), batch_size=1)
+        return self._loader(GridCrops(self.splits["test"], None, self.spatial_multiple), batch_size=1)

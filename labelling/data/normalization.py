@@ -128,3 +128,15 @@ def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
     c, h, w = image.shape
     image = image[:, : h - h % factor, : w - w % factor]
     return image.reshape(c, h // factor, factor, w // factor, factor).mean((2, 4)).astype(np.float32)
+
+
+def rescale(image: np.ndarray, scale: float, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize a (C, H, W) image by `scale` (or to `shape`) with area (down) or linear (up) interpolation."""
+    import cv2
+
+    if scale == 1.0 and shape is None:
+        return image
+    height, width = image.shape[1:]
+    size = shape or (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+    interp = cv2.INTER_AREA if size[0] < height else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(c, (size[1], size[0]), interpolation=interp) for c in image]).astype(np.float32)

@@ -206,17 +206,32 @@ def _slash(well: str) -> str:
 class PlateWriter:
     """Write a new NGFF 0.4 HCS plate field by field (constant memory); ``close()`` writes the layout.
 
+    A local plate is written into a temporary sibling folder and renamed into place by ``close()``, so an
+    interrupted write leaves nothing that opens as a plate, and an existing path is refused unless
+    `overwrite` (then replaced only once the new plate is complete).
+
     Example::
 
         with PlateWriter("P.zarr", ["brightfield", "nuclei"]) as out:
             out.write("A", "1", 0, image)   # (C, Z, Y, X) or (C, Y, X)
     """
 
-    def __init__(self, path: str | Path, channels: list[str], chunk: int = 256, name: str | None = None):
+    def __init__(self, path: str | Path, channels: list[str], chunk: int = 256, name: str | None = None,
+                 overwrite: bool = False):
+        import os
+
         import zarr
 
         self.path, self.channels, self.chunk, self.name = str(path), list(channels), chunk, name
-        self.root = zarr.open_group(self.path, mode="w", zarr_format=2)
+        self.remote = "://" in self.path
+        target = Path(self.path)
+        if not self.remote and target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
+            what = "a plate" if is_plate(target) else "a file" if target.is_file() else "a folder that is not empty"
+            raise ConfigError(f"{target} exists ({what}); refusing to overwrite it: give a new path, "
+                              "or pass --overwrite to replace it once the new plate is complete")
+        self.overwrite = overwrite
+        self.staging = self.path if self.remote else str(target.with_name(f".{target.name}.{os.getpid()}.partial"))
+        self.root = zarr.open_group(self.staging, mode="w", zarr_format=2)
         self.wells: dict[tuple[str, str], list[str]] = {}
 
     def write(self, row: str, column: str, fov: int | str, image: np.ndarray, dtype=None) -> Field:
@@ -264,12 +279,37 @@ class PlateWriter:
             write_well_metadata(self.root[f"{row}/{column}"], [{"path": f} for f in fovs], fmt=FormatV04())
         write_plate_metadata(self.root, rows, columns, wells, fmt=FormatV04(), name=self.name or Path(self.path).stem,
                              field_count=max(map(len, self.wells.values()), default=0))
+        if not self.remote:
+            _swap_into_place(Path(self.staging), Path(self.path))
+
+    def discard(self) -> None:
+        """Remove an unfinished local plate (nothing of it stays behind)."""
+        import shutil
+
+        if not self.remote:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> PlateWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Rename a finished folder onto `target`; an existing target is moved aside first and removed after."""
+    import os
+    import shutil
+
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _omero(channels: list[str], image: np.ndarray) -> dict:

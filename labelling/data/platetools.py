@@ -35,8 +35,33 @@ def source_dtype(path: Path) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def simulate_folder(out: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, size: int = 256,
+                    overwrite: bool = False) -> int:
+    """Write a simulated plate as TIFF files (brightfield, organelles, true nucleus mask); returns the field count.
+
+    A folder that already holds files is refused unless `overwrite`.
+    """
+    import tifffile
+
+    from labelling.data.simulate import CHANNELS, simulate_plate
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; give a new --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for f in simulate_plate(seed, n_wells=wells, fields_per_well=fields, size=size):
+        stem = f"{f.plate}_{f.well}_f{f.field}"
+        tifffile.imwrite(out / f"{stem}_brightfield.tif", f.brightfield)
+        for name, img in zip(CHANNELS, f.fluorescence):
+            tifffile.imwrite(out / f"{stem}_{name}.tif", img)
+        tifffile.imwrite(out / f"{stem}_nucleimask.tif", f.nuclei)
+        n += 1
+    return n
+
+
 def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, size: int = 256,
-             planes: int = 1, progress: bool = True, chunk: int = 256) -> plates.Plate:
+             planes: int = 1, progress: bool = True, chunk: int = 256, overwrite: bool = False) -> plates.Plate:
     """Write a simulated plate: brightfield plus every organelle channel (and the true nucleus mask).
 
     ``planes > 1`` writes a brightfield z-stack (defocused copies around the focal plane, plane
@@ -48,7 +73,7 @@ def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, s
     from labelling.data.simulate import CHANNELS, simulate_plate
 
     names = ["brightfield", *CHANNELS, "nuclei_mask"]
-    with plates.PlateWriter(path, names, chunk=chunk, name=f"simulated_seed{seed}") as out:
+    with plates.PlateWriter(path, names, chunk=chunk, name=f"simulated_seed{seed}", overwrite=overwrite) as out:
         fields_ = simulate_plate(seed, n_wells=wells, fields_per_well=fields, size=size)
         for f in tqdm(fields_, desc="simulating", unit="field", disable=not progress):
             row, column = well_position(f.well, 0)
@@ -63,7 +88,7 @@ def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, s
 
 
 def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str] | None = None,
-            progress: bool = True) -> plates.Plate:
+            progress: bool = True, overwrite: bool = False) -> plates.Plate:
     """A folder of one-file-per-channel images -> an HCS OME-Zarr plate with channel names.
 
     Args:
@@ -73,6 +98,11 @@ def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str]
         out: the plate to write (``.zarr``).
         channels: channel values to keep, in order (default: every channel found, sorted).
         progress: show a progress bar over fields.
+        overwrite: replace an existing `out` (once the new plate is complete).
+
+    Well names are normalized (``A1`` and ``A01`` are one well); two wells that would land in one place
+    are an error naming both. Each field keeps a pixel type that holds every channel's values (uint8
+    brightfield beside uint16 DAPI is stored as uint16), never a truncating cast.
     """
     from tqdm import tqdm
 
@@ -87,17 +117,25 @@ def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str]
     found, well_of = scan_fields(root, pattern, "well")  # without a well group, each field is its own well
     names = list(channels or sorted({c for chans in found.values() for c in chans}))
     wells = sorted(set(well_of.values()))
-    fov_count: dict[str, int] = defaultdict(int)
-    with plates.PlateWriter(out, names, name=root.name) as writer:
+    position, named = {}, {}
+    for i, well in enumerate(wells):
+        position[well] = well_position(well, i)
+        first = named.setdefault(position[well], well)
+        if well_position(first, 0) != well_position(well, 0):  # A1 and A01 are the same well; foo and A2 are not
+            raise ConfigError(f"wells '{first}' and '{well}' would both be stored as well "
+                              f"{'/'.join(position[well])}; rename one of them")
+    fov_count: dict[tuple[str, str], int] = defaultdict(int)
+    with plates.PlateWriter(out, names, name=root.name, overwrite=overwrite) as writer:
         for key in tqdm(sorted(found), desc="converting", unit="field", disable=not progress):
             missing = [c for c in names if c not in found[key]]
             if missing:
                 raise ImageError(f"{root}/{key}: missing channel(s) {missing}; found {sorted(found[key])}")
-            image = np.stack([read(found[key][c]) for c in names]).astype(source_dtype(found[key][names[0]]))
+            dtype = np.result_type(*[source_dtype(found[key][c]) for c in names])  # holds every channel's values
+            image = np.stack([read(found[key][c]).astype(dtype) for c in names])
             well = well_of[key]
-            row, column = well_position(well, wells.index(well))
-            field = writer.write(row, column, fov_count[well], image)
-            fov_count[well] += 1
+            row, column = position[well]
+            field = writer.write(row, column, fov_count[(row, column)], image)
+            fov_count[(row, column)] += 1
             writer.root[field.path].attrs[plates.KEY] = {"source": key, "well_name": well,
                                                           "files": [str(found[key][c]) for c in names]}
     plates.preprocess(out, progress=progress)

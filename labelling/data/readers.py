@@ -390,3 +390,30 @@ def find_pairs(
             raise ImageError(f"{root}/{key}: missing channel(s) {missing}; found {sorted(chans)}")
         pairs.append(Pair(key, groups[key], [chans[c] for c in inputs], [chans[c] for c in targets]))
     return pairs
+
+
+def write_ome_tiff(path: str | Path, image: np.ndarray, channel_names: list[str] | None = None,
+                   pixel_size: tuple[float, float] | None = None) -> Path:
+    """Write (C, Y, X) float32 as OME-TIFF with channel names (and pixel size in micrometres), atomically.
+
+    The file appears complete or not at all: it is written to a temporary sibling and renamed into place.
+    """
+    import os
+
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta: dict = {"axes": "CYX"}
+    if channel_names:
+        meta["Channel"] = {"Name": list(channel_names)}
+    if pixel_size:
+        meta.update(PhysicalSizeY=float(pixel_size[0]), PhysicalSizeYUnit="µm",
+                    PhysicalSizeX=float(pixel_size[1]), PhysicalSizeXUnit="µm")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tifffile.imwrite(partial, np.asarray(image, np.float32), ome=True, metadata=meta, photometric="minisblack")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path

@@ -4,7 +4,8 @@
   prediction and the bottleneck embedding), ``deployment.json`` (what the prediction path needs, plus the
   measured difference from the torch net), ``config.yaml``, ``metrics.json`` and ``drift.npz`` (the drift
   reference and the calibrated online detector, :mod:`labelling.export.driftref`). ``labelling predict`` and
-  the app load such a folder like a run (:func:`labelling.export.deployed.load_model`).
+  the app load such a folder like a run (:func:`labelling.inference.load.load`), after checking every file
+  against ``manifest.json`` (written last, with SHA-256s).
 * ``bioimageio``: a BioImage Model Zoo package for Fiji/deepImageJ, napari and ilastik
   (:mod:`labelling.export.bioimage`), checked with bioimageio.core's model test.
 """
@@ -15,34 +16,52 @@ import json
 import shutil
 from pathlib import Path
 
-from labelling.export.deployed import ExportError
+from labelling.errors import ExportError
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
 
 __all__ = ["FORMATS", "ExportError", "export_run"]
 
 
-def _out_dir(out: str | Path, overwrite: bool) -> Path:
+def _staging(out: str | Path, overwrite: bool) -> Path:
+    """A new empty sibling folder to write the export into; the target is checked first.
+
+    The finished export replaces `out` in one rename (:func:`_swap_into_place`), so an interrupted export
+    never leaves a folder that loads, and an ``--overwrite`` never mixes files of two exports.
+    """
+    import os
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out} is not empty; give a new folder or pass --overwrite")
+    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
     except OSError as err:
         raise PermissionError(f"cannot write the export to {out}: {err.strerror or err}") from None
-    return out
+    return staging
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    import os
+
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _datamodule(cfg, why: str):
     """The run's data (its splits), or an ExportError that says what needs it and how to do without."""
-    from labelling import registry
+    from labelling.inference.load import build_run
 
     try:
-        dm = registry.build("data", cfg.data.name, **{"seed": cfg.seed, **cfg.data.args})
+        dm, _ = build_run(cfg)
         dm.setup()
     except Exception as err:  # a moved data folder, a missing zarr driver: say which step needed the data
         raise ExportError(f"{why} needs the run's data ({cfg.data.name}), which cannot be loaded here: "
@@ -74,8 +93,8 @@ def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, o
         ExportError: an unknown format, a non-empty folder, a run that is not a stainer, data that cannot
             be loaded when the drift reference or the test image needs it.
     """
-    from labelling.build import load_task
     from labelling.export import deployed
+    from labelling.inference.load import checkpoint_path, load_task
 
     if fmt not in FORMATS:
         from labelling.errors import suggest
@@ -83,10 +102,26 @@ def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, o
         raise ExportError(f"unknown export format '{fmt}'.{suggest(fmt, FORMATS)} Valid: {', '.join(FORMATS)}")
     task, cfg = load_task(run)
     deployed.check_exportable(task)
-    out = _out_dir(out, overwrite)
-    state = deployed.deployment_state(task, cfg)
+    final = Path(out)
+    out = _staging(final, overwrite)
+    try:
+        summary = _write(task, cfg, run, fmt, out, final, drift, check, author, license_id)
+        deployed.write_manifest(out, checkpoint_path(run))
+        _swap_into_place(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished export leaves nothing behind
+    summary["files"] = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
+    summary["size_bytes"] = sum(summary["files"].values())
+    return summary
+
+
+def _write(task, cfg, run, fmt: str, out: Path, final: Path, drift: bool, check: bool, author: str,
+           license_id: str) -> dict:
+    from labelling.export import deployed
+
+    state = deployed.export_state(task, cfg)
     state["source"] = {"run": str(Path(run).resolve()), "format": fmt}
-    summary: dict = {"format": fmt, "out": str(out)}
+    summary: dict = {"format": fmt, "out": str(final)}
     if fmt == "bioimageio":
         from labelling.export import bioimage
 
@@ -94,37 +129,39 @@ def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, o
         written = bioimage.write_package(task, cfg, state, dm.splits["val"][0].raw_input(), out,
                                          run=Path(run) if Path(run).is_dir() else None, author=author,
                                          license_id=license_id)
-        summary.update(rdf=str(written["rdf"]), zip=str(written["zip"]))
-        summary["checks"] = deployed.compare(task, state, out / "weights.onnx")
+        summary.update(rdf=str(final / written["rdf"].name), zip=str(final / written["zip"].name))
+        summary["checks"] = deployed.compare(task, deployed.onnx_runner(out / "weights.onnx"), embedding=False)
         if check:
             summary["bioimageio_test"] = bioimage.test_package(written["rdf"])
+        return summary
+    name = deployed.MODEL_FILES[fmt]
+    if fmt == "onnx":
+        deployed.export_onnx(task, out / name)
+        checks = deployed.compare(task, deployed.onnx_runner(out / name))
     else:
-        name = deployed.MODEL_FILES[fmt]
-        write = deployed.export_onnx if fmt == "onnx" else deployed.export_torchscript
-        write(task, state, out / name)
-        state["model"] = name
-        state["checks"] = summary["checks"] = deployed.compare(task, state, out / name)
-        _attachments(state, run, out)
-        if drift:
-            from labelling.export import driftref
+        checks = deployed.export_torchscript(task, out / name)
+    deployed.write_weights(task, out)
+    state["model"] = name
+    state["checks"] = summary["checks"] = checks
+    _attachments(state, run, out)
+    if drift:
+        from labelling.export import driftref
 
-            dm = _datamodule(cfg, "the drift reference (pass --no-drift to export without it)")
-            found = driftref.drift_reference(task, dm.splits["train"], dm.splits["val"], state["crop"])
-            driftref.save(found, out)
-            det, n_null = found["detector"], len(found["image"]["null"])
-            missing = ([f"the online detector needs 7 validation crops, the run has {len(found['online'])}"]
-                       if det is None else []) + \
-                      ([f"the per-image check needs 5 validation fields, the run has {n_null}"] if n_null < 5 else [])
-            if missing:
-                from lightning.pytorch.utilities import rank_zero_warn
+        dm = _datamodule(cfg, "the drift reference (pass --no-drift to export without it)")
+        found = driftref.drift_reference(task, dm.splits["train"], dm.splits["val"], state["crop"])
+        driftref.save(found, out)
+        det, n_null = found["detector"], len(found["image"]["null"])
+        missing = ([f"the online detector needs 7 validation crops, the run has {len(found['online'])}"]
+                   if det is None else []) + \
+                  ([f"the per-image check needs 5 validation fields, the run has {n_null}"] if n_null < 5 else [])
+        if missing:
+            from lightning.pytorch.utilities import rank_zero_warn
 
-                rank_zero_warn(f"drift reference of {run}: {'; '.join(missing)} (the export works without them)")
-            state["drift"] = {"file": driftref.DRIFT_FILE, "n_reference": len(found["online"]),
-                              "window": det.window if det else None, "ert": det.ert if det else None,
-                              "n_image_null": n_null}
-        deployed.write_state(out, state)
-    summary["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-    summary["size_bytes"] = sum(summary["files"].values())
+            rank_zero_warn(f"drift reference of {run}: {'; '.join(missing)} (the export works without them)")
+        state["drift"] = {"file": driftref.DRIFT_FILE, "n_reference": len(found["online"]),
+                          "window": det.window if det else None, "ert": det.ert if det else None,
+                          "n_image_null": n_null}
+    deployed.write_state(out, state)
     return summary
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from labelling.errors import ExportError
 from labelling.inference import predict
 
 CITATIONS = [
@@ -41,7 +42,7 @@ TOLERANCE = {"relative_tolerance": 1e-3, "absolute_tolerance": 1e-3, "mismatched
 
 def preprocessing(state: dict) -> list[dict]:
     """The run's input normalization as bioimage.io preprocessing steps."""
-    method = state["deploy"]["normalize"]
+    method = state["deployment"]["normalize"]
     steps: list[dict] = [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
     if method == "percentile":
         steps.append({"id": "scale_range", "kwargs": {"axes": ["y", "x"], "min_percentile": 1.0,
@@ -52,7 +53,7 @@ def preprocessing(state: dict) -> list[dict]:
     elif method == "zscore":
         steps.append({"id": "zero_mean_unit_variance", "kwargs": {"axes": ["y", "x"], "eps": 1e-6}})
     elif method == "fixed":
-        stats = np.asarray(state["input_stats"], np.float64)
+        stats = np.asarray(state["deployment"]["input_stats"], np.float64)
         steps.append(_linear(1 / stats[:, 1], -stats[:, 0] / stats[:, 1]))
     elif method != "none":
         raise ValueError(f"normalization '{method}' has no bioimage.io equivalent")
@@ -62,8 +63,8 @@ def preprocessing(state: dict) -> list[dict]:
 def postprocessing(state: dict) -> list[dict]:
     """The run's output de-normalization as bioimage.io postprocessing steps (none for probabilities)."""
     steps = []
-    if state["deploy"].get("denormalize") != "none" and state["activation"] != "sigmoid":
-        stats = np.asarray(state["target_stats"], np.float64)
+    if state["deployment"]["denormalize"] != "none" and state["deployment"]["activation"] != "sigmoid":
+        stats = np.asarray(state["deployment"]["target_stats"], np.float64)
         steps.append(_linear(stats[:, 1], stats[:, 0]))
     return steps + [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
 
@@ -78,8 +79,8 @@ def _linear(gain: np.ndarray, offset: np.ndarray) -> dict:
 
 def test_image(raw: np.ndarray, state: dict, side: int = 128) -> np.ndarray:
     """Centre crop of a raw (C, H, W) field, sides a multiple of 2**depth and below the binning size."""
-    m = state["multiple"]
-    limit = min(side, *raw.shape[1:], state["deploy"].get("max_size") or side)
+    m = state["deployment"]["spatial_multiple"]
+    limit = min(side, *raw.shape[1:], state["deployment"]["max_size"] or side)
     size = max(m, limit // m * m)
     if size > min(raw.shape[1:]):
         raise ValueError(f"the test field ({raw.shape[1]}x{raw.shape[2]} px) is smaller than the net's "
@@ -101,23 +102,23 @@ def _cover(raw: np.ndarray, pred: np.ndarray, path: Path) -> Path:
 
 
 def _readme(state: dict, cfg, metrics: dict) -> str:
-    deploy = state["deploy"]
+    deploy = state["deployment"]
     shown = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("test/", "val/"))
              and isinstance(v, (int, float))}
     binning = (f"Fields with a longer side above {deploy['max_size']} px were binned to at most that size in "
                "training: bin larger inputs by the same integer factor before using this model (labelling's "
                "own `predict` does it).") if deploy.get("max_size") else "Inputs are used at their own pixel size."
     return "\n".join([
-        f"# Virtual staining: {', '.join(state['inputs'])} -> {', '.join(state['targets'])}", "",
+        f"# Virtual staining: {', '.join(state['deployment']['inputs'])} -> {', '.join(state['deployment']['targets'])}", "",
         f"A UNet trained with labelling (experiment `{cfg.name}`, loss `{cfg.loss.name}`, net `{cfg.net.name}`) "
         "predicts the fluorescence channel(s) from a transmitted-light image.", "",
         "## Input", "",
-        f"{state['in_channels']} channel(s) `{', '.join(state['inputs'])}` in camera units, any height and width "
-        f"that are multiples of {state['multiple']} px. Normalization (`{deploy['normalize']}`) is the package's "
+        f"{state['deployment']['in_channels']} channel(s) `{', '.join(state['deployment']['inputs'])}` in camera units, any height and width "
+        f"that are multiples of {state['deployment']['spatial_multiple']} px. Normalization (`{deploy['normalize']}`) is the package's "
         f"preprocessing. {binning}", "",
         "## Output", "",
-        f"{state['out_channels']} channel(s) `{', '.join(state['targets'])}` in the training targets' units "
-        "(de-normalized by the postprocessing)" + (", probabilities." if state["activation"] == "sigmoid" else "."),
+        f"{state['deployment']['out_channels']} channel(s) `{', '.join(state['deployment']['targets'])}` in the training targets' units "
+        "(de-normalized by the postprocessing)" + (", probabilities." if state["deployment"]["activation"] == "sigmoid" else "."),
         "", "## Validation", "",
         "The test input/output pair was computed with labelling's prediction path; the metrics of the run "
         "(`metrics.json`, attached) are:", "",
@@ -134,7 +135,7 @@ def write_package(task, cfg, state: dict, raw: np.ndarray, out: Path, run: Path 
     Args:
         task: the trained task (torch).
         cfg: its experiment config.
-        state: :func:`labelling.export.deployed.deployment_state` of the task.
+        state: :func:`labelling.export.deployed.export_state` of the task.
         raw: a raw validation field (C, H, W); a centre crop of it is the test input.
         out: the package folder (created).
         run: the run folder (its ``metrics.json`` is attached when present).
@@ -157,8 +158,8 @@ def write_package(task, cfg, state: dict, raw: np.ndarray, out: Path, run: Path 
     tifffile.imwrite(out / "sample_input.tif", image[None])  # (1, C, Y, X) like the tensor, for viewers
     tifffile.imwrite(out / "sample_output.tif", expected[None].astype(np.float32))
     _cover(image, expected, out / "cover.png")
-    deployed.export_torchscript(task, state, out / "weights_torchscript.pt", embedding=False)
-    deployed.export_onnx(task, state, out / "weights.onnx", embedding=False)
+    deployed.export_torchscript(task, out / "weights_torchscript.pt", embedding=False)
+    deployed.export_onnx(task, out / "weights.onnx", embedding=False)
     (out / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
     metrics = {}
     if run is not None and (Path(run) / "metrics.json").is_file():
@@ -186,12 +187,12 @@ def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: 
     import torch
     from bioimageio.spec.model.v0_5 import ModelDescr
 
-    m = state["multiple"]
+    m = state["deployment"]["spatial_multiple"]
     # No output halo: a consumer pads the input by the halo *before* the preprocessing, which moves the
     # per-image percentiles and so every output pixel (measured: mean change 17 % of the output SD on a
     # 256 px field); without it bioimageio.core's whole-image prediction equals labelling's.
     space = {"min": max(4 * m, 32), "step": m}
-    inputs, targets = state["inputs"] or ["input"], state["targets"] or ["prediction"]
+    inputs, targets = state["deployment"]["inputs"], state["deployment"]["targets"]
     return {
         "format_version": ModelDescr.implemented_format_version, "type": "model",
         "name": f"labelling {cfg.name}"[:128],
@@ -225,16 +226,14 @@ def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: 
             "torchscript": {"source": "weights_torchscript.pt", "pytorch_version": torch.__version__.split("+")[0]},
             "onnx": {"source": "weights.onnx", "opset_version": 18, "parent": "torchscript"}},
         "config": {"bioimageio": {"reproducibility_tolerance": [TOLERANCE]},
-                   "labelling": {"experiment": cfg.name, "normalize": state["deploy"]["normalize"],
-                                 "max_size": state["deploy"].get("max_size", 0), "test_shape": list(shape)}},
+                   "labelling": {"experiment": cfg.name, "normalize": state["deployment"]["normalize"],
+                                 "max_size": state["deployment"]["max_size"], "test_shape": list(shape)}},
     }
 
 
 def validate(rdf: Path):
     """Load and validate a package description; raise ExportError with the validator's summary if invalid."""
     from bioimageio.spec import InvalidDescr, load_description
-
-    from labelling.export.deployed import ExportError
 
     descr = load_description(rdf, perform_io_checks=True)
     if isinstance(descr, InvalidDescr):

@@ -1,14 +1,13 @@
-"""The deployed net as a file (ONNX or TorchScript) and the state that makes it predict like the run.
+"""Write the deployed net as a file (ONNX, TorchScript for Fiji) with the state that makes it predict like the run.
 
-An export is a folder holding the network file and ``deployment.json``: the normalization rule and
-statistics, the de-normalization, the null level, the output activation, channel names and the net's
-depth. :func:`load_exported` rebuilds from them an :class:`ExportedTask`, a stand-in for the trained
-``Stainer`` that :func:`labelling.inference.predict.predict` accepts unchanged, so an exported model predicts through
-the one prediction path (binning, normalization, tiling, blending, de-normalization) like the run did.
+An export folder holds the network file, ``weights.pt`` (the net's weights as plain tensors),
+``deployment.json`` (the typed :class:`~labelling.deployment.Deployment` and the training config) and, written
+last, ``manifest.json`` with every file's SHA-256 and the run's checkpoint hash. The loader
+(:func:`labelling.inference.load.load`) verifies the manifest and runs the ONNX file through ONNX Runtime or
+rebuilds the net from the config and ``weights.pt``; it never loads the TorchScript archive, which is code.
 
-The network file takes ``(B, Cin, H, W)`` *normalized* inputs with any batch size and H, W multiples of
-``2**depth`` (the tiled predictor only sends such tiles; :class:`ExportedTask` pads other sizes exactly as
-the torch net does) and returns ``prediction`` (the activated output, before de-normalization) and
+The network file takes ``(B, Cin, H, W)`` *normalized* inputs with any batch size and H, W multiples of the
+net's ``spatial_multiple`` and returns ``prediction`` (the activated output, before de-normalization) and
 ``embedding`` (the bottleneck feature map averaged over space, for the drift check).
 """
 
@@ -16,27 +15,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
 from labelling import config
-from labelling.errors import UserError, redact_obj
-from labelling.inference import predict
+from labelling.deployment import Deployment
+from labelling.errors import ExportError, redact_obj
+from labelling.inference.load import MANIFEST, STATE_FILE, STATE_VERSION, WEIGHTS_FILE, fingerprint
 
-STATE_FILE = "deployment.json"
-STATE_VERSION = 1
 INPUT, OUTPUTS = "input", ("prediction", "embedding")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 
-
-class ExportError(UserError, ValueError):
-    """A run that cannot be exported, or an export folder that cannot be loaded; the message says why."""
+__all__ = ["Deployed", "ExportError", "check_exportable", "export_state", "export_onnx", "export_torchscript",
+           "compare", "write_state", "write_manifest"]
 
 
 class Deployed(nn.Module):
@@ -44,16 +41,16 @@ class Deployed(nn.Module):
 
     Args:
         net: the trained image-to-image net (``forward(x, return_embedding=True)`` -> (y, embedding)).
-        activation: ``"sigmoid"`` for logit losses, None otherwise.
+        deployment: its deployment state (the activation rule).
         embedding: also return the bottleneck embedding.
     """
 
-    def __init__(self, net: nn.Module, activation: str | None = None, embedding: bool = True):
+    def __init__(self, net: nn.Module, deployment: Deployment, embedding: bool = True):
         super().__init__()
-        self.net, self.sigmoid, self.embedding = net, activation == "sigmoid", embedding
+        self.net, self.sigmoid, self.embedding = net, deployment.activation == "sigmoid", embedding
 
     def forward(self, x: torch.Tensor):
-        """(B, Cin, H, W), H and W multiples of 2**depth -> (B, Cout, H, W) [and (B, D)]."""
+        """(B, Cin, H, W), H and W multiples of the net's spatial multiple -> (B, Cout, H, W) [and (B, D)]."""
         y, emb = self.net(x, return_embedding=True)
         y = torch.sigmoid(y) if self.sigmoid else y
         return (y, emb) if self.embedding else y
@@ -61,14 +58,14 @@ class Deployed(nn.Module):
 
 def check_exportable(task) -> None:
     """Refuse what the export cannot carry: a task without deployment state or a net without embeddings."""
-    if not hasattr(task, "target_stats") or not hasattr(task, "deploy"):
+    dep = getattr(task, "deployment", None)
+    if not isinstance(dep, Deployment):
         raise ExportError(f"only virtual-staining runs (task 'stainer') can be exported, not {type(task).__name__}")
-    if (task.deploy or {}).get("cascade"):
+    if dep.cascade:
         raise ExportError("this model takes other runs' predictions as input channels (data.cascade); an export "
                           "would carry its net only and expect those channels from the user - predict from the "
                           "run instead, or export each run of the cascade and combine them yourself")
-    net = task.net
-    multiple = 2 ** getattr(net, "depth", 0)
+    net, multiple = task.net, dep.spatial_multiple
     try:
         with torch.no_grad():
             out = net(torch.zeros(1, net.in_channels, 4 * multiple, 6 * multiple), return_embedding=True)
@@ -81,20 +78,11 @@ def check_exportable(task) -> None:
         raise ExportError(f"net {type(net).__name__} does not return (prediction, embedding); it cannot be exported")
 
 
-def deployment_state(task, cfg) -> dict:
-    """Everything :func:`labelling.inference.predict.predict` reads from a task, as plain JSON-able data."""
-    net = task.net
+def export_state(task, cfg) -> dict:
+    """What ``deployment.json`` holds: the typed deployment state, the training config, the crop side."""
     return {
         "format_version": STATE_VERSION,
-        "deploy": predict.deployment(task),
-        "input_stats": task.input_stats.detach().cpu().tolist(),
-        "target_stats": task.target_stats.detach().cpu().tolist(),
-        "null_level": task.null_level.detach().cpu().tolist(),
-        "activation": getattr(task.loss, "activation", None),
-        "in_channels": int(net.in_channels), "out_channels": int(net.out_channels),
-        "depth": int(getattr(net, "depth", 0)), "multiple": 2 ** int(getattr(net, "depth", 0)),
-        "inputs": list(predict.deployment(task).get("inputs") or []),
-        "targets": list(predict.deployment(task).get("targets") or []),
+        "deployment": task.deployment.to_dict(),
         "crop": int(cfg.data.args.get("crop", 64)),
         "experiment": cfg.name,
         "config": redact_obj(config.to_dict(cfg)),  # exports are shared: no passwords or API keys
@@ -102,17 +90,18 @@ def deployment_state(task, cfg) -> dict:
     }
 
 
-def _example(state: dict, batch: int = 2, height: int = 96, width: int = 128, seed: int = 0) -> torch.Tensor:
-    """A seeded random normalized input, sides rounded up to multiples of the net's 2**depth."""
-    m = state["multiple"]
+def _example(dep: Deployment, batch: int = 2, height: int = 96, width: int = 128, seed: int = 0) -> torch.Tensor:
+    """A seeded random normalized input, sides rounded up to multiples of the net's spatial multiple."""
+    m = dep.spatial_multiple
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, state["in_channels"], -(-height // m) * m, -(-width // m) * m, generator=gen)
+    return torch.randn(batch, dep.in_channels, -(-height // m) * m, -(-width // m) * m, generator=gen)
 
 
-def export_onnx(task, state: dict, path: Path, opset: int = 18, embedding: bool = True) -> Path:
-    """Write the deployed net as ONNX with dynamic batch, height and width (multiples of 2**depth)."""
-    module = Deployed(task.net, state["activation"], embedding).eval()
-    m = state["multiple"]
+def export_onnx(task, path: Path, opset: int = 18, embedding: bool = True) -> Path:
+    """Write the deployed net as ONNX with dynamic batch, height and width (multiples of the spatial multiple)."""
+    dep = task.deployment
+    module = Deployed(task.net, dep, embedding).eval()
+    m = dep.spatial_multiple
     height, width = torch.export.Dim("height", min=1, max=8192 // m), torch.export.Dim("width", min=1, max=8192 // m)
     shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096), 2: m * height, 3: m * width}}
     outputs = list(OUTPUTS if embedding else OUTPUTS[:1])
@@ -122,7 +111,7 @@ def export_onnx(task, state: dict, path: Path, opset: int = 18, embedding: bool 
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (_example(state),), str(path), dynamo=True, dynamic_shapes=shapes,
+            torch.onnx.export(module, (_example(dep),), str(path), dynamo=True, dynamic_shapes=shapes,
                               input_names=[INPUT], output_names=outputs, opset_version=opset,
                               external_data=False, verbose=False)
     finally:
@@ -133,55 +122,49 @@ def export_onnx(task, state: dict, path: Path, opset: int = 18, embedding: bool 
     return path
 
 
-def export_torchscript(task, state: dict, path: Path, embedding: bool = True) -> Path:
-    """Write the deployed net traced to TorchScript (inputs: sides multiples of 2**depth)."""
-    module = Deployed(task.net, state["activation"], embedding).eval()
+def export_torchscript(task, path: Path, embedding: bool = True) -> dict:
+    """Write the deployed net traced to TorchScript (for Fiji/deepImageJ); returns its check against torch.
+
+    The traced module is compared in memory, before it is written: labelling never loads a TorchScript file.
+    """
+    dep = task.deployment
+    module = Deployed(task.net, dep, embedding).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracing is deprecated and warns on every Python branch
-        traced = torch.jit.trace(module, _example(state), check_trace=False)
+        traced = torch.jit.trace(module, _example(dep), check_trace=False)
+    checks = compare(task, lambda x: [o.numpy() for o in _tuple(traced(torch.from_numpy(x)))], embedding)
     traced.save(str(path))
-    return path
+    return checks
 
 
-def runner(path: Path, threads: int | None = None):
-    """A function (B, Cin, H, W) float32 numpy -> list of numpy outputs, for an ONNX or TorchScript file."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        available = onnxruntime.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})
-    module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def run(x):
-        with torch.no_grad():
-            out = module(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
-        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
-
-    return run
+def _tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
 
 
-def compare(task, state: dict, path: Path, repeats: int = 3) -> dict:
+def onnx_runner(path: Path):
+    """(B, Cin, H, W) float32 numpy -> list of numpy outputs, through ONNX Runtime."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})
+
+
+def compare(task, run, embedding: bool = True, repeats: int = 3) -> dict:
     """Exported vs torch net on a seeded random input: largest absolute difference and times per forward."""
-    x = _example(state, batch=2, height=256, width=192, seed=1)  # not the traced size: the shapes are dynamic
-    module = Deployed(task.net, state["activation"], embedding=True).eval()
-    run = runner(path)
-    exported, reference = run(x.numpy()), None
+    dep = task.deployment
+    x = _example(dep, batch=2, height=256, width=192, seed=1)  # not the traced size: the shapes are dynamic
+    module = Deployed(task.net, dep, embedding=embedding).eval()
+    with torch.no_grad():
+        exported, reference = run(x.numpy()), [o.numpy() for o in _tuple(module(x))]
     torch_s, exported_s = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         with torch.no_grad():
-            reference = [o.numpy() for o in module(x)]
+            module(x)
         torch_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        exported = run(x.numpy())
+        run(x.numpy())
         exported_s.append(time.perf_counter() - start)
     diffs = [float(np.abs(a - b).max()) for a, b in zip(exported, reference)]
     return {"input_shape": list(x.shape), "max_abs_diff": diffs[0],
@@ -189,53 +172,11 @@ def compare(task, state: dict, path: Path, repeats: int = 3) -> dict:
             "torch_ms": 1e3 * min(torch_s), "exported_ms": 1e3 * min(exported_s)}
 
 
-class ExportedTask:
-    """What :func:`labelling.inference.predict.predict` needs of a trained task, backed by an ONNX/TorchScript file.
-
-    Attributes:
-        net: ``in_channels``, ``out_channels`` and ``depth`` of the exported net.
-        loss: ``activation`` of the training loss (``sigmoid`` outputs are not de-normalized).
-        deploy: the deployment settings (normalization rule, channel names, ``max_size``).
-        input_stats, target_stats, null_level: the run's stored statistics, as tensors.
-        path: the exported network file.
-    """
-
-    def __init__(self, path: Path, state: dict, threads: int | None = None):
-        self.path, self.state = Path(path), state
-        self.net = SimpleNamespace(in_channels=state["in_channels"], out_channels=state["out_channels"],
-                                   depth=state["depth"])
-        self.loss = SimpleNamespace(activation=state["activation"])
-        self.deploy = dict(state["deploy"])
-        self.input_stats = torch.tensor(state["input_stats"], dtype=torch.float32)
-        self.target_stats = torch.tensor(state["target_stats"], dtype=torch.float32)
-        self.null_level = torch.tensor(state["null_level"], dtype=torch.float32)
-        self._run = runner(self.path, threads)
-
-    def eval(self) -> ExportedTask:
-        """Already in inference mode (for code that calls ``task.eval()``)."""
-        return self
-
-    def _forward(self, x) -> list[np.ndarray]:
-        x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-        height, width = x.shape[-2:]
-        m = 2 ** self.state["depth"]
-        ph, pw = (-height) % m, (-width) % m
-        if ph or pw:  # the torch net pads the same way inside its forward
-            mode = "reflect" if ph < height and pw < width else "edge"
-            x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode=mode)
-        out = self._run(x)
-        return [out[0][..., :height, :width], *out[1:]]
-
-    def predict(self, x) -> torch.Tensor:
-        """Image-space prediction (activated, not de-normalized) of normalized (B, Cin, H, W) inputs."""
-        return torch.from_numpy(np.asarray(self._forward(x)[0]))
-
-    def embed(self, x) -> torch.Tensor:
-        """(B, D) bottleneck embedding of normalized (B, Cin, H, W) inputs."""
-        out = self._forward(x)
-        if len(out) < 2:
-            raise ExportError(f"{self.path} was exported without its embedding output; re-export it")
-        return torch.from_numpy(np.asarray(out[1]))
+def write_weights(task, out: Path) -> Path:
+    """The net's state dict as plain tensors (loads weights-only): what labelling rebuilds a net from."""
+    path = Path(out) / WEIGHTS_FILE
+    torch.save({k: v.detach().cpu().contiguous() for k, v in task.net.state_dict().items()}, path)
+    return path
 
 
 def write_state(out: Path, state: dict) -> Path:
@@ -245,58 +186,19 @@ def write_state(out: Path, state: dict) -> Path:
     return path
 
 
-def state_file(path: str | Path) -> Path | None:
-    """The ``deployment.json`` of an export folder or of a network file inside one, else None."""
-    path = Path(path)
-    if path.is_dir():
-        return path / STATE_FILE if (path / STATE_FILE).is_file() else None
-    if path.suffix in (".onnx", ".pt") and (path.parent / STATE_FILE).is_file():
-        return path.parent / STATE_FILE
-    return None
+def write_manifest(out: Path, run_checkpoint: str | Path | None) -> Path:
+    """Write ``manifest.json`` last: every file of the export with its SHA-256, and the checkpoint it came from.
 
-
-def load_exported(path: str | Path, threads: int | None = None):
-    """Rebuild (task stand-in, config) from an export folder or its ``model.onnx`` / ``model.pt``.
-
-    Raises:
-        ExportError: no or an unreadable ``deployment.json``, a missing network file, or a config this
-            version of labelling cannot validate.
+    Written to a temporary name and renamed, so a folder without a complete manifest is never taken for a
+    complete export.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path}: no such exported model (file or folder)")
-    found = state_file(path)
-    if found is None:
-        raise ExportError(f"{path}: not an exported model (no {STATE_FILE} beside it); "
-                          "export a run with `labelling export RUN --format onnx --out DIR`")
-    try:
-        state = json.loads(found.read_text())
-        model = found.parent / (path.name if path.suffix in (".onnx", ".pt") else state["model"])
-        missing = {"deploy", "input_stats", "target_stats", "null_level", "in_channels", "out_channels",
-                   "depth", "config"} - set(state)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ExportError(f"{found}: unreadable deployment state ({type(err).__name__}: {err})") from None
-    if missing:
-        raise ExportError(f"{found}: deployment state lacks {sorted(missing)}; re-export the run")
-    if not model.is_file():
-        raise ExportError(f"{found.parent}: the network file {model.name} is missing")
-    try:
-        cfg = config.validate(state["config"])
-    except config.ConfigError as err:
-        raise ExportError(f"{found}: its training config does not validate: {err}") from err
-    try:
-        task = ExportedTask(model, state, threads)
-    except ImportError as err:
-        raise ExportError(f"{model}: running an exported model needs {err.name}: pip install 'labelling[export]'") from None
-    except Exception as err:  # a truncated or foreign file: onnxruntime and torch raise their own types
-        raise ExportError(f"{model}: cannot load the exported network ({type(err).__name__}: {err})") from None
-    return task, cfg
-
-
-def load_model(path: str | Path):
-    """(task, config) of a run folder, a checkpoint or an exported ONNX/TorchScript model."""
-    if state_file(path) is not None or Path(path).suffix == ".onnx":
-        return load_exported(path)
-    from labelling.build import load_task
-
-    return load_task(path)
+    out = Path(out)
+    files = {p.name: fingerprint(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST
+             and not p.name.startswith(".")}
+    manifest = {"format_version": STATE_VERSION, "files": files,
+                "checkpoint": {"path": str(run_checkpoint) if run_checkpoint else None,
+                               "sha256": fingerprint(run_checkpoint) if run_checkpoint else None}}
+    partial = out / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(partial, out / MANIFEST)
+    return out / MANIFEST

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from labelling.errors import ExportError
+
 DRIFT_FILE = "drift.npz"
 ALPHA = 0.05  # per-image warning when an image is further from the reference than 95 % of clean fields
 
@@ -128,8 +130,6 @@ def _lossless(x: np.ndarray) -> np.ndarray:
 
 
 def _read(path: Path) -> dict:
-    from labelling.export.deployed import ExportError
-
     path = Path(path)
     path = path / DRIFT_FILE if path.is_dir() else path
     if not path.is_file():
@@ -154,8 +154,6 @@ def load_detector(path: str | Path):
         ExportError: no drift file, or one exported with too few reference embeddings for a detector.
     """
     from labelling.analysis.drift import OnlineMMD, kernel
-    from labelling.export.deployed import ExportError
-
     data = _read(Path(path))
     if "thresholds" not in data:
         raise ExportError(f"{path}: the reference ({len(data['online_reference'])} embeddings) was too small for "

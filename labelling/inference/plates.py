@@ -13,112 +13,113 @@ complete once its last band is written, so a killed run resumes with the fields 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import lightning
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from labelling.data import plate as plates
-from labelling.data.normalization import bin_factor, denormalize, image_stats, normalize, sketch_stats
+from labelling.data.normalization import sketch_stats
 from labelling.errors import ConfigError
 from labelling.inference import predict
+from labelling.inference.load import load
+from labelling.inference.model import Model
 
 SUFFIX = "_predicted"
 
 
-def predicted_names(task) -> list[str]:
+def predicted_names(model: Model) -> list[str]:
     """Output channel names: ``<target>_predicted``."""
-    return [f"{n}{SUFFIX}" for n in predict.deployment(task).get("targets") or ["prediction"]]
+    return [f"{n}{SUFFIX}" for n in model.targets or ["prediction"]]
 
 
-def run_id(path: str | Path) -> str:
-    """What identifies a trained model for resuming: its path and the newest time its files changed."""
-    path = Path(path).resolve()
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in (".ckpt", ".onnx", ".pt")]
-    return f"{path}@{max((p.stat().st_mtime_ns for p in files), default=0)}"
-
-
-def input_layout(task, plate: plates.Plate, field: plates.Field, channels: list[str] | None = None):
+def input_layout(model: Model, plate: plates.Plate, field: plates.Field, channels: list[str] | None = None):
     """(channel names, z planes, output plane) the model reads from a plate field."""
-    dep = predict.deployment(task)
-    names = list(channels or dep.get("channels") or dep.get("inputs") or [])
-    planes = list(dep.get("planes") or [0])
+    dep = model.deployment
+    names = list(channels or dep.channels or dep.inputs[: dep.raw_channels] or [])
+    planes = list(dep.planes or [0])
     have = plate.channels(field)
     if not names or any(n not in have for n in names):
         raise ConfigError(f"the model reads channel(s) {names or '?'} but the plate has {have}; "
                           "name the plate's input channel(s) with --channels")
-    expected = task.net.in_channels - sum(t.net.out_channels for t in getattr(task, "cascade", None) or [])
-    if len(names) * len(planes) != expected:
-        raise ConfigError(f"the model takes {task.net.in_channels} input channel(s); {names} x planes {planes} "
+    if len(names) * len(planes) != model.raw_channels:
+        raise ConfigError(f"the model takes {model.raw_channels} input channel(s); {names} x planes {planes} "
                           f"gives {len(names) * len(planes)}")
+    depth = plate.shape(field)[2]
+    if max(planes) >= depth:
+        raise ConfigError(f"the model reads z planes {planes} but field {field.path} has {depth}")
     return names, planes, planes[len(planes) // 2]
 
 
-def input_stats(task, plate: plates.Plate, field: plates.Field, names: list[str], planes: list[int]) -> np.ndarray:
-    """(Cin, 2) normalization of a field's input, as :func:`labelling.inference.predict.normalize_input` would compute it."""
-    method = predict.deployment(task)["normalize"]
-    if method == "fixed":
-        return task.input_stats.detach().cpu().numpy().astype(np.float32)
-    try:
-        return np.array([sketch_stats(plate.sketch(field, c, z), method) for c in names for z in planes],
-                        np.float32)
-    except ConfigError:  # not preprocessed: the same statistics from the whole field
-        return image_stats(plate.read(field, names, planes), method)
+class FieldSource:
+    """A plate field's input channels and planes, read lazily.
+
+    What :func:`labelling.inference.predict.predict` streams from: rows on demand, per-image statistics from
+    the field's stored sketches.
+    """
+
+    def __init__(self, plate: plates.Plate, field: plates.Field, names: list[str], planes: list[int]):
+        self.plate, self.field, self.names, self.planes, self.name = plate, field, names, planes, field.path
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        _, _, _, height, width = self.plate.shape(self.field)
+        return len(self.names) * len(self.planes), height, width
+
+    def read(self, top: int, bottom: int) -> np.ndarray:
+        return self.plate.read(self.field, self.names, self.planes, slice(top, bottom))
+
+    def stats(self, method: str) -> np.ndarray | None:
+        try:
+            return np.array([sketch_stats(self.plate.sketch(self.field, c, z), method)
+                             for c in self.names for z in self.planes], np.float32)
+        except ConfigError:  # not preprocessed: predict computes them from the whole field
+            return None
 
 
-def predict_field(task, plate: plates.Plate, field: plates.Field, out: plates.Plate, channels: list[str] | None = None,
-                  tile: int = 256, overlap: float = 0.25, blend: str = "gaussian", batch_size: int = 8) -> tuple[int, int]:
+def predict_field(model: Model, plate: plates.Plate, field: plates.Field, out: plates.Plate,
+                  channels: list[str] | None = None, tile: int = 256, overlap: float = 0.25, blend: str = "gaussian",
+                  batch_size: int = 8) -> tuple[int, int]:
     """Predict one field into its ``<target>_predicted`` channels of `out`; returns (pixel count, plane written).
 
-    The plane is the model's output plane (the middle of its input planes), or 0 in a one-plane plate.
+    The field goes through the one prediction path (:func:`labelling.inference.predict.predict`), streamed
+    band by band from the plate to the output array. The plane is the model's output plane (the middle of
+    its input planes), or 0 in a one-plane plate.
     """
-    names, planes, plane = input_layout(task, plate, field, channels)
+    names, planes, plane = input_layout(model, plate, field, channels)
     plane = plane if out.shape(field)[2] > plane else 0
-    indices = out.channel_index(field, predicted_names(task))
-    _, _, _, height, width = plate.shape(field)
-    array, stats = out.array(field), predict.output_stats(task)
-    size = predict.fit_tile(task.net, tile, max(height, width))
+    indices = out.channel_index(field, predicted_names(model))
+    array = out.array(field)
 
     def store(top: int, bottom: int, y: np.ndarray) -> None:  # y in target units
-        if not np.isfinite(y).all():
-            raise FloatingPointError(f"{field.path}: the model produced NaN/inf values (a diverged checkpoint?)")
         for k, c in enumerate(indices):
             array[0, c, plane, top:bottom, :] = y[k]
 
-    dep = predict.deployment(task)
-    streamable = (not getattr(task, "cascade", None) and height >= size and width >= size
-                  and bin_factor((1, height, width), dep.get("max_size", 0)) == 1)
-    if streamable:
-        xs = input_stats(task, plate, field, names, planes)
-        predict.predict_tiled_rows(predict.tile_model(task), lambda a, b: normalize(plate.read(field, names, planes, slice(a, b)), xs),
-                                   height, width, lambda a, b, rows: store(a, b, rows if stats is None else
-                                                                           denormalize(rows, stats)),
-                                   tile=size, overlap=overlap, blend=blend, batch_size=batch_size,
-                                   device=predict._device(task.predict))
-    else:  # binned, cascaded or smaller than a tile: the whole field in memory, through predict()
-        y = predict.predict(task, plate.read(field, names, planes), tile=tile, overlap=overlap, blend=blend,
-                            batch_size=batch_size, name=field.path)
-        store(0, height, y)
-    return height * width, plane
+    source = FieldSource(plate, field, names, planes)
+    predict.predict(model, source, tile=tile, overlap=overlap, blend=blend, batch_size=batch_size, write=store)
+    return source.shape[1] * source.shape[2], plane
 
 
 # ------------------------------------------------------------------ Lightning: DDP over fields
 class PlateJob(lightning.LightningDataModule):
     """The fields still to predict; rank 0 prepares the output channels, every rank takes its share."""
 
-    def __init__(self, task, source: str, out: str, wells: list[str] | None, run: str):
+    def __init__(self, model: Model, source: str, out: str, wells: list[str] | None, overwrite: bool = False):
         super().__init__()
-        self.task, self.source, self.out, self.wells, self.run = task, source, out, wells, run
+        self.model, self.source, self.out, self.wells, self.overwrite = model, source, out, wells, overwrite
         self.shard: list[str] = []
 
     def prepare_data(self) -> None:
         plate = plates.Plate(self.source)
-        fields, names = plate.select(self.wells), predicted_names(self.task)
+        fields, names = plate.select(self.wells), predicted_names(self.model)
         if self.out != self.source and not plates.is_plate(self.out):
-            with plates.PlateWriter(self.out, names, name=f"{Path(self.source).stem} predicted") as writer:
+            with plates.PlateWriter(self.out, names, name=f"{Path(self.source).stem} predicted",
+                                    overwrite=self.overwrite) as writer:
                 for f in fields:
                     row, column, fov = f.path.split("/")
                     writer.create(row, column, fov, (1, *plate.shape(f)[3:]))
@@ -129,7 +130,8 @@ class PlateJob(lightning.LightningDataModule):
                 raise ConfigError(f"{self.out} has no field {f.path}; write into a new plate with another --out")
             done = out.attrs(f).get("predictions", {})
             out.append_channels(f, names)
-            if not all(done.get(n, {}).get("complete") and done[n].get("run") == self.run for n in names):
+            if not all(done.get(n, {}).get("complete") and done[n].get("model_sha256") == self.model.fingerprint
+                       for n in names):
                 pending.append(f.path)
         out.root.attrs[plates.KEY] = {**dict(out.root.attrs.get(plates.KEY, {})), "pending": pending}
 
@@ -145,9 +147,11 @@ class PlateJob(lightning.LightningDataModule):
 class PlatePredictor(lightning.LightningModule):
     """Predicts the fields of a batch (their paths) into the output plate, band by band."""
 
-    def __init__(self, task, source: str, out: str, options: dict):
+    def __init__(self, model: Model, source: str, out: str, options: dict):
         super().__init__()
-        self.task, self.source, self.out, self.options = task, source, out, options
+        self.model, self.source, self.out, self.options = model, source, out, options
+        # a torch model's net as a submodule, so Lightning puts it on each process's device
+        self.net = model.forward if isinstance(model.forward, torch.nn.Module) else None
         self.plates: tuple | None = None
 
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict]:
@@ -157,63 +161,87 @@ class PlatePredictor(lightning.LightningModule):
         done = []
         for path in batch:
             field, start = plates.Field(path, path.rsplit("/", 1)[0]), time.perf_counter()
-            pixels, plane = predict_field(self.task, plate, field, out, **self.options)
+            pixels, plane = predict_field(self.model, plate, field, out, **self.options)
             done.append({"field": path, "pixels": pixels, "plane": plane, "seconds": time.perf_counter() - start})
         return done
 
 
 class FieldWriter(BasePredictionWriter):
-    """Marks each field complete (with the run and the de-normalization used) once all its bands are written."""
+    """Marks each field complete (with the model, its source and the de-normalization used) once written."""
 
-    def __init__(self, task, run: str):
+    def __init__(self, model: Model, source: str):
         super().__init__(write_interval="batch")
-        self.task, self.run = task, run
+        self.model, self.source = model, source
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         out = pl_module.plates[1]
-        stats = predict.output_stats(self.task)
-        dep = predict.deployment(self.task)
+        dep = self.model.deployment
+        stats = dep.output_stats()
         for record in prediction:
             field = plates.Field(record["field"], record["field"].rsplit("/", 1)[0])
             entries = out.attrs(field).get("predictions", {})
-            for k, name in enumerate(predicted_names(self.task)):
+            for k, name in enumerate(predicted_names(self.model)):
                 before = entries.get(name, {})
+                same = before.get("model_sha256") == self.model.fingerprint
                 entries[name] = {
-                    "run": self.run, "complete": True, "plane": record["plane"], "normalize": dep["normalize"],
+                    "run": self.model.source, "model_sha256": self.model.fingerprint, "source_plate": self.source,
+                    "complete": True, "plane": record["plane"], "normalize": dep.normalize,
                     "denormalize": None if stats is None else {"offset": float(stats[k, 0]), "scale": float(stats[k, 1])},
                     "seconds": round(record["seconds"], 3), "rank": trainer.global_rank,
-                    # how often this run finished the field: a test checks DDP writes each field once
-                    "writes": before.get("writes", 0) + 1 if before.get("run") == self.run else 1}
+                    # how often this model finished the field: a test checks DDP writes each field once
+                    "writes": before.get("writes", 0) + 1 if same else 1}
             out.update_attrs(field, predictions=entries)
 
 
-def predict_plate(model: str | Path, source: str | Path, out: str | Path | None = None, wells: list[str] | None = None,
-                  devices: int = 1, accelerator: str = "auto", strategy: str | None = None, channels=None,
-                  tile: int = 256, overlap: float = 0.25, blend: str = "gaussian", batch_size: int = 8,
-                  progress: bool = True) -> dict:
+def check_devices(devices: int, accelerator: str) -> None:
+    """Refuse a device count or accelerator this machine cannot give, before any process starts (ConfigError)."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"--devices must be a whole number >= 1, got {devices}")
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"unknown accelerator '{accelerator}'; valid: {', '.join(ACCELERATORS)}")
+    if accelerator in ("gpu", "cuda"):
+        have = torch.cuda.device_count()
+        if devices > have:
+            raise ConfigError(f"--accelerator {accelerator} --devices {devices}: this machine has {have} GPU(s); "
+                              "use --accelerator cpu (processes share the cores) or fewer devices")
+    elif accelerator == "cpu" and devices > (os.cpu_count() or 1):
+        raise ConfigError(f"--devices {devices} CPU processes on {os.cpu_count()} cores; use at most that many")
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
+def predict_plate(model: str | Path | Model, source: str | Path, out: str | Path | None = None,
+                  wells: list[str] | None = None, devices: int = 1, accelerator: str = "auto",
+                  strategy: str | None = None, channels=None, tile: int = 256, overlap: float = 0.25,
+                  blend: str = "gaussian", batch_size: int = 8, progress: bool = True, overwrite: bool = False) -> dict:
     """Predict every field of a plate (or of `wells`) into the plate or into `out`; resumes unfinished runs.
+
+    Every setting is checked before any process starts. `out` must be a new path or an existing plate
+    (another folder is refused unless `overwrite`).
 
     Returns ``{"fields": n selected, "predicted": n this call, "seconds": wall, "megapixels_per_s": ...}``.
     """
-    from labelling.export.deployed import load_model
-
-    task, _ = load_model(model)
+    predict.check_options(tile=tile, overlap=overlap, blend=blend, batch_size=batch_size)
+    check_devices(devices, accelerator)
+    model = model if isinstance(model, Model) else load(model)
     source, out = str(source), str(out or source)
-    run = run_id(model)
+    if out != source and Path(out).exists() and not plates.is_plate(out) and not overwrite:
+        raise ConfigError(f"--out {out} exists and is not a plate; give a new path (P.zarr) or an existing plate")
     plate = plates.Plate(source)
     fields = plate.select(wells)
-    input_layout(task, plate, fields[0], channels)  # a wrong channel fails before any process starts
+    input_layout(model, plate, fields[0], channels)  # a wrong channel fails before any process starts
     options = {"channels": channels, "tile": tile, "overlap": overlap, "blend": blend, "batch_size": batch_size}
     if strategy is None:
         strategy = "auto" if devices == 1 else "ddp_spawn" if accelerator == "cpu" else "ddp"
     trainer = lightning.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                                 enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
-                                enable_progress_bar=progress, callbacks=[FieldWriter(task, run)])
+                                enable_progress_bar=progress, callbacks=[FieldWriter(model, source)])
     start = time.perf_counter()
-    job = PlateJob(task, source, out, wells, run)
-    trainer.predict(PlatePredictor(task, source, out, options), datamodule=job, return_predictions=False)
+    job = PlateJob(model, source, out, wells, overwrite)
+    trainer.predict(PlatePredictor(model, source, out, options), datamodule=job, return_predictions=False)
     seconds = time.perf_counter() - start
     pending = plates.Plate(out).root.attrs[plates.KEY]["pending"]
     pixels = sum(int(np.prod(plate.shape(plates.Field(p, ""))[3:])) for p in pending)
     return {"fields": len(fields), "predicted": len(pending), "seconds": seconds,
-            "megapixels_per_s": pixels / 1e6 / max(seconds, 1e-9), "out": out, "channels": predicted_names(task)}
+            "megapixels_per_s": pixels / 1e6 / max(seconds, 1e-9), "out": out, "channels": predicted_names(model)}

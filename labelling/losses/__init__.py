@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from labelling.contracts import Loss
 from labelling.losses.basic import AsymmetricLoss, BCELoss, GradientLoss, MSELoss, PearsonLoss
 
 __all__ = ["AsymmetricLoss", "BCELoss", "GradientLoss", "MSELoss", "PearsonLoss", "PerChannel", "WeightedSum",
            "build_loss"]
 
 
-class WeightedSum(nn.Module):
+class WeightedSum(Loss):
     """Weighted sum of losses, e.g. ``{name: sum, terms: [{name: mse, weight: 1}, {name: gradient, weight: 0.5}]}``.
 
     Args:
@@ -30,7 +31,7 @@ class WeightedSum(nn.Module):
         if len(acts) > 1:
             raise ValueError(f"loss 'sum' mixes terms on logits and on values: {[type(t).__name__ for t in self.terms]}")
         self.activation = acts.pop()
-        self.scale_free = all(getattr(t, "scale_free", False) for t in self.terms)
+        self.scale_free = all(t.scale_free for t in self.terms)
         self.last: dict[str, float] = {}
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ class WeightedSum(nn.Module):
         return torch.stack(parts).sum()
 
 
-class PerChannel(nn.Module):
+class PerChannel(Loss):
     """One loss (and weight) per output channel, for multi-organelle models.
 
     ``{name: per_channel, terms: [{name: mse, weight: 1}, {name: asymmetric, weight: 2, under_weight: 4}]}``
@@ -61,7 +62,7 @@ class PerChannel(nn.Module):
             build_loss(t["name"], **{k: v for k, v in t.items() if k not in ("name", "weight")}) for t in terms
         )
         acts = {t.activation for t in self.terms}
-        free = {bool(getattr(t, "scale_free", False)) for t in self.terms}
+        free = {t.scale_free for t in self.terms}
         if len(acts) > 1 or len(free) > 1:
             raise ValueError("loss 'per_channel' mixes logit and value losses, or scale-free (pearson) and unit "
                              f"losses: {[type(t).__name__ for t in self.terms]}; the outputs share one de-normalization")

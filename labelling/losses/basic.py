@@ -7,14 +7,14 @@ task applies that activation before computing image metrics or writing predictio
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional
 
+from labelling.contracts import Loss
 
-class MSELoss(nn.Module):
+
+class MSELoss(Loss):
     """Mean squared error."""
 
-    activation = None
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.mse_loss(pred, target)
@@ -27,7 +27,7 @@ def pearson_per_image(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-
     return (p * t).sum(-1) / (p.norm(dim=-1) * t.norm(dim=-1) + eps)
 
 
-class PearsonLoss(nn.Module):
+class PearsonLoss(Loss):
     """1 - Pearson correlation per channel. Invariant to intensity offset and gain.
 
     Args:
@@ -36,7 +36,6 @@ class PearsonLoss(nn.Module):
             crop weighs by its own variance, as pixels of a whole image do when the deployed stain is scored.
     """
 
-    activation = None
     scale_free = True  # output has no units: de-normalized by an affine calibration (labelling.inference.predict)
 
     def __init__(self, pooled: bool = True):
@@ -49,7 +48,7 @@ class PearsonLoss(nn.Module):
         return 1.0 - pearson_per_image(pred, target).mean()
 
 
-class BCELoss(nn.Module):
+class BCELoss(Loss):
     """Binary cross-entropy on logits, for binarized targets (GFP expression masks).
 
     Args:
@@ -66,7 +65,7 @@ class BCELoss(nn.Module):
         return functional.binary_cross_entropy_with_logits(pred, target, pos_weight=self.pos_weight)
 
 
-class AsymmetricLoss(nn.Module):
+class AsymmetricLoss(Loss):
     """Squared (or absolute) error with under-prediction weighted more than over-prediction.
 
     Sparse, dim structures (Golgi puncta) are otherwise predicted as background; punishing a miss
@@ -77,7 +76,6 @@ class AsymmetricLoss(nn.Module):
         power: 2 for squared error, 1 for absolute error.
     """
 
-    activation = None
 
     def __init__(self, under_weight: float = 4.0, power: float = 2.0):
         super().__init__()
@@ -96,10 +94,9 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
-class GradientLoss(nn.Module):
+class GradientLoss(Loss):
     """Mean absolute difference of image gradients: keeps edges sharp where MSE blurs them."""
 
-    activation = None
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         (py, px), (ty, tx) = image_gradients(pred), image_gradients(target)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from torch.nn import functional
+
+from labelling.contracts import Loss
 
 
 def otsu_threshold(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
@@ -38,7 +39,7 @@ def otsu_threshold(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
         return (low + best / (bins - 1) * span)[..., None]
 
 
-class SpotlightLoss(nn.Module):
+class SpotlightLoss(Loss):
     """Foreground-focused loss: MSE inside the target's foreground + soft Dice of the foreground.
 
     Args:
@@ -49,7 +50,6 @@ class SpotlightLoss(nn.Module):
             standard deviation.
     """
 
-    activation = None
 
     def __init__(self, dice_weight: float = 1.0, background_weight: float = 0.1, softness: float = 0.1):
         super().__init__()
@@ -120,7 +120,7 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor, scales: int = 3, window: i
     return out
 
 
-class MSSSIMLoss(nn.Module):
+class MSSSIMLoss(Loss):
     """``alpha * (1 - MS-SSIM) + (1 - alpha) * pixel`` with an L1 or MSE pixel term.
 
     Args:
@@ -129,7 +129,6 @@ class MSSSIMLoss(nn.Module):
         scales: MS-SSIM scales (fewer are used when the crop is small).
     """
 
-    activation = None
 
     def __init__(self, alpha: float = 0.84, pixel: str = "l1", scales: int = 3):
         super().__init__()

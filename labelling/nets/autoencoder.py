@@ -55,6 +55,7 @@ class ConvAutoencoder(nn.Module):
         if size % 2**depth:
             raise ValueError(f"autoencoder size {size} must be a multiple of 2**depth={2 ** depth}")
         self.in_channels, self.size, self.depth, self.embedding_dim = in_channels, size, depth, latent_dim
+        self.spatial_multiple, self.spatial_dims = 2**depth, 2  # the net contract; it takes size x size only
         self.out_channels = out_channels or in_channels
         self.grid = size // 2**depth
         feat = width * 2 ** (depth - 1) * self.grid**2

@@ -23,6 +23,7 @@ class _Wrapped(nn.Module):
         super().__init__()
         self.net, self.bottleneck = net, bottleneck
         self.in_channels, self.out_channels, self.depth = in_channels, out_channels, depth
+        self.spatial_multiple, self.spatial_dims = 2**depth, 2  # the net contract (labelling.contracts.Net)
         self.embedding_dim = embedding_dim
 
     stacks_z = False  # 3D nets: the channel axis carries a z-stack, (B, Z, H, W) -> (B, 1, Z, H, W) inside

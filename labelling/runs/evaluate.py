@@ -24,54 +24,30 @@ import numpy as np
 import pandas as pd
 
 from labelling import studies
+from labelling.inference.load import build_run, load
+from labelling.reporting import plots as figures
 from labelling.reporting import reports
-from labelling.analysis import downstream
 
 
 def load_run(run: str | Path):
-    """(task, cfg, datamodule with splits set up) of a run folder or checkpoint."""
-    from labelling import registry
-    from labelling.build import load_task
+    """(model, cfg, datamodule with splits set up) of a run folder, a checkpoint or an export.
 
-    task, cfg = load_task(run)
-    dm = registry.build("data", cfg.data.name, **{"seed": cfg.seed, **cfg.data.args})
+    An export is scored exactly like its run: the same loader, the same prediction path, the data of the
+    config it carries.
+    """
+    model = load(run)
+    cfg = model.config
+    dm, _ = build_run(cfg)
     dm.setup()
-    return task, cfg, dm
-
-
-def plot_lines(df: pd.DataFrame, x: str, columns, path: Path, group: str | None = None, ylabel: str = "value",
-               ylim=(-0.1, 1.05)) -> Path:
-    """One panel per column: `columns` against `x`, one line per `group` value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = [c for c in columns if c in df]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.4), squeeze=False)
-    for ax, col in zip(axes[0], columns):
-        for name, g in (df.groupby(group) if group else [(col, df)]):
-            ax.plot(g[x], g[col], "o-", label=str(name))
-        ax.set(xlabel=x, ylabel=col if ylabel == "value" else ylabel, ylim=ylim)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def plot_stability(df: pd.DataFrame, out: Path) -> list[Path]:
-    """Per mode: metric vs severity, one line per corruption, plus the network-input change."""
-    paths = []
-    for mode, g in df[df["corruption"] != "clean"].groupby("mode"):
-        paths.append(plot_lines(g, "severity", ["pixel_pearson", "count_ccc", "input_rms_change"],
-                                out / f"stability_{mode}.png", group="corruption", ylim=None))
-    return paths
+    return model, cfg, dm
 
 
 def run_dir_of(run: str | Path) -> Path:
-    """The run folder of a run folder or of a checkpoint inside its ``checkpoints/``."""
-    return Path(run) if Path(run).is_dir() else Path(run).parent.parent
+    """The run folder of a run folder, of a checkpoint inside its ``checkpoints/``, or an export folder."""
+    run = Path(run)
+    if run.is_dir():
+        return run
+    return run.parent if run.suffix in (".onnx", ".pt") else run.parent.parent
 
 
 def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", max_images: int = 32,
@@ -96,30 +72,30 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
             task, images, out, seg, title=f"Downstream evaluation - {cfg.name} ({split})")
         plots += report_plots
         summary["downstream/segmentation_warnings"] = float(len(warnings))
-        summary.update(downstream_summary(corr, table))
+        summary.update(studies.downstream_summary(corr, table))
         tables["downstream"] = corr
         if scales:
             scaling = studies.scaling_study(task, images, scales, seg)
             reports.write_table(scaling, out, "scaling")
-            plots.append(plot_lines(scaling, "scale", ["pixel_pearson", "count_pearson", "count_ccc"],
+            plots.append(figures.plot_lines(scaling, "scale", ["pixel_pearson", "count_pearson", "count_ccc"],
                                     out / "scaling.png"))
             summary.update({f"scaling/x{r['scale']:g}/pixel_pearson": r["pixel_pearson"] for _, r in scaling.iterrows()})
             tables["scaling"] = scaling
         if stability:
             stab = studies.stability_study(task, images, seg=seg)
             reports.write_table(stab, out, "stability")
-            plots += plot_stability(stab, out)
+            plots += figures.plot_stability(stab, out)
             tables["stability"] = stab
-            summary.update(stability_summary(stab))
+            summary.update(studies.stability_summary(stab))
     # both studies look at the same corrupted test crops: embed them once
     test_embeddings = studies.corrupted_embeddings(task, images, crop) if embeddings and drift else None
     if embeddings:
-        from labelling.analysis.embeddings import f1_summary, plot_projections
+        from labelling.analysis.embeddings import f1_summary
 
         f1, headline, proj, meta = studies.embedding_study(task, dm.splits["train"], images, dm.splits["val"], crop,
                                                             test_embeddings=test_embeddings)
         reports.write_table(f1_summary(f1), out, "embeddings_f1")
-        plot_projections(proj, meta, out / "embeddings.png")
+        figures.plot_projections(proj, meta, out / "embeddings.png")
         plots.append(out / "embeddings.png")
         tables["embeddings_f1"] = f1
         summary.update({f"embeddings/{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
@@ -128,7 +104,7 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
         for name, df in found.items():
             reports.write_table(df, out, name)
         tables.update(found)
-        summary.update(drift_summary(found))
+        summary.update(studies.drift_summary(found))
     if live:  # simulator runs only: a new plate imaged as fixed vs as live, unfixed cells
         if not hasattr(dm, "plate") or cfg.data.name in ("folder", "study"):
             raise ValueError("--live simulates live cells: it needs a run on the simulator, not on folder data")
@@ -159,45 +135,6 @@ def evaluate_run(run: str | Path, scales=(0.7, 1.0, 1.3), split: str = "test", m
 
 SUMMARY_NOTES = ("Every table here comes from the deployed prediction path. The downstream agreement with CIs "
                  "and the null predictor is in report.md / report.html; this page gathers the other studies.")
-
-
-def downstream_summary(corr: pd.DataFrame, table: pd.DataFrame, prefix: str = "downstream/") -> dict[str, float]:
-    """Flat numbers of a downstream agreement table: ``<metric>_<stat>`` and ``null/<metric>_<stat>``."""
-    out = {}
-    for _, row in corr.iterrows():
-        who = "" if row.get("predictor", "model") == "model" else "null/"
-        for key in (*downstream.AGREEMENT, "chance_p95"):
-            for suffix in ("", "_lo", "_hi"):
-                value = row.get(f"{key}{suffix}")
-                if value is not None and np.isfinite(value):
-                    out[f"{prefix}{who}{row['metric']}_{key}{suffix}"] = float(value)
-        out[f"{prefix}{who}n"] = float(row["n"])
-    for col in ("pixel_pearson", "object_f1", "pred_f1", "real_f1"):
-        if col in table:
-            ci = downstream.mean_ci(table[col])
-            out.update({f"{prefix}{col}": ci["mean"], f"{prefix}{col}_lo": ci["lo"], f"{prefix}{col}_hi": ci["hi"]})
-    return {k: v for k, v in out.items() if np.isfinite(v)}
-
-
-def stability_summary(stab: pd.DataFrame) -> dict[str, float]:
-    """Worst pixel Pearson per mode and the largest input change of the deployed mode."""
-    out = {}
-    for mode, g in stab[stab["corruption"] != "clean"].groupby("mode"):
-        worst = g.loc[g["pixel_pearson"].idxmin()]
-        out[f"stability/{mode}/worst_pixel_pearson"] = float(worst["pixel_pearson"])
-        out[f"stability/{mode}/mean_delta_pixel_pearson"] = float(g["delta_pixel_pearson"].mean())
-    return out
-
-
-def drift_summary(found: dict[str, pd.DataFrame]) -> dict[str, float]:
-    """Headline drift numbers (mean online AUC, run lengths) from the drift study's tables."""
-    online, runs = found["drift_online_auc"], found["drift_run_length"]
-    out = {"drift/mean_auc": float(online["auc"].mean()) if len(online) else float("nan")}
-    if len(runs):
-        clean = runs[runs["name"] == "clean (unseen)"]
-        out["drift/clean_mean_run_length"] = float(clean["mean_run_length"].mean())
-        out["drift/shifted_mean_run_length"] = float(runs[runs["name"] != "clean (unseen)"]["mean_run_length"].mean())
-    return {k: v for k, v in out.items() if np.isfinite(v)}
 
 
 def _log_wandb(cfg, run_dir: Path, tables: dict, plots: list) -> None:

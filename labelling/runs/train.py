@@ -17,7 +17,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from labelling import config, registry
-from labelling.build import build
+from labelling import build
+from labelling.inference.load import build_run, check_checkpoint
+from labelling.inference.predict import calibrate_affine
+from labelling.tasks.stainer import Stainer
 from labelling.callbacks.panels import PredictionPanels
 
 
@@ -90,30 +93,15 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_now(trainer)
 
 
-def attach_deployment(dm, task) -> None:
-    """Store what deployment needs in the task, from the *training* split only (saved with every checkpoint).
+def attach_deployment(dm, task, tta: bool = False) -> None:
+    """Give a virtual-staining task its typed deployment state, from the *training* split only.
 
-    See :mod:`labelling.inference.predict`: the input normalization, the output de-normalization (mean training
-    target statistics; refitted after training for scale-free losses), the dataset-level input statistics
-    and the null predictor's level.
+    See :meth:`labelling.data.datamodule.FluorescenceDataModule.deployment`; it is saved with every checkpoint.
     """
-    dm.setup("fit")
-    train = dm.splits["train"]
-    if not hasattr(task, "target_stats") or not train:
+    if not isinstance(task, Stainer):  # autoencoders are not deployed as stains
         return
-    sigmoid = getattr(task.loss, "activation", None) == "sigmoid"
-    rule = "none" if sigmoid or dm.binary_target else "affine" if getattr(task.loss, "scale_free", False) else "stats"
-    task.deploy = {"normalize": dm.norm, "denormalize": rule, "inputs": list(dm.input_names),
-                   "targets": list(dm.target_names), "target_transform": dm.target_transform,
-                   "max_size": int(getattr(dm, "max_size", 0) or 0), "planes": getattr(dm, "planes", None),
-                   "channels": getattr(dm, "channels", None),  # plate channel names (plate data)
-                   "cascade": list(getattr(dm, "cascade", None) or [])}
-    task.cascade = dm.cascade_tasks if task.deploy["cascade"] else []
-    fixed = getattr(dm, "target_norm", dm.norm) == "fixed"
-    stats = dm.target_stats if fixed else np.mean([im.target_stats for im in train], 0)
-    task.target_stats.copy_(torch.as_tensor(stats, dtype=torch.float32))
-    task.input_stats.copy_(torch.as_tensor(dm.input_stats, dtype=torch.float32))
-    task.null_level.copy_(torch.as_tensor(dm.null_level(), dtype=torch.float32))
+    task.deployment = dm.deployment(task.net, task.loss, tta=tta)
+    task.cascade_models = dm.cascade_models
 
 
 def set_threads(threads: int | None, num_workers: int = 0) -> int:
@@ -161,7 +149,7 @@ def calibration_pixels(task) -> int | None:
     Per-image normalization would normalize a window by the window's own statistics, not the whole
     field's as deployment does, so such runs calibrate on whole fields (None).
     """
-    return CALIBRATION_PIXELS if getattr(task, "deploy", {}).get("normalize") == "fixed" else None
+    return CALIBRATION_PIXELS if task.deployment.normalize == "fixed" else None
 
 
 def calibration_windows(train: list, pixels: int | None = CALIBRATION_PIXELS, seed: int = 0) -> tuple[list, list]:
@@ -189,27 +177,34 @@ def calibration_windows(train: list, pixels: int | None = CALIBRATION_PIXELS, se
 def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: bool) -> None:
     """Load the best weights into `task`, and calibrate scale-free losses.
 
-    For scale-free losses fit the affine de-normalization on the training split and write it into the saved checkpoints, so tests, evaluation and deployment agree.
+    For scale-free losses fit the affine de-normalization on the training split and write it into the saved
+    checkpoints (each replaced atomically), so tests, evaluation and deployment agree.
     """
-    from labelling.inference.checkpoints import check_checkpoint
-
     best = checkpoint.best_model_path
     if best and Path(best).exists():
         task.load_state_dict(check_checkpoint(best)["state_dict"])
-    if getattr(task, "deploy", {}).get("denormalize") != "affine":
+    if not isinstance(task, Stainer) or task.deployment.denormalize != "affine":
         return
-    from labelling.inference.predict import calibrate_affine
-
     task.eval()
     stats = calibrate_affine(task, *calibration_windows(dm.splits["train"], calibration_pixels(task)))
-    task.target_stats.copy_(torch.from_numpy(stats))
+    task.deployment = task.deployment.model_copy(update={"target_stats": stats.tolist()})
     if not is_global_zero:
         return
     for path in {best, str(Path(checkpoint.dirpath or ".") / "last.ckpt")}:
         if path and Path(path).exists():
             ckpt = check_checkpoint(path)
-            ckpt["state_dict"]["target_stats"] = task.target_stats.detach().clone()
-            torch.save(ckpt, path)
+            ckpt["state_dict"]["_extra_state"] = task.deployment.to_dict()
+            save_atomic(ckpt, Path(path))
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary sibling, then rename: an interrupted write never leaves a broken file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        torch.save(obj, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None, run_dir: str | Path | None = None,
@@ -224,7 +219,7 @@ def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None,
         cfg = config.load(cfg, overrides)
     elif overrides:
         cfg = config.validate(config.apply_overrides(config.to_dict(cfg), overrides))
-    config.check_components(cfg)
+    build.check_components(cfg)
     run_dir = Path(run_dir or Path(cfg.run_dir) / cfg.name)
     run_dir, finished = check_resume(cfg, run_dir)
     if finished is not None:
@@ -232,10 +227,8 @@ def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None,
         return finished
     lightning.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    dm, task = build(cfg)
-    attach_deployment(dm, task)
-    if hasattr(task, "deploy"):
-        task.deploy["tta"] = bool(cfg.tta)
+    dm, task = build_run(cfg)
+    attach_deployment(dm, task, tta=cfg.tta)
     check_splits(cfg, dm)
 
     ckpt_dir = run_dir / "checkpoints"
@@ -258,8 +251,6 @@ def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None,
     resume = ckpt_dir / "last.ckpt"
     ckpt_path = str(resume) if cfg.resume and resume.exists() and not cfg.trainer.fast_dev_run else None
     if ckpt_path:
-        from labelling.inference.checkpoints import check_checkpoint
-
         check_checkpoint(resume)
         rank_zero_info(f"resuming from {resume}")
     start = time.time()

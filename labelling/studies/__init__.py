@@ -21,6 +21,8 @@ import pandas as pd
 from labelling.analysis import downstream
 from labelling.analysis.corruptions import CORRUPTIONS, SEVERITIES, corrupt, grid
 from labelling.inference import predict
+from labelling.inference.model import as_model
+from labelling.reporting import downstream as report
 
 
 def corrupt_image(raw: np.ndarray, corruption: tuple[str, int] | None, seed: int = 0) -> np.ndarray:
@@ -49,7 +51,7 @@ def predict_pairs(task, images, scale: float = 1.0, corruption=None, normalizati
 
 def true_nuclei(images, task, channel: int = 0) -> list[np.ndarray] | None:
     """The simulator's true nucleus masks when target `channel` is nuclei, else None."""
-    targets = predict.deployment(task).get("targets", [])
+    targets = as_model(task).targets
     if targets[channel:channel + 1] == ["nuclei"] and all(im.extra and "nuclei" in im.extra for im in images):
         return [im.extra["nuclei"] for im in images]
     return None
@@ -81,40 +83,47 @@ def downstream_report(task, images, out, seg: dict | None = None, title: str = "
     warnings = downstream.segmentation_warnings(table, real[0].shape)
     for warning in warnings:
         rank_zero_warn(f"{title}: {warning}")
-    preview = downstream.segmentation_preview(real, pred, out / "segmentation_preview.png", seg)
-    plots = downstream.scatter_plots(table, out) + [preview]
-    downstream.write_report(table, corr, out, title=f"{title} (n={len(images)})", images=plots, objects=objects,
+    preview = report.segmentation_preview(real, pred, out / "segmentation_preview.png", seg)
+    plots = report.scatter_plots(table, out) + [preview]
+    report.write_report(table, corr, out, title=f"{title} (n={len(images)})", images=plots, objects=objects,
                             warnings=warnings)
     return table, corr, plots, warnings
 
 
-def _summary_row(real, pred, seg, seed: int = 0) -> dict:
-    """Pixel Pearson (mean and CI) plus Pearson and CCC of every downstream metric."""
-    table, corr = downstream.evaluate_pairs(real, pred, seg_args=seg, seed=seed)
+def agreement_row(real, pred, seg: dict | None = None, seed: int = 0, null=None,
+                  stats=("pearson", "ccc")) -> dict:
+    """THE agreement row of a set of predicted fields, the one every study reports.
+
+    n, pixel Pearson (mean and 95 % CI over fields) and, for every downstream metric, the chosen statistics
+    (Pearson, Lin's CCC, bias, MAE) across fields. With `null` (the null predictor's images),
+    ``null_<metric>_<stat>`` columns beside them.
+    """
+    table, corr = downstream.evaluate_pairs(real, pred, seg_args=seg, seed=seed, null_images=null)
     pix = downstream.mean_ci(table["pixel_pearson"], seed=seed)
     row = {"n": len(real), "pixel_pearson": pix["mean"], "pixel_pearson_lo": pix["lo"], "pixel_pearson_hi": pix["hi"]}
     for _, c in corr.iterrows():
-        row[f"{c['metric']}_pearson"] = c["pearson"]
-        row[f"{c['metric']}_ccc"] = c["ccc"]
+        prefix = "null_" if c.get("predictor", "model") == "null" else ""
+        for stat in stats:
+            row[f"{prefix}{c['metric']}_{stat}"] = c[stat]
     return row
 
 
 def scaling_study(task, images, scales=(0.7, 1.0, 1.3), seg: dict | None = None) -> pd.DataFrame:
     """Pixel Pearson and downstream agreement when the input is resized by each scale (and the output back)."""
-    return pd.DataFrame([{"scale": s, **_summary_row(*predict_pairs(task, images, scale=s), seg)} for s in scales])
+    return pd.DataFrame([{"scale": s, **agreement_row(*predict_pairs(task, images, scale=s), seg)} for s in scales])
 
 
 def input_change(task, clean_raws, corrupted_raws, normalization: str | None = None) -> float:
     """RMS change of the *network input* (normalized units) caused by a raw-image corruption."""
-    diffs = [np.mean((predict.normalize_input(task, bad, normalization)
-                      - predict.normalize_input(task, good, normalization)) ** 2)
+    dep = as_model(task).deployment
+    diffs = [np.mean((dep.normalize_input(bad, normalization) - dep.normalize_input(good, normalization)) ** 2)
              for good, bad in zip(clean_raws, corrupted_raws)]
     return float(np.sqrt(np.mean(diffs)))
 
 
 def stability_modes(task) -> list[str]:
     """The model's own normalization, plus the fixed (dataset-statistics) view when it differs."""
-    own = predict.deployment(task)["normalize"]
+    own = as_model(task).deployment.normalize
     return [own] if own == "fixed" else [own, "fixed"]
 
 
@@ -134,7 +143,7 @@ def stability_study(task, images, kinds=tuple(CORRUPTIONS), severities=SEVERITIE
     rows, clean, clean_raws = [], {}, corrupt_images(images)
     for mode, corruption in tqdm(conditions, desc="stability", disable=not progress):
         raws = corrupt_images(images, corruption) if corruption else clean_raws
-        row = _summary_row(*predict_pairs(task, images, normalization=mode, raws=raws), seg)
+        row = agreement_row(*predict_pairs(task, images, normalization=mode, raws=raws), seg)
         kind, sev = corruption or ("clean", 0)
         base = clean.setdefault(mode, row)
         rows.append({"mode": mode, "corruption": kind, "severity": sev,
@@ -149,7 +158,8 @@ def crops_of(task, raws: list[np.ndarray], crop: int, normalization: str | None 
     """Non-overlapping crops of raw images normalized as deployed (whole image first, then cut)."""
     from labelling.analysis.embeddings import grid_crops
 
-    normed = [predict.normalize_input(task, r, normalization) for r in raws]
+    dep = as_model(task).deployment
+    normed = [dep.normalize_input(r, normalization) for r in raws]
     normed = [n for n in normed if min(n.shape[1:]) >= crop]
     if not normed:
         return np.zeros((0, raws[0].shape[0] if raws else 1, crop, crop), np.float32)
@@ -163,7 +173,7 @@ def embed_images(task, raws: list[np.ndarray], crop: int, max_crops: int | None 
     crops = crops_of(task, raws, crop)
     if max_crops is not None and len(crops) > max_crops:
         crops = crops[np.sort(np.random.default_rng(seed).permutation(len(crops))[:max_crops])]
-    return embed_crops(task.embed, crops)
+    return embed_crops(as_model(task).embed, crops)
 
 
 def corrupted_embeddings(task, images, crop: int, kinds=("blur", "contrast", "brightness", "noise"),
@@ -252,3 +262,44 @@ def live_cell_drift(task, reference_images, crop: int, n_wells: int = 4, fields_
     windows = [w for w in windows if len(reference) >= 4 * w]
     return pd.concat([drift.run_lengths(reference, pools, window=w, ert=ert, n_streams=100, seed=seed)
                       for w in windows], ignore_index=True)
+
+
+# --------------------------------------------------------------------------- flat summaries
+
+def downstream_summary(corr: pd.DataFrame, table: pd.DataFrame, prefix: str = "downstream/") -> dict[str, float]:
+    """Flat numbers of a downstream agreement table: ``<metric>_<stat>`` and ``null/<metric>_<stat>``."""
+    out = {}
+    for _, row in corr.iterrows():
+        who = "" if row.get("predictor", "model") == "model" else "null/"
+        for key in (*downstream.AGREEMENT, "chance_p95"):
+            for suffix in ("", "_lo", "_hi"):
+                value = row.get(f"{key}{suffix}")
+                if value is not None and np.isfinite(value):
+                    out[f"{prefix}{who}{row['metric']}_{key}{suffix}"] = float(value)
+        out[f"{prefix}{who}n"] = float(row["n"])
+    for col in ("pixel_pearson", "object_f1", "pred_f1", "real_f1"):
+        if col in table:
+            ci = downstream.mean_ci(table[col])
+            out.update({f"{prefix}{col}": ci["mean"], f"{prefix}{col}_lo": ci["lo"], f"{prefix}{col}_hi": ci["hi"]})
+    return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+def stability_summary(stab: pd.DataFrame) -> dict[str, float]:
+    """Worst pixel Pearson per mode and the largest input change of the deployed mode."""
+    out = {}
+    for mode, g in stab[stab["corruption"] != "clean"].groupby("mode"):
+        worst = g.loc[g["pixel_pearson"].idxmin()]
+        out[f"stability/{mode}/worst_pixel_pearson"] = float(worst["pixel_pearson"])
+        out[f"stability/{mode}/mean_delta_pixel_pearson"] = float(g["delta_pixel_pearson"].mean())
+    return out
+
+
+def drift_summary(found: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """Headline drift numbers (mean online AUC, run lengths) from the drift study's tables."""
+    online, runs = found["drift_online_auc"], found["drift_run_length"]
+    out = {"drift/mean_auc": float(online["auc"].mean()) if len(online) else float("nan")}
+    if len(runs):
+        clean = runs[runs["name"] == "clean (unseen)"]
+        out["drift/clean_mean_run_length"] = float(clean["mean_run_length"].mean())
+        out["drift/shifted_mean_run_length"] = float(runs[runs["name"] != "clean (unseen)"]["mean_run_length"].mean())
+    return {k: v for k, v in out.items() if np.isfinite(v)}

@@ -20,28 +20,22 @@ __all__ = ["cascade_study"]
 
 
 def _score(run: Path, name: str, seg: dict | None) -> list[dict]:
-    """One row per predictor (model, null): pixel Pearson with CI, count/intensity Pearson and CCC, n."""
+    """One row per predictor (model, null): :func:`labelling.studies.agreement_row` of the run's test fields."""
     from labelling import studies
-    from labelling.analysis.downstream import mean_ci
-    from labelling.build import build, load_task
+    from labelling.inference import predict
+    from labelling.inference.load import build_run, load
 
-    task, cfg = load_task(run)
-    dm, _ = build(cfg)
+    model = load(run)
+    dm, _ = build_run(model.config)
     dm.setup("test")
     images = dm.splits["test"]
-    table, corr, _, _ = studies.downstream_report(task, images, run / "cascade_study", seg, title=f"cascade study - {name}")
-    rows = []
-    for predictor in ("model", "null"):
-        row = {"model": name if predictor == "model" else "null (training-mean intensity)", "n": len(images)}
-        if predictor == "model":
-            pix = mean_ci(table["pixel_pearson"])
-            row.update(pixel_pearson=pix["mean"], pixel_pearson_lo=pix["lo"], pixel_pearson_hi=pix["hi"])
-        else:
-            row.update(pixel_pearson=0.0)  # a constant image has no pixel correlation
-        for _, c in corr[corr["predictor"] == predictor].iterrows():
-            for stat in ("pearson", "ccc", "mae"):
-                row[f"{c['metric']}_{stat}"] = c[stat]
-        rows.append(row)
+    real, pred = studies.predict_pairs(model, images)
+    null = [predict.predict_null(model, im.raw_input())[0] for im in images]
+    stats = ("pearson", "ccc", "mae")
+    rows = [{"model": name, **studies.agreement_row(real, pred, seg, stats=stats)},
+            {"model": "null (training-mean intensity)", **studies.agreement_row(real, null, seg, stats=stats),
+             # a constant image has no pixel correlation
+             "pixel_pearson": 0.0, "pixel_pearson_lo": 0.0, "pixel_pearson_hi": 0.0}]
     return rows
 
 

@@ -22,15 +22,36 @@ from labelling.inference import predict
 from labelling.reporting import reports
 
 
-def field_rows(task, plate: plates.Plate, preds: plates.Plate, field: plates.Field, seg: dict) -> list[dict]:
-    """One row per target channel of a field: real/pred/null image metrics and the pixel Pearson r."""
-    targets = predict.deployment(task).get("targets") or []
+def provenance_problem(model, record: dict, plate_path: str) -> str | None:
+    """Why a plate's stored prediction is not this model's prediction of this plate (None when it is)."""
+    if record.get("model_sha256") != model.fingerprint:
+        return (f"made by {record.get('run') or 'an unknown model'} (weights sha256 "
+                f"{str(record.get('model_sha256'))[:12]}), not by this model ({model.fingerprint[:12]})")
+    source = record.get("source_plate")
+    if source and Path(source).resolve() != Path(plate_path).resolve():
+        return f"predicted from plate {source}, not from {plate_path}"
+    return None
+
+
+def field_rows(task, plate: plates.Plate, preds: plates.Plate, field: plates.Field, seg: dict,
+               accept_other: bool = False) -> list[dict]:
+    """One row per target channel of a field: real/pred/null image metrics and the pixel Pearson r.
+
+    Predictions another model made, or made from another plate, are refused (ConfigError) unless
+    `accept_other`.
+    """
+    targets = task.targets
     names = platepredict.predicted_names(task)
     done = preds.attrs(field).get("predictions", {})
     rows = []
     for target, name in zip(targets, names):
         if not done.get(name, {}).get("complete"):
             continue
+        problem = provenance_problem(task, done[name], plate.path)
+        if problem and not accept_other:
+            raise ConfigError(f"{preds.path} field {field.path}: the channel {name} was {problem}. Predict the "
+                              "plate with this model first (labelling predict MODEL PLATE), or pass "
+                              "--accept-other-predictions to score them as they are")
         plane = int(done[name].get("plane", 0))
         real_plane = plane if plate.shape(field)[2] > plane else 0
         real = plate.read(field, [target], [real_plane])[0]
@@ -65,7 +86,7 @@ def agreement(table: pd.DataFrame) -> pd.DataFrame:
 
 def evaluate_plate(model: str | Path, plate_path: str | Path, predictions: str | Path | None = None,
                    wells: list[str] | None = None, seg: dict | None = None, out: str | Path | None = None,
-                   progress: bool = True) -> dict[str, float]:
+                   progress: bool = True, accept_other: bool = False) -> dict[str, float]:
     """Per-field and per-well downstream agreement of a plate's predicted channels; returns summary numbers.
 
     Writes ``fields.csv``, ``wells.csv``, agreement tables and ``report.md``/``.html`` to `out`
@@ -73,16 +94,17 @@ def evaluate_plate(model: str | Path, plate_path: str | Path, predictions: str |
     """
     from tqdm import tqdm
 
-    from labelling.export.deployed import load_model
+    from labelling.inference.load import load
 
-    task, cfg = load_model(model)
+    task = load(model)
+    cfg = task.config
     plate = plates.Plate(plate_path)
     preds = plates.Plate(predictions or plate_path)
     stored = next((c.args.get("seg") for c in getattr(cfg, "callbacks", []) if c.name == "downstream"), None) or {}
     seg = {**stored, **(seg or {})}
     rows = []
     for field in tqdm(plate.select(wells), desc="scoring fields", unit="field", disable=not progress):
-        rows += field_rows(task, plate, preds, field, seg) if field in preds.fields else []
+        rows += field_rows(task, plate, preds, field, seg, accept_other) if field in preds.fields else []
     if not rows:
         raise ConfigError(f"no field of {preds.path} holds finished predictions of this model "
                           f"({', '.join(platepredict.predicted_names(task))}); run `labelling predict {model} "

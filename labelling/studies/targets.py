@@ -13,22 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 __all__ = ["denoise_study"]
-
-
-def _agreement(real: list[np.ndarray], pred: list[np.ndarray], seg: dict | None) -> dict:
-    from labelling.analysis.downstream import _pearson, evaluate_pairs, mean_ci
-
-    table, corr = evaluate_pairs(real, pred, seg_args=seg)
-    pix = mean_ci([_pearson(r.ravel(), p.ravel()) for r, p in zip(real, pred)])
-    row = {"pixel_pearson": pix["mean"], "pixel_pearson_lo": pix["lo"], "pixel_pearson_hi": pix["hi"]}
-    for _, c in corr.iterrows():
-        if c["metric"] in ("count", "mean_intensity"):
-            row.update({f"{c['metric']}_pearson": c["pearson"], f"{c['metric']}_ccc": c["ccc"]})
-    return row
 
 
 def denoise_study(experiment: str = "golgi_asym", transforms=("none", "golgi_enhance", "denoise_gaussian",
@@ -41,34 +28,36 @@ def denoise_study(experiment: str = "golgi_asym", transforms=("none", "golgi_enh
         One row per transform (and the null predictor): n, then ``own_*`` and ``raw_*`` pixel Pearson (CI)
         and count / mean-intensity Pearson and CCC.
     """
-    from labelling.build import build, load_task
+    from labelling import studies
     from labelling.config import load
     from labelling.inference import predict
+    from labelling.inference.load import build_run
+    from labelling.inference.load import load as load_model
     from labelling.reporting import reports
     from labelling.runs import train
 
     out = Path(out)
     common = list(overrides or []) + ["callbacks=[]", "logger.wandb=false", "test=false"]
-    raw_dm, _ = build(load(experiment, common + ["data.target_transform=none"]))
+    raw_dm, _ = build_run(load(experiment, common + ["data.target_transform=none"]))
     raw_dm.setup("test")
     raw_test = raw_dm.splits["test"]
     rows = []
     for name in transforms:
         run = out / name
         train.fit(experiment, common + [f"data.target_transform={name}"], run_dir=run)
-        task, cfg = load_task(run)
-        dm, _ = build(cfg)
+        task = load_model(run)
+        dm, _ = build_run(task.config)
         dm.setup("test")
         test = dm.splits["test"]
         if [im.key for im in test] != [im.key for im in raw_test]:
             raise RuntimeError("the transforms' runs split the fields differently; keep data.seed fixed")
         pred = [predict.predict(task, im.raw_input(), name=im.key)[0] for im in test]
-        own = _agreement([im.raw_target()[0] for im in test], pred, seg)
-        raw = _agreement([im.raw_target()[0] for im in raw_test], pred, seg)
+        own = studies.agreement_row([im.raw_target()[0] for im in test], pred, seg)
+        raw = studies.agreement_row([im.raw_target()[0] for im in raw_test], pred, seg)
         rows.append({"target_transform": name, "n": len(test), **{f"own_{k}": v for k, v in own.items()},
                      **{f"raw_{k}": v for k, v in raw.items()}})
     null = [predict.predict_null(task, im.raw_input())[0] for im in raw_test]
-    null_row = {f"raw_{k}": v for k, v in _agreement([im.raw_target()[0] for im in raw_test], null, seg).items()}
+    null_row = {f"raw_{k}": v for k, v in studies.agreement_row([im.raw_target()[0] for im in raw_test], null, seg).items()}
     null_row.update(raw_pixel_pearson=0.0, raw_pixel_pearson_lo=0.0, raw_pixel_pearson_hi=0.0)  # constant: no r
     rows.append({"target_transform": "null (training-mean intensity)", "n": len(raw_test), **null_row})
     table = pd.DataFrame(rows)

@@ -14,6 +14,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure as
 from torchmetrics.regression import PearsonCorrCoef
 
 from labelling import registry
+from labelling.deployment import VERSION as DEPLOYMENT_VERSION
+from labelling.deployment import Deployment
 
 
 class Stainer(lightning.LightningModule):
@@ -45,20 +47,17 @@ class Stainer(lightning.LightningModule):
         self.net, self.loss = net, loss
         # the compiled step: built on first use, not a submodule (nn.Module.compile is a method: other name)
         self.compile_step, self._compiled = bool(compile), None
-        self.channels_last = bool(channels_last) and getattr(net, "spatial_dims", 2) == 2
+        self.channels_last = bool(channels_last) and net.spatial_dims == 2
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "cosine", **(optim or {})}
         self.config = config or {}
         self.save_hyperparameters(ignore=["net", "loss"])
-        # Deployment state, saved with every checkpoint (see labelling.inference.predict): the output de-normalization
-        # (offset, scale) per target channel, the dataset-level input statistics (``fixed`` normalization),
-        # the training-mean target level (null predictor) and the settings in ``deploy``.
-        n_in, n_out = getattr(net, "in_channels", 1), getattr(net, "out_channels", 1)
-        self.register_buffer("target_stats", torch.tensor([[0.0, 1.0]] * n_out))
-        self.register_buffer("input_stats", torch.tensor([[0.0, 1.0]] * n_in))
-        self.register_buffer("null_level", torch.zeros(n_out))
-        self.deploy: dict = {}
+        # The typed deployment state (labelling.deployment), set from the training split when training starts
+        # and saved inside every checkpoint as plain data (the task's extra state).
+        self.deployment: Deployment | None = None
+        self.cascade_models: list = []  # models whose predictions are extra inputs (data.cascade)
+        n_out = net.out_channels
         # streaming per-channel Pearson over every pixel of an epoch (non-persistent; synced under DDP)
         self.pooled_pcc = nn.ModuleDict({stage: PearsonCorrCoef(num_outputs=n_out) for stage in ("val", "test")})
 
@@ -66,11 +65,11 @@ class Stainer(lightning.LightningModule):
         return {**super().__getstate__(), "_compiled": None}  # a compiled function does not pickle (ddp_spawn)
 
     def get_extra_state(self) -> dict:
-        """Plain-data deployment settings stored in the state dict (loads with ``weights_only=True``)."""
-        return dict(self.deploy)
+        """The deployment state as plain data, stored in the state dict (loads with ``weights_only=True``)."""
+        return self.deployment.to_dict() if self.deployment is not None else {}
 
     def set_extra_state(self, state: dict) -> None:
-        self.deploy = dict(state or {})
+        self.deployment = Deployment.from_dict(state, "checkpoint") if state else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Cin, H, W) -> raw output (B, Cout, H, W)."""
@@ -81,8 +80,8 @@ class Stainer(lightning.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def activate(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw output -> fluorescence image (sigmoid for logit losses)."""
-        return torch.sigmoid(raw) if getattr(self.loss, "activation", None) == "sigmoid" else raw
+        """Raw output -> fluorescence image (sigmoid for logit losses: the loss's declared activation)."""
+        return torch.sigmoid(raw) if self.loss.activation == "sigmoid" else raw
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +151,7 @@ class Stainer(lightning.LightningModule):
         meter.reset()
         self.log(f"{stage}/pcc", r.mean(), prog_bar=stage == "val")
         if len(r) > 1:  # several organelles: one score per channel, named after the target channel
-            names = self.deploy.get("targets") or [str(c) for c in range(len(r))]
+            names = self.deployment.targets if self.deployment else [str(c) for c in range(len(r))]
             for name, value in zip(names, r):
                 self.log(f"{stage}/pcc/{name}", value)
 
@@ -177,6 +176,7 @@ class Stainer(lightning.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["labelling_config"] = self.config
         checkpoint["labelling_io"] = {"in": self.net.in_channels, "out": self.net.out_channels}
+        checkpoint["labelling_deployment_version"] = DEPLOYMENT_VERSION
 
 
 SCHEDULERS = ("cosine", "plateau", None)  # valid ``optim.scheduler`` values
