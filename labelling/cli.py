@@ -191,7 +191,7 @@ def _export(args) -> int:
 
 
 def _dashboard(args) -> int:
-    from labelling.runs.sweep import serve_dashboard
+    from labelling.runs.dashboard import serve_dashboard
 
     return serve_dashboard(args.experiment, args.storage, args.port, args.run_root)
 

@@ -47,7 +47,7 @@ def test_read_upload_rejects_bad_files(tmp_path):
 
 
 def test_analyse_flags_drift_on_a_foreign_image(trained):
-    from labelling.build import load_task
+    from labelling.inference.load import load_task
 
     run = logic.find_runs(trained)[0]
     task, cfg = load_task(run)

@@ -18,12 +18,12 @@ import pytest
 import tifffile
 import torch
 import yaml
-from labelling.inference.checkpoints import CheckpointError, check_checkpoint
+from labelling.inference.load import CheckpointError, check_checkpoint
 from PIL import Image
 
 from labelling import cli, config
 from labelling.app import logic
-from labelling.build import load_task
+from labelling.inference.load import load_task
 from labelling.data.readers import ImageError, image_shape, read_image
 from tests.conftest import TINY
 

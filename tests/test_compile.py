@@ -71,7 +71,7 @@ def test_a_compiler_failure_trains_eagerly_with_a_warning(monkeypatch):
 
 
 def test_a_compiled_fit_compiles_once_over_epochs_that_do_not_divide_into_batches(tmp_path, tiny):
-    from labelling.build import load_task
+    from labelling.inference.load import load_task
     from labelling.runs import train
 
     torch._dynamo.reset()

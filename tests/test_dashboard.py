@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from labelling.cli import main
-from labelling.runs.sweep import dashboard_storage
+from labelling.runs.dashboard import dashboard_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,11 @@ import torch
 from PIL import Image as PILImage
 
 from labelling.data.augment import PairedAugment
-from labelling.data.datamodule import FluorescenceDataModule, split_groups
+from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.normalization import denormalize, image_stats, normalize
 from labelling.data.organelles import FolderDataModule, GFPDataModule
 from labelling.data.readers import ImageError, find_pairs, read_image, write_ome_zarr
+from labelling.data.splits import split_groups
 
 
 def small_dm(**kw):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from labelling.inference.checkpoints import CheckpointError, check_checkpoint
+from labelling.inference.load import CheckpointError, check_checkpoint
 
 from labelling import config
-from labelling.build import load_task
+from labelling.inference.load import load_task
 from labelling.runs.train import fit
 
 

@@ -10,12 +10,14 @@ import tifffile
 import torch
 
 from labelling import registry
-from labelling.build import load_task
+from labelling.inference.load import load_task
 from labelling.cli import main
 from labelling.data.normalization import normalize
 from labelling.data.simulate import simulate_field
 from labelling.export import ExportError, bioimage, deployed, driftref, export_run
 from labelling.inference import predict
+from labelling.inference.load import load
+from labelling.inference.model import Model
 from labelling.runs.train import fit
 
 pytest.importorskip("onnxruntime")
@@ -52,18 +54,20 @@ def test_onnx_matches_torch_on_random_input_and_through_the_prediction_path(run,
           f"(embedding {checks['embedding_max_abs_diff']:.2e}); torch {checks['torch_ms']:.1f} ms, "
           f"onnxruntime {checks['exported_ms']:.1f} ms")
     assert checks["max_abs_diff"] < 1e-4 and checks["embedding_max_abs_diff"] < 1e-4
-    assert {"model.onnx", "deployment.json", "drift.npz", "config.yaml", "metrics.json"} <= set(summary["files"])
+    assert {"model.onnx", "weights.pt", "deployment.json", "drift.npz", "config.yaml", "metrics.json",
+            "manifest.json"} <= set(summary["files"])
     state = json.loads((out / "deployment.json").read_text())
-    assert state["model"] == "model.onnx" and state["deploy"]["targets"] == ["nuclei"]
+    assert state["model"] == "model.onnx" and state["deployment"]["targets"] == ["nuclei"]
 
     torch_task, _ = load_task(run)
-    onnx_task, cfg = deployed.load_model(out)
-    assert isinstance(onnx_task, deployed.ExportedTask) and cfg.name == "nuclei_mse"
-    # dynamic batch, height and width, including sides the net must pad (not multiples of 2**depth)
+    onnx_task = load(out)
+    assert isinstance(onnx_task, Model) and onnx_task.activated and onnx_task.config.name == "nuclei_mse"
+    assert onnx_task.deployment == torch_task.deployment  # the same typed state, from the checkpoint or the export
+    # dynamic batch, height and width (multiples of the net's spatial multiple)
     x = torch.randn(3, 1, 52, 84)
     with torch.no_grad():
         y, emb = torch_task.net(x, return_embedding=True)
-    assert np.abs(onnx_task.predict(x).numpy() - y.numpy()).max() < 1e-4
+    assert np.abs(onnx_task.tiles(x).numpy() - y.numpy()).max() < 1e-4
     assert np.abs(onnx_task.embed(x).numpy() - emb.numpy()).max() < 1e-4
     # the whole image, tiled with overlaps, normalized and de-normalized by predict() itself
     raw = field()
@@ -77,7 +81,8 @@ def test_torchscript_export_matches_torch(run, tmp_path):
     summary = export_run(run, "torchscript", tmp_path / "ts", drift=False)
     assert summary["checks"]["max_abs_diff"] < 1e-5
     assert "drift.npz" not in summary["files"]
-    task, _ = deployed.load_model(tmp_path / "ts" / "model.pt")
+    assert {"model.pt", "weights.pt", "manifest.json"} <= set(summary["files"])
+    task = load(tmp_path / "ts" / "model.pt")  # rebuilt from config + weights.pt; model.pt is never loaded
     torch_task, _ = load_task(run)
     raw = field((96, 128))
     assert np.abs(predict.predict(task, raw, tile=64) - predict.predict(torch_task, raw, tile=64)).max() < 1e-3
@@ -132,8 +137,8 @@ def test_bioimageio_package_passes_bioimageio_core_model_test(run, tmp_path):
 
 def test_bioimageio_steps_reproduce_our_normalization():
     stats = [[200.0, 400.0], [10.0, 5.0]]
-    state = {"deploy": {"normalize": "fixed", "denormalize": "stats"}, "input_stats": stats,
-             "target_stats": [[100.0, 50.0]], "activation": None}
+    state = {"deployment": {"normalize": "fixed", "denormalize": "stats", "input_stats": stats,
+                            "target_stats": [[100.0, 50.0]], "activation": None}}
     (_, linear, _) = bioimage.preprocessing(state)
     kwargs = linear["kwargs"]
     x = np.random.default_rng(0).uniform(0, 4000, (2, 8, 8)).astype(np.float32)
@@ -141,11 +146,12 @@ def test_bioimageio_steps_reproduce_our_normalization():
     np.testing.assert_allclose(x * gain + offset, normalize(x, np.asarray(stats, np.float32)), rtol=1e-5, atol=1e-5)
     post = bioimage.postprocessing(state)[0]["kwargs"]
     assert (post["gain"], post["offset"]) == (50.0, 100.0)
-    assert bioimage.postprocessing({**state, "activation": "sigmoid"})[0]["id"] == "ensure_dtype"
-    zscore = bioimage.preprocessing({**state, "deploy": {"normalize": "zscore"}})
+    dep = state["deployment"]
+    assert bioimage.postprocessing({"deployment": {**dep, "activation": "sigmoid"}})[0]["id"] == "ensure_dtype"
+    zscore = bioimage.preprocessing({"deployment": {**dep, "normalize": "zscore"}})
     assert zscore[1]["id"] == "zero_mean_unit_variance"
     with pytest.raises(ValueError, match="no bioimage.io equivalent"):
-        bioimage.preprocessing({**state, "deploy": {"normalize": "log"}})
+        bioimage.preprocessing({"deployment": {**dep, "normalize": "log"}})
 
 
 def test_cli_exports_and_predicts_with_the_onnx_model(run, tmp_path, capsys):
@@ -171,13 +177,13 @@ def test_export_refuses_bad_input_with_clear_messages(run, tmp_path, capsys):
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "full")]) == 2
     assert "is not empty" in capsys.readouterr().err and (tmp_path / "full" / "keep.txt").exists()
     (tmp_path / "lonely.onnx").write_bytes(b"not a model")
-    with pytest.raises(ExportError, match="not an exported model"):
-        deployed.load_model(tmp_path / "lonely.onnx")
+    with pytest.raises(ExportError, match="no manifest.json"):
+        load(tmp_path / "lonely.onnx")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "deployment.json").write_text("{not json")
     assert main(["predict", str(broken), str(tmp_path / "lonely.onnx"), "--out", str(tmp_path / "p")]) == 2
-    assert "unreadable deployment state" in capsys.readouterr().err
+    assert "incomplete" in capsys.readouterr().err
     with pytest.raises(ExportError, match="no drift reference"):
         driftref.load_detector(tmp_path)
 
@@ -206,12 +212,104 @@ def test_every_net_exports_to_onnx_or_is_refused_by_name(name, tmp_path):
     raw = config.load_raw("nuclei_mse")
     raw["net"], raw["data"]["crop"] = {"name": name, "width": 4}, 32
     cfg = config.validate(raw)
-    task = build_task(cfg, 1, 1).eval()
+    from tests.conftest import deployed_task
+
+    task = deployed_task(build_task(cfg, 1, 1).net)
     try:
         deployed.check_exportable(task)
     except ExportError as err:
         assert type(task.net).__name__ in str(err) and "cannot be exported" in str(err)
         return
-    state = deployed.deployment_state(task, cfg)
-    deployed.export_onnx(task, state, tmp_path / "model.onnx")
-    assert deployed.compare(task, state, tmp_path / "model.onnx")["max_abs_diff"] < 1e-4
+    deployed.export_onnx(task, tmp_path / "model.onnx")
+    assert deployed.compare(task, deployed.onnx_runner(tmp_path / "model.onnx"))["max_abs_diff"] < 1e-4
+
+
+# ------------------------------------------------------------------ exports that cannot run code or mix models
+def test_a_scripted_torchscript_that_writes_a_file_runs_no_code_through_predict(run, tmp_path):
+    """A TorchScript archive is code: one swapped in for model.pt is refused by the manifest, and even with a
+    forged manifest labelling never loads it (it rebuilds the net from the config and weights.pt)."""
+    from labelling.export.deployed import write_manifest
+
+    out = tmp_path / "ts"
+    export_run(run, "torchscript", out, drift=False)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"\0" * 64)
+
+    class Evil(torch.nn.Module):
+        def __init__(self, target: str):
+            super().__init__()
+            self.target = target
+
+        def forward(self, x):
+            mapped = torch.from_file(self.target, shared=True, size=64, dtype=torch.uint8)
+            mapped.fill_(7)
+            return x + 0 * mapped[0].float(), x.mean((2, 3))
+
+    evil = torch.jit.script(Evil(str(victim)))
+    evil.save(str(out / "model.pt"))
+    check = torch.jit.load(str(out / "model.pt"))  # the archive really does write the file when run (a test of the test)
+    check(torch.zeros(1, 1, 8, 8))
+    assert victim.read_bytes() == b"\7" * 64
+    victim.write_bytes(b"\0" * 64)
+    tifffile.imwrite(tmp_path / "img.tif", field((64, 64)))
+    assert main(["predict", str(out), str(tmp_path / "img.tif"), "--out", str(tmp_path / "p1")]) == 2
+    assert victim.read_bytes() == b"\0" * 64
+    write_manifest(out, None)  # a forged manifest that lists the evil file: still never loaded
+    assert main(["predict", str(out), str(tmp_path / "img.tif"), "--out", str(tmp_path / "p2")]) == 0
+    assert victim.read_bytes() == b"\0" * 64
+
+
+def test_an_export_over_another_run_never_mixes_a_net_with_foreign_statistics(run, tmp_path):
+    """--overwrite replaces the whole folder: no file of the old export survives beside the new one."""
+    other = tmp_path / "other"
+    fit("nuclei_mse", __import__("tests.conftest").conftest.TINY + RUN + ["seed=5", "data.normalize=fixed"],
+        run_dir=other)
+    out = tmp_path / "x"
+    export_run(other, "onnx", out, drift=False)
+    export_run(run, "torchscript", out, drift=False, overwrite=True)
+    assert not (out / "model.onnx").exists()
+    assert json.loads((out / "deployment.json").read_text())["source"]["run"] == str(run.resolve())
+    assert load(out).deployment == load_task(run)[0].deployment
+
+
+@pytest.mark.parametrize("change", ["tamper", "outside", "stats", "missing"])
+def test_a_changed_or_incomplete_export_is_refused(run, onnx_export, tmp_path, change):
+    import shutil
+
+    from labelling.export.deployed import write_manifest
+
+    _, source = onnx_export
+    out = tmp_path / "copy"
+    shutil.copytree(source, out)
+    state = json.loads((out / "deployment.json").read_text())
+    if change == "tamper":  # edited statistics without a new manifest
+        state["deployment"]["target_stats"] = [[0.0, 9.0]]
+        (out / "deployment.json").write_text(json.dumps(state))
+        match = "does not match the manifest"
+    elif change == "outside":  # the model points out of the folder (and the manifest is forged to match)
+        state["model"] = "../elsewhere.onnx"
+        (out / "deployment.json").write_text(json.dumps(state))
+        write_manifest(out, None)
+        match = "outside its folder"
+    elif change == "stats":  # a scale that is not positive, with a consistent manifest
+        state["deployment"]["target_stats"] = [[0.0, -1.0]]
+        (out / "deployment.json").write_text(json.dumps(state))
+        write_manifest(out, None)
+        match = "positive scales"
+    else:  # an export killed before its manifest
+        (out / "manifest.json").unlink()
+        match = "incomplete"
+    with pytest.raises(ExportError, match=match):
+        load(out)
+
+
+def test_evaluate_scores_an_export_like_its_run(run, onnx_export, tmp_path):
+    from labelling.runs.evaluate import evaluate_run
+
+    _, out = onnx_export
+    args = {"scales": (), "split": "val", "max_images": 3}
+    from_run = evaluate_run(run, out=tmp_path / "run", **args)
+    from_export = evaluate_run(out, out=tmp_path / "export", **args)
+    assert from_export.keys() == from_run.keys()
+    for key in ("downstream/pixel_pearson", "downstream/count_ccc"):
+        assert from_export[key] == pytest.approx(from_run[key], abs=1e-3)

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 import torch
 
-from labelling.build import load_task
+from labelling.inference.load import load_task
 from labelling.data import plate as plates
 from labelling.data import platetools
 from labelling.data.normalization import dataset_stats, image_stats, pooled_stats, sketch_stats

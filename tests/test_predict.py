@@ -196,7 +196,6 @@ def test_predict_composite_writes_a_colour_png_per_image(tmp_path, monkeypatch):
     from labelling.build import build_task
     from labelling.cli import main
     from labelling.config import load
-
     from labelling.inference.model import Model
 
     task = build_task(load("nuclei_mse"), 1, 2).eval()

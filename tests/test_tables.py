@@ -210,9 +210,9 @@ def test_folder_data_with_two_targets_completes_a_fit(tiny, tmp_path):
 
 def test_ema_checkpoints_hold_the_averaged_weights_and_deploy_them(tiny, tmp_path):
     """callbacks: [{name: ema}]: validation, checkpoints and predict use the exponential moving average."""
-    from labelling.inference.checkpoints import check_checkpoint
+    from labelling.inference.load import check_checkpoint
 
-    from labelling.build import load_task
+    from labelling.inference.load import load_task
 
     cfg = config.to_dict(config.load("nuclei_mse", tiny + ["trainer.max_epochs=2", "test=false"]))
     cfg["callbacks"] = [{"name": "ema", "decay": 0.5}]

@@ -210,7 +210,7 @@ def test_study_callbacks_and_evaluate_flags_run_from_a_finished_run(tmp_path):
 
 def test_cascade_study_trains_helpers_and_scores_the_target_with_and_without_them(tiny, tmp_path):
     """Thesis 5.3/7.4: ER from brightfield alone vs brightfield + predicted nuclei + actin, same split, same test."""
-    from labelling.build import load_task
+    from labelling.inference.load import load_task
     from labelling.inference import predict
     from labelling.studies.cascades import cascade_study
 

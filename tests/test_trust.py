@@ -1,5 +1,6 @@
 """Numbers a scientist can trust: evaluation takes the deployed path and nothing from the evaluated image."""
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import torch
 
 from labelling import studies
 from labelling.analysis import downstream
-from labelling.build import load_task
+from labelling.inference.load import load_task
 from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.normalization import denormalize
 from labelling.inference import predict
@@ -22,7 +23,7 @@ from labelling.tasks.stainer import Stainer
 class BlindNet(torch.nn.Module):
     """Ignores its input: the same (normalized) map for every image."""
 
-    in_channels, out_channels, depth = 1, 1, 0
+    in_channels, out_channels, spatial_multiple, spatial_dims = 1, 1, 1, 2
 
     def __init__(self, pattern: np.ndarray):
         super().__init__()
@@ -62,13 +63,16 @@ def test_a_prediction_never_depends_on_the_evaluated_target(plate):
 
     task = Stainer(UNet(1, 1, depth=2, width=4), MSELoss()).eval()
     attach_deployment(plate, task)
-    images = plate.splits["test"][:3]
-    _, before = studies.predict_pairs(task, images)
-    for im in images:  # a brighter, shifted target with other statistics
+    images = [copy.copy(im) for im in plate.splits["test"][:3]]
+    real_before, before = studies.predict_pairs(task, images)
+    for im in images:  # the same pixels as a target 5x brighter plus 100: other statistics, other units
         im.target_stats = im.target_stats * np.array([[1.0, 5.0]], np.float32) + np.array([[100.0, 0.0]], np.float32)
     real_after, after = studies.predict_pairs(task, images)
+    # the evaluated targets did change (this is what a leaky evaluation would pick up) ...
+    for r0, r1 in zip(real_before, real_after):
+        assert r1.std() == pytest.approx(5 * r0.std(), rel=1e-4) and not np.allclose(r0, r1)
+    # ... and the predictions did not move by a single bit
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
-    assert real_after[0].max() > 4 * before[0].max() or not np.allclose(real_after[0], before[0])
 
 
 def test_deployment_state_comes_from_the_training_split_only(plate):
@@ -77,9 +81,12 @@ def test_deployment_state_comes_from_the_training_split_only(plate):
     task = Stainer(UNet(1, 1, depth=2, width=4), MSELoss())
     attach_deployment(plate, task)
     train = plate.splits["train"]
-    assert np.allclose(task.target_stats.numpy(), np.mean([im.target_stats for im in train], 0))
-    assert np.allclose(task.null_level.numpy(), np.mean([im.raw_target().mean((1, 2)) for im in train], 0))
-    assert task.deploy["normalize"] == "percentile" and task.deploy["targets"] == ["nuclei"]
+    dep = task.deployment
+    assert np.allclose(dep.target_stats, np.mean([im.target_stats for im in train], 0))
+    assert np.allclose(dep.null_level, np.mean([im.raw_target().mean((1, 2)) for im in train], 0))
+    test_stats = np.mean([im.target_stats for im in plate.splits["test"]], 0)
+    assert not np.allclose(dep.target_stats, test_stats)  # would pass with any split's statistics otherwise
+    assert dep.normalize == "percentile" and dep.targets == ["nuclei"] and dep.version >= 2
 
 
 def test_pearson_run_is_calibrated_on_training_fields_and_evaluate_equals_predict(tiny, tmp_path):
@@ -89,14 +96,21 @@ def test_pearson_run_is_calibrated_on_training_fields_and_evaluate_equals_predic
     tiny = [t for t in tiny if not t.startswith(("data.n_wells", "data.fields"))]
     fit("nuclei_pearson", tiny + ["data.n_wells=8", "data.fields_per_well=2", "trainer.max_epochs=1"], run_dir=run)
     task, cfg = load_task(run)
-    assert task.deploy["denormalize"] == "affine"
+    assert task.deployment.denormalize == "affine"
     dm = FluorescenceDataModule(**{"seed": cfg.seed, **cfg.data.args, "organelle": "nuclei"})
     dm.setup()
     train = calibration_fields(dm.splits["train"])
     assert train[0] is dm.splits["train"][0] and train[-1] is dm.splits["train"][-1]  # spread, not the first k
     assert calibration_pixels(task) is None  # per-image normalization: whole fields, normalized as deployed
-    expected = predict.calibrate_affine(task, *calibration_windows(dm.splits["train"], None))
-    assert np.allclose(task.target_stats.numpy(), expected, rtol=1e-4, atol=1e-3)
+    # moment matching, checked from what a user gets: the deployed predictions of the calibration fields have the
+    # pooled mean and SD of their real targets (not recomputed by the calibration function itself)
+    inputs, targets = calibration_windows(dm.splits["train"], None)
+    preds = np.concatenate([predict.predict(task, x).ravel() for x in inputs])
+    real = np.concatenate([y.ravel() for y in targets])
+    assert preds.mean() == pytest.approx(real.mean(), rel=1e-3, abs=1e-3 * float(real.std()))
+    assert preds.std() == pytest.approx(real.std(), rel=1e-3)
+    held_out = np.concatenate([predict.predict(task, im.raw_input()).ravel() for im in dm.splits["test"]])
+    assert abs(held_out.std() / real.std() - 1) > 1e-3  # a check that could fail: other fields, other moments
     # the prediction written by `labelling predict` is the one the report scored
     im = dm.splits["test"][0]
     tifffile.imwrite(tmp_path / "field.tif", im.raw_input()[0])
@@ -140,5 +154,5 @@ def test_calibration_predicts_aligned_windows_of_the_spread_fields_within_a_pixe
     whole, _ = calibration_windows(fields, pixels=None)
     assert len(whole) == 16 and all(x.shape == (1, 600, 700) for x in whole)
     # only dataset-level input statistics normalize a window exactly as its whole field
-    assert calibration_pixels(SimpleNamespace(deploy={"normalize": "fixed"})) == 2**20
-    assert calibration_pixels(SimpleNamespace(deploy={"normalize": "zscore"})) is None
+    assert calibration_pixels(SimpleNamespace(deployment=SimpleNamespace(normalize="fixed"))) == 2**20
+    assert calibration_pixels(SimpleNamespace(deployment=SimpleNamespace(normalize="zscore"))) is None

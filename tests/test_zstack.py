@@ -165,7 +165,7 @@ def test_a_3d_net_convolves_across_z_and_predicts_whole_stacks(tmp_path):
     import torch
 
     from labelling import registry
-    from labelling.build import load_task
+    from labelling.inference.load import load_task
     from labelling.inference import predict
     from labelling.runs import train
 

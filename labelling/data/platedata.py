@@ -17,9 +17,10 @@ from torch.utils.data import Dataset, get_worker_info
 
 from labelling.data import plate as plates
 from labelling.data.augment import PairedAugment
-from labelling.data.datamodule import FluorescenceDataModule, GridCrops, split_groups, to_batch
+from labelling.data.datamodule import FluorescenceDataModule, GridCrops, to_batch
 from labelling.data.normalization import pooled_stats, sketch_stats
 from labelling.data.readers import parse_planes
+from labelling.data.splits import split_groups
 from labelling.errors import ConfigError
 
 

@@ -106,6 +106,8 @@ def read_image(path: str | Path, check: bool = True, channel: int | None = None,
         raise
     except Exception as err:  # any decoder error becomes one clear message
         raise ImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+    if np.iscomplexobj(arr):
+        raise ImageError(f"{path}: complex-valued pixels (e.g. an FFT or phase image); give real-valued intensities")
     arr = to_plane(np.asarray(arr), axes, path, channel=channel, rgb=rgb, planes=planes).astype(np.float32)
     if check:
         for plane in arr.reshape(-1, *arr.shape[-2:]):

@@ -132,7 +132,11 @@ def export_torchscript(task, path: Path, embedding: bool = True) -> dict:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracing is deprecated and warns on every Python branch
         traced = torch.jit.trace(module, _example(dep), check_trace=False)
-    checks = compare(task, lambda x: [o.numpy() for o in _tuple(traced(torch.from_numpy(x)))], embedding)
+    def run(x):
+        with torch.no_grad():
+            return [o.numpy() for o in _tuple(traced(torch.from_numpy(x)))]
+
+    checks = compare(task, run, embedding)
     traced.save(str(path))
     return checks
 
