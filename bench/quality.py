@@ -77,8 +77,8 @@ def budget_settings(seed: int, budget: float, overrides: list[str] | None = None
 
 def run_ours(name: str, dm, seed: int, budget: float, work: Path, overrides: list[str] | None = None) -> dict:
     """Train our default recipe (plus `overrides`) for `budget` seconds; predict the test blocks as deployed."""
-    from labelling.inference.load import load_task
     from labelling.inference import predict
+    from labelling.inference.load import load_task
     from labelling.runs import train
 
     run_dir = work / f"ours_{name}_{seed}"

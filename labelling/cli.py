@@ -93,6 +93,8 @@ def _predict(args) -> int:
     from labelling.data.plate import is_plate
     from labelling.inference import predict
 
+    if not 16 <= args.tile <= predict.MAX_TILE:
+        raise ValueError(f"--tile must be in 16..{predict.MAX_TILE} pixels, got {args.tile}")
     predict.check_options(tile=args.tile, overlap=args.overlap, blend=args.blend)
     for scale in args.scale:
         predict.check_options(scale=scale)

@@ -117,8 +117,10 @@ def test_evaluate_pairs_report(tmp_path):
     real_objects = objects[objects["source"] == "real"]
     assert len(real_objects) == table["real_count"].sum()  # one row per segmented object
     assert real_objects.groupby("image")["area"].sum().tolist() == table["real_total_area"].tolist()
-    plots = downstream.scatter_plots(table, tmp_path)
-    md = downstream.write_report(table, corr, tmp_path, images=plots, objects=objects)
+    from labelling.reporting import downstream as report
+
+    plots = report.scatter_plots(table, tmp_path)
+    md = report.write_report(table, corr, tmp_path, images=plots, objects=objects)
     assert (tmp_path / "objects.csv").exists()
     assert len(plots) == 4 and all(p.exists() for p in plots)
     text = md.read_text()

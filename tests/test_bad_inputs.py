@@ -18,13 +18,12 @@ import pytest
 import tifffile
 import torch
 import yaml
-from labelling.inference.load import CheckpointError, check_checkpoint
 from PIL import Image
 
 from labelling import cli, config
 from labelling.app import logic
-from labelling.inference.load import load_task
 from labelling.data.readers import ImageError, image_shape, read_image
+from labelling.inference.load import CheckpointError, check_checkpoint, load_task
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +60,8 @@ CONFIG_CASES = [
     (["data.crp=64"], 2, "Did you mean 'crop'?"),
     (["loss.name=asymetric"], 2, "Did you mean 'asymmetric'?"),
     (["callbacks=[{name: downstrem}]"], 2, "Did you mean 'downstream'?"),
-    (["data.crop=60", "net.depth=3"], 2, "not divisible by 2**net.depth=8"),
+    (["data.crop=60", "net.depth=3"], 2, "data.crop=60 is not a multiple of 8, the spatial multiple of net UNet"),
+    (["data.crop=60", "net={name: monai_unet, depth: 3}"], 2, "is not a multiple of 8"),  # any net, by its contract
     (["optim.lr"], 2, "must look like key=value"),
     (["optim.lr=2e-3", "net.dropout=0.1"], 0, ""),  # control: valid overrides pass
 ]
@@ -145,13 +145,17 @@ def check(command, argv, code, fragment, capfd, tmp_path, max_seconds=60.0):
 
 @pytest.mark.parametrize("command", ["show", "train"])
 @pytest.mark.parametrize("overrides,code,fragment", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
-def test_config_case(command, overrides, code, fragment, capfd, tmp_path):
+def test_config_case(command, overrides, code, fragment, capfd, tmp_path, monkeypatch):
     if command == "train" and code == 0:
         pytest.skip("valid overrides would train; `show` covers them")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default run root (runs/) would appear here
     run = tmp_path / "run"
     argv = ["golgi_asym", *(TINY if command == "train" else []), *overrides]
     check(command, argv + (["--run-dir", run] if command == "train" else []), code, fragment, capfd, tmp_path)
-    assert not run.exists()  # nothing was written: the error came before any training
+    # nothing was written anywhere: neither the run folder nor a default runs/ (the error came before any work)
+    assert not run.exists() and list(work.iterdir()) == []
 
 
 def _folder_experiment(tmp_path) -> Path:
@@ -383,9 +387,9 @@ def test_upload_errors_name_the_file(tmp_path):
 # ---------------------------------------------------------------------------------------------- predict
 # (extra arguments, how to write the image(s), exit code, message fragment); images are written under tmp_path.
 PREDICT_CASES = [
-    (["--scale", "0"], "grey", 2, "--scale must be in (0, 8]"),
-    (["--scale", "-1"], "grey", 2, "--scale must be in (0, 8]"),
-    (["--scale", "100"], "grey", 2, "--scale must be in (0, 8]"),
+    (["--scale", "0"], "grey", 2, "scale must be in (0, 8]"),
+    (["--scale", "-1"], "grey", 2, "scale must be in (0, 8]"),
+    (["--scale", "100"], "grey", 2, "scale must be in (0, 8]"),
     (["--tile", "0"], "grey", 2, "--tile must be in 16..8192"),
     ([], "rgb", 2, "--channel N"),
     (["--rgb", "luminance"], "rgb", 0, "wrote"),
@@ -444,3 +448,58 @@ def test_predict_into_an_unwritable_folder_fails_before_any_image(tiny_run, capf
     images = _write_images("grey", tmp_path)
     got, text = run_cli(["predict", tiny_run, *images, "--out", blocker / "sub"], capfd)
     assert got == 2 and "cannot write predictions" in text and "Traceback" not in text
+
+
+# --------------------------------------------------------------------------- plates, convert and predict options
+# (argument list with placeholders RUN PLATE OUT TMP, setup, exit code, message fragment). Each case says what the
+# surface did before (issue 24) in its comment.
+PLATE_CASES = [
+    (["predict", "RUN", "PLATE", "--overlap", "1.0"], None, 2, "overlap must be in [0, 1)"),  # was: spun for ever
+    (["predict", "RUN", "PLATE", "--overlap", "-0.5"], None, 2, "overlap must be in [0, 1)"),  # was: accepted
+    (["predict", "RUN", "PLATE", "--devices", "0"], None, 2, "--devices must be a whole number >= 1"),  # traceback
+    (["predict", "RUN", "PLATE", "--devices", "-1"], None, 2, "--devices must be a whole number >= 1"),  # traceback
+    (["predict", "RUN", "PLATE", "--accelerator", "gpu"], "no_gpu", 2, "GPU(s)"),  # was: Lightning traceback
+    (["predict", "RUN", "PLATE", "--scale", "0.7"], None, 2, "--scale cannot be used with a plate"),  # ignored
+    (["predict", "RUN", "PLATE", "--planes", "0"], None, 2, "--planes cannot be used with a plate"),  # ignored
+    (["predict", "RUN", "PLATE", "--composite"], None, 2, "--composite cannot be used with a plate"),  # ignored
+    (["predict", "RUN", "PLATE", "--wells", "("], None, 2, "not a valid regular expression"),  # was: re.error
+    (["predict", "RUN", "PLATE", "--out", "TMP/keep"], "keep", 2, "exists and is not a plate"),  # was: wiped it
+    (["predict", "RUN", "TMP/img.tif", "--wells", "A1"], "image", 2, "--wells cannot be used with image files"),
+    (["evaluate", "RUN", "--plate", "PLATE", "--split", "val"], None, 2, "--split cannot be used with --plate"),
+    (["evaluate", "RUN", "--plate", "PLATE", "--stability"], None, 2, "--stability cannot be used with --plate"),
+    (["evaluate", "RUN", "--wells", "A1"], None, 2, "--wells cannot be used without --plate"),
+    (["simulate", "--plate", "PLATE"], None, 2, "refusing to overwrite"),  # was: replaced a plate with predictions
+    (["simulate", "--out", "TMP/keep"], "keep", 2, "is not empty"),  # was: overwrote files
+]
+
+
+@pytest.fixture(scope="module")
+def plate_run(tmp_path_factory):
+    from labelling.data import platetools
+    from labelling.runs.train import fit
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("plate_cases")
+    plate = platetools.simulate(root / "P.zarr", wells=2, fields=1, size=64, progress=False)
+    fit("nuclei_mse", TINY + ["trainer.max_epochs=1", "callbacks=[]", "test=false"], run_dir=root / "run")
+    return root / "run", plate.path
+
+
+@pytest.mark.parametrize("argv,setup,code,fragment", PLATE_CASES, ids=[" ".join(c[0]) for c in PLATE_CASES])
+def test_plate_case(argv, setup, code, fragment, plate_run, capfd, tmp_path, monkeypatch):
+    run, plate = plate_run
+    if setup == "keep":
+        (tmp_path / "keep").mkdir()
+        (tmp_path / "keep" / "mine.txt").write_text("mine")
+    if setup == "image":
+        tifffile.imwrite(tmp_path / "img.tif", np.random.default_rng(0).random((64, 64)).astype(np.float32))
+    if setup == "no_gpu":
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    args = [str(a).replace("RUN", str(run)).replace("PLATE", str(plate)).replace("TMP", str(tmp_path)) for a in argv]
+    start = time.time()
+    got, text = run_cli(args, capfd)
+    assert got == code, f"exit {got}, wanted {code}\n{text[-2000:]}"
+    assert fragment in text and "Traceback" not in text
+    assert time.time() - start < 60  # refused up front
+    if setup == "keep":
+        assert (tmp_path / "keep" / "mine.txt").read_text() == "mine"  # nothing the user owns was touched

@@ -1,7 +1,6 @@
 import pytest
 
-from labelling import config, registry
-from labelling.build import build
+from labelling import build, config, registry
 
 
 def test_unknown_top_key_lists_valid_keys():
@@ -20,7 +19,7 @@ def test_unknown_nested_key_suggests_fix():
 def test_unknown_component_name_lists_choices():
     cfg = config.load("golgi_asym", ["loss.name=asymetric"])
     with pytest.raises(config.ConfigError) as e:
-        build(cfg)
+        build.build(cfg)
     msg = str(e.value)
     assert "asymetric" in msg and "Did you mean 'asymmetric'" in msg and "pearson" in msg
 
@@ -28,12 +27,17 @@ def test_unknown_component_name_lists_choices():
 def test_unknown_component_argument_lists_valid_arguments():
     cfg = config.load("golgi_asym", ["data.crp=64"])
     with pytest.raises(config.ConfigError, match="crp.*crop"):
-        build(cfg)
+        build.build(cfg)
 
 
-def test_crop_must_fit_depth():
-    with pytest.raises(config.ConfigError, match="divisible"):
-        config.load("golgi_asym", ["data.crop=60", "net.depth=3"])
+@pytest.mark.parametrize("net", ["unet", "monai_unet", "monai_basicunet"])
+def test_crop_must_fit_the_nets_spatial_multiple_whatever_the_net(net):
+    """The crop check reads the net's declared contract, so MONAI nets (and any new net) are covered too."""
+    depth = 4 if net == "monai_basicunet" else 3
+    cfg = config.load("golgi_asym", [f"net={{name: {net}, depth: {depth}}}", "data.crop=60"])
+    with pytest.raises(config.ConfigError, match=f"not a multiple of {2 ** depth}, the spatial multiple"):
+        build.check_components(cfg)
+    build.check_components(config.load("golgi_asym", [f"net={{name: {net}, depth: {depth}}}", "data.crop=64"]))
 
 
 def test_unknown_experiment_lists_experiments():
@@ -67,7 +71,7 @@ def test_every_experiment_validates_and_builds():
         cfg = config.load(name, ["data.n_wells=3", "data.fields_per_well=1", "data.field_size=64"])
         if cfg.data.name == "folder" and not resolve_root(cfg.data.args["root"]).exists():
             continue  # real data absent: validated above, not built
-        dm, task = build(cfg)
+        dm, task = build.build(cfg)
         want = dm.in_channels if cfg.task.name == "autoencoder" else dm.out_channels
         assert task.net.out_channels == want
 
@@ -153,12 +157,11 @@ def test_unknown_profile_names_the_valid_ones():
 
 
 def test_a_list_of_organelles_is_one_multi_target_simulator_experiment():
-    from labelling.build import build
     from labelling.config import load
 
     cfg = load("nuclei_mse", ["data.name=[nuclei,er,gfp]"])
     assert cfg.data.name == "simulated" and cfg.data.args["organelle"] == ["nuclei", "er", "gfp"]
-    dm, task = build(cfg)
+    dm, task = build.build(cfg)
     assert dm.target_names == ["nuclei", "er", "gfp"] and task.net.out_channels == 3
 
 

@@ -67,8 +67,16 @@ def register(text: str, modules: dict, monkeypatch) -> tuple[str, str]:
     return kind, key
 
 
-def test_every_recipe_is_tested():
-    assert set(recipes()) == {"Add a loss", "Add a dataset", "Add a net", "Add a study"}
+def test_every_recipe_is_complete_and_the_kinds_a_newcomer_adds_are_covered():
+    """Each recipe section has its code, exactly one table line and a command that checks it (so the
+    parametrized test below can run it); together they cover every kind a newcomer adds."""
+    kinds = set()
+    for title, text in recipes().items():
+        langs = [lang for lang, _ in BLOCK.findall(text)]
+        assert "python" in langs and "bash" in langs, f"recipe '{title}' lacks code or a command"
+        assert len(TABLE.findall(text)) == 1, f"recipe '{title}' needs exactly one table line"
+        kinds.add(TABLE.findall(text)[0][0])
+    assert {"loss", "net", "data", "callback"} <= kinds, kinds
 
 
 @pytest.mark.parametrize("title", sorted(recipes()))
@@ -79,10 +87,17 @@ def test_recipe_runs(title, tiny, tmp_path, monkeypatch):
         from tests.test_losses import test_loss_finite_minimal_at_target_and_differentiable
 
         test_loss_finite_minimal_at_target_and_differentiable(key)
-    if kind == "net":
+    if kind == "net":  # the contract, its crop check (in the table test) and prediction at any field size
+        from labelling.build import build_task
+        from labelling.config import load
+        from labelling.inference import predict
+        from tests.conftest import deployed_task
         from tests.test_tables import test_every_net_runs_forward_and_returns_an_embedding
 
         test_every_net_runs_forward_and_returns_an_embedding(key)
+        net = build_task(load("nuclei_mse", ["net={name: " + key + "}"]), 1, 1).net.eval()
+        field = np.random.default_rng(0).random((45, 61)).astype(np.float32)
+        assert predict.predict(deployed_task(net), field, tile=32).shape == (1, 45, 61)
     write_npy_folder(tmp_path / "data")
     commands = [line for _, code in BLOCK.findall(text) for line in code.splitlines()
                 if line.startswith("labelling ")]

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from labelling.analysis import drift
+from tests.conftest import deployed_task
 
 
 def test_mmd2_matches_brute_force_unbiased_estimate():
@@ -220,7 +221,7 @@ def test_live_cells_are_a_real_looking_shift_detected_sooner_than_fixed_cells_of
     import torch
 
     torch.manual_seed(0)
-    task = build_task(load("nuclei_mse", {"net.width": 8, "net.depth": 2}), 1, 1).eval()
+    task = deployed_task(build_task(load("nuclei_mse", {"net.width": 8, "net.depth": 2}), 1, 1).net)
     from labelling.data.datamodule import FluorescenceDataModule
 
     dm = FluorescenceDataModule(n_wells=4, fields_per_well=4, field_size=128, seed=0)

@@ -10,13 +10,12 @@ import tifffile
 import torch
 
 from labelling import registry
-from labelling.inference.load import load_task
 from labelling.cli import main
 from labelling.data.normalization import normalize
 from labelling.data.simulate import simulate_field
 from labelling.export import ExportError, bioimage, deployed, driftref, export_run
 from labelling.inference import predict
-from labelling.inference.load import load
+from labelling.inference.load import load, load_task
 from labelling.inference.model import Model
 from labelling.runs.train import fit
 

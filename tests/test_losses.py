@@ -1,8 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
 from labelling import registry
+from labelling.contracts import loss_problems
 from labelling.losses import WeightedSum
+from tests.conftest import deployed_task
 
 ARGS = {"sum": {"terms": [{"name": "mse", "weight": 1.0}, {"name": "gradient", "weight": 0.5}]},
         "per_channel": {"terms": [{"name": "mse", "weight": 1.0}, {"name": "asymmetric", "weight": 2.0}]}}
@@ -19,7 +22,8 @@ def _inputs(binary: bool):
 @pytest.mark.parametrize("name", registry.names("loss"))
 def test_loss_finite_minimal_at_target_and_differentiable(name):
     loss = registry.build("loss", name, **ARGS.get(name, {}))
-    binary = getattr(loss, "activation", None) == "sigmoid"
+    assert loss_problems(loss) == []  # the declared contract prediction and calibration read
+    binary = loss.activation == "sigmoid"
     target = _inputs(binary)
     # "prediction equals target": for logit losses, logits that map onto the target
     perfect = (target * 2 - 1) * 12 if binary else target.clone()
@@ -138,15 +142,22 @@ def test_a_multi_target_model_logs_one_pcc_per_named_channel():
     from labelling.tasks.stainer import Stainer
 
     task = Stainer(net=UNet(1, 2, depth=2, width=4), loss=registry.build("loss", "mse"))
-    task.deploy = {"targets": ["nuclei", "er"]}
+    task = deployed_task(task.net, targets=["nuclei", "er"])
     logged = {}
     task.log_dict = lambda values, **kw: logged.update(values)
     task.log = lambda name, value, **kw: logged.update({name: value})
-    target = torch.rand(2, 2, 32, 32)
-    task._evaluate({"input": torch.rand(2, 1, 32, 32), "target": target}, "val")
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        pred = task.activate(task(x))
+    # channel 0's target follows the prediction, channel 1's is its negative plus noise: r near +1 and near -1
+    target = torch.stack([pred[:, 0] * 3 + 1, -pred[:, 1] + 0.01 * torch.rand(2, 32, 32)], 1)
+    task._evaluate({"input": x, "target": target}, "val")
     task.on_validation_epoch_end()
     assert {"val/pcc/nuclei", "val/pcc/er", "val/pcc"} <= logged.keys()
-    assert all(-1 <= float(logged[f"val/pcc/{c}"]) <= 1 for c in ("nuclei", "er"))
+    for c, name in enumerate(("nuclei", "er")):
+        expected = np.corrcoef(pred[:, c].flatten().numpy(), target[:, c].flatten().numpy())[0, 1]
+        assert float(logged[f"val/pcc/{name}"]) == pytest.approx(expected, abs=1e-4)
+    assert float(logged["val/pcc/nuclei"]) > 0.99 and float(logged["val/pcc/er"]) < -0.9
 
 
 def test_val_pcc_is_the_pearson_r_of_all_validation_pixels_pooled_over_batches():

@@ -7,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 
-from labelling.inference.load import load_task
 from labelling.data import plate as plates
 from labelling.data import platetools
 from labelling.data.normalization import dataset_stats, image_stats, pooled_stats, sketch_stats
 from labelling.errors import ConfigError, ImageError
 from labelling.inference import plates as platepredict
 from labelling.inference import predict
+from labelling.inference.load import load, load_task
 from labelling.runs.train import fit
 from labelling.studies import plates as plateeval
 
@@ -171,20 +170,26 @@ def test_plate_round_trip_simulate_preprocess_train_predict(tmp_path):
     assert (tmp_path / "P_evaluation" / "report.md").exists()
 
 
-def test_streamed_tiling_equals_whole_image_tiling():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 5, padding=2), torch.nn.Tanh(), torch.nn.Conv2d(3, 2, 3, padding=1))
-    image = np.random.default_rng(0).normal(size=(2, 300, 230)).astype(np.float32)
-    expected = predict.predict_tiled(net, image, tile=64, overlap=0.25)
+def test_a_plate_field_streamed_from_storage_equals_the_image_path(plate_run, tmp_path):
+    """One path: a field predicted band by band from the plate (statistics from its stored sketch) gives what
+    predict() gives for the same pixels read as one image."""
+    from labelling.inference.load import load
+
+    source, run = plate_run
+    model = load(run)
+    plate = plates.Plate(source)
+    field = plate.fields[0]
+    names, planes, _ = platepredict.input_layout(model, plate, field)
+    expected = predict.predict(model, plate.read(field, names, planes), tile=32)
     got, bands = np.full_like(expected, np.nan), []
 
     def write(top, bottom, rows):
         got[:, top:bottom] = rows
         bands.append(bottom - top)
 
-    predict.predict_tiled_rows(net, lambda a, b: image[:, a:b], 300, 230, write, tile=64, overlap=0.25, batch_size=3)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
-    assert max(bands) <= 64 and sum(bands) == 300  # every row written once, at most a tile's height at a time
+    assert predict.predict(model, platepredict.FieldSource(plate, field, names, planes), tile=32, write=write) is None
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
+    assert len(bands) > 1 and sum(bands) == expected.shape[1]  # streamed: several bands, every row once
 
 
 def test_killed_plate_prediction_resumes_without_redoing_finished_fields(plate_run, tmp_path, monkeypatch):
@@ -258,7 +263,7 @@ def test_app_reads_a_plate_field_like_predict(plate_run):
     from labelling.app import logic
 
     path, run = plate_run
-    task, _ = load_task(run)
+    task = load(run)
     fields = logic.plate_fields(path)
     image, real = logic.read_plate_field(task, path, fields[2])
     plate = plates.Plate(path)

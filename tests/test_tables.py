@@ -13,6 +13,8 @@ import torch
 
 from labelling import config, registry
 from labelling.build import build
+from labelling.contracts import check_crop, net_problems
+from labelling.errors import ConfigError
 from labelling.runs.train import fit
 from labelling.tasks.stainer import SCHEDULERS, Stainer, configure_optimizers
 
@@ -68,9 +70,14 @@ def test_every_net_runs_forward_and_returns_an_embedding(name):
     assert net.in_channels == 1 and net.out_channels == 1
     assert emb.shape[0] == 2 and emb.flatten(1).shape[1] > 0
     assert not torch.allclose(emb[0], emb[1]), "two different inputs gave the same embedding"
-    if "size" not in (registry.accepted_args(registry.get("net", name)) or []):  # fully convolutional: any size
-        with torch.no_grad():
-            assert net(torch.randn(1, 1, 33, 47)).shape == (1, 1, 33, 47)
+    assert net_problems(net) == [], net_problems(net)  # the declared contract the tiler and exports read
+    m = net.spatial_multiple
+    if "size" not in (registry.accepted_args(registry.get("net", name)) or []):  # fully convolutional
+        with torch.no_grad():  # any multiple of its spatial multiple, not only square crops
+            assert net(torch.randn(1, 1, 3 * m, 5 * m)).shape == (1, 1, 3 * m, 5 * m)
+    if m > 1:  # a training crop the net cannot take is refused before training, for every net
+        with pytest.raises(ConfigError, match="spatial multiple"):
+            check_crop(net, 32 + m // 2)
 
 
 @pytest.mark.parametrize("name", registry.names("data"))
@@ -163,7 +170,6 @@ def test_vae_applies_its_dropout():
 
 
 CALLBACK_ARGS = {"early_stopping": {"monitor": "val/loss"}}  # arguments without a default
-SLOW_CALLBACKS = {"training_studies"}  # trains extra models: tests/test_trainstudies.py runs it end to end
 
 
 class _Probe(lightning.Callback):
@@ -177,13 +183,8 @@ class _Probe(lightning.Callback):
         self.after = {k: v.detach().clone() for k, v in module.named_parameters()}
 
 
-@pytest.mark.parametrize("name", sorted(SLOW_CALLBACKS))
-def test_slow_callbacks_build_with_defaults(name):
-    assert registry.build("callback", name) is not None
-
-
 def test_every_callback_builds_with_defaults_and_survives_a_tiny_fit(tiny, tmp_path):
-    names = [n for n in registry.names("callback") if n not in SLOW_CALLBACKS]
+    names = registry.names("callback")
     overrides = tiny + ["trainer.max_epochs=1", "trainer.limit_val_batches=1", "checkpoint_every=1",
                         "callbacks=[]"]
     cfg = config.to_dict(config.load("nuclei_mse", overrides))
@@ -210,9 +211,7 @@ def test_folder_data_with_two_targets_completes_a_fit(tiny, tmp_path):
 
 def test_ema_checkpoints_hold_the_averaged_weights_and_deploy_them(tiny, tmp_path):
     """callbacks: [{name: ema}]: validation, checkpoints and predict use the exponential moving average."""
-    from labelling.inference.load import check_checkpoint
-
-    from labelling.inference.load import load_task
+    from labelling.inference.load import check_checkpoint, load_task
 
     cfg = config.to_dict(config.load("nuclei_mse", tiny + ["trainer.max_epochs=2", "test=false"]))
     cfg["callbacks"] = [{"name": "ema", "decay": 0.5}]

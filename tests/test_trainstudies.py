@@ -117,19 +117,21 @@ def test_learning_curve_sets_are_nested_and_sized(curve):
     assert (out / "learning_curve.png").exists() and (out / "learning_curve_summary.csv").exists()
 
 
-def test_study_data_registration_leaves_the_registry_as_it_was():
+def test_study_data_is_a_registered_data_module_that_refuses_impossible_restrictions():
+    from labelling.data.restricted import STUDY_DATA
     from labelling.errors import ConfigError
 
-    before = dict(registry.TABLES["data"])
-    with trainstudies.registered():
-        assert trainstudies.STUDY_DATA in registry.TABLES["data"]
-        with pytest.raises(ConfigError, match="train_fields"):
-            registry.build("data", "study", base="nuclei", train_fields=100, **DATA).setup()
-    assert registry.TABLES["data"] == before
+    assert registry.TABLES["data"][STUDY_DATA] == "labelling.data.restricted:study_data"  # data layer, not a study
+    with pytest.raises(ConfigError, match="train_fields"):
+        registry.build("data", "study", base="nuclei", train_fields=100, **DATA).setup()
+    with pytest.raises(ConfigError, match="cannot be 'study' itself"):
+        registry.build("data", "study", base="study", **DATA)
 
 
 def test_fixed_normalization_statistics_come_from_the_kept_fields():
-    dm = trainstudies.study_data(base="gfp", normalize="fixed", phenotypes=[1], train_fields=3, train_scale=0.7, **DATA)
+    from labelling.data.restricted import study_data
+
+    dm = study_data(base="gfp", normalize="fixed", phenotypes=[1], train_fields=3, train_scale=0.7, **DATA)
     dm.setup()
     assert len(dm.splits["train"]) == 3 and {im.extra["phenotype"] for im in dm.splits["train"]} == {1}
     kept = [im.raw_input() for im in dm.splits["train"]]
@@ -165,7 +167,9 @@ def test_cost_table_arithmetic():
 def test_shipped_price_file_is_dated_and_complete(tmp_path):
     import yaml
 
-    prices = cost.load_prices()
+    from labelling.studies.cost import load_prices
+
+    prices = load_prices()
     assert prices["date"] and prices["region"] and prices["currency"] == "USD"
     for name in ("g5.xlarge", "g6.xlarge", "p3.2xlarge", "p4d.24xlarge", "p5.48xlarge"):
         assert prices["instances"][name]["usd_per_hour"] > 0
@@ -174,7 +178,7 @@ def test_shipped_price_file_is_dated_and_complete(tmp_path):
     undated = {k: v for k, v in PRICES.items() if k != "date"}
     (tmp_path / "prices.yaml").write_text(yaml.safe_dump(undated))
     with pytest.raises(ValueError, match="date"):
-        cost.load_prices(tmp_path / "prices.yaml")
+        load_prices(tmp_path / "prices.yaml")
 
 
 def test_cost_from_a_finished_run(tmp_path):
@@ -197,12 +201,11 @@ def test_study_callbacks_and_evaluate_flags_run_from_a_finished_run(tmp_path):
 
     run = tmp_path / "run"
     tiny = [t for t in TINY if not t.startswith(("data.n_wells", "data.fields"))]
-    cbs = ("callbacks=[{name: training_studies, phenotypes: true, overrides: [trainer.max_epochs=1]}, "
-           "{name: cost, runs: 2}]")
-    metrics = fit("nuclei_mse", tiny + ["data.n_wells=8", "data.fields_per_well=3", "trainer.max_epochs=1", cbs],
-                  run_dir=run)
-    assert (run / "studies" / "phenotypes").exists() and (run / "cost.md").exists()
-    assert "test/studies/phenotypes/mean_pixel_pearson" in metrics and metrics["test/cost/crops_per_second"] > 0
+    metrics = fit("nuclei_mse", tiny + ["data.n_wells=8", "data.fields_per_well=3", "trainer.max_epochs=1",
+                                        "callbacks=[{name: cost, runs: 2}]"], run_dir=run)
+    assert (run / "cost.md").exists() and metrics["test/cost/crops_per_second"] > 0
+    # the studies that train are runs of their own, started by `evaluate` flags (never from a callback)
+    assert "training_studies" not in registry.TABLES["callback"]
     summary = evaluate_run(run, scales=(), cost=True, learning_curve=True, max_images=4, log_wandb=False)
     assert (run / "evaluate" / "cost.md").exists() and (run / "evaluate" / "studies" / "learning_curve").exists()
     assert "downstream/pixel_pearson" in summary
@@ -210,8 +213,8 @@ def test_study_callbacks_and_evaluate_flags_run_from_a_finished_run(tmp_path):
 
 def test_cascade_study_trains_helpers_and_scores_the_target_with_and_without_them(tiny, tmp_path):
     """Thesis 5.3/7.4: ER from brightfield alone vs brightfield + predicted nuclei + actin, same split, same test."""
-    from labelling.inference.load import load_task
     from labelling.inference import predict
+    from labelling.inference.load import load_task
     from labelling.studies.cascades import cascade_study
 
     table = cascade_study("er_mse", ("nuclei", "actin"), tiny + ["trainer.max_epochs=1", "data.n_wells=8"], tmp_path)
@@ -221,11 +224,11 @@ def test_cascade_study_trains_helpers_and_scores_the_target_with_and_without_the
     assert (tmp_path / "cascade_study.csv").exists()
     # the cascaded model takes 3 channels and computes the two extra ones itself from a raw brightfield
     task, _ = load_task(tmp_path / "with_cascade")
-    assert task.net.in_channels == 3 and len(task.cascade) == 2
-    assert task.deploy["inputs"] == ["brightfield", "nuclei:nuclei", "actin:actin"]
+    assert task.net.in_channels == 3 and len(task.cascade_models) == 2
+    assert task.deployment.inputs == ["brightfield", "nuclei:nuclei", "actin:actin"]
     raw = np.random.default_rng(0).random((64, 64)).astype(np.float32) * 1000
     assert predict.predict(task, raw, tile=64).shape == (1, 64, 64)
-    with pytest.raises(ValueError, match="takes 1 input channel"):
+    with pytest.raises(ValueError, match="takes 1 input channel"):  # ImageError is a ValueError
         predict.predict(task, np.stack([raw] * 3), tile=64)  # the user gives the raw image, not the cascade
     from labelling.export import ExportError, export_run
 

@@ -11,10 +11,10 @@ import torch
 
 from labelling import studies
 from labelling.analysis import downstream
-from labelling.inference.load import load_task
 from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.normalization import denormalize
 from labelling.inference import predict
+from labelling.inference.load import load_task
 from labelling.losses.basic import MSELoss
 from labelling.runs.train import attach_deployment, calibration_fields, calibration_pixels, calibration_windows, fit
 from labelling.tasks.stainer import Stainer

@@ -5,6 +5,7 @@ import pytest
 import tifffile
 
 from labelling.data.readers import ImageError, parse_planes, read_image
+from tests.conftest import deployed_task
 
 
 def _stack(n=7, size=40, seed=0):
@@ -91,14 +92,13 @@ def test_a_25d_model_predicts_from_a_z_stack_file_and_refuses_a_2d_one(tmp_path)
     cfg = load("nuclei_mse", {"data.name": "folder", "data.root": str(tmp_path), "data.inputs": ["bf"],
                               "data.pattern": r"(?P<key>field\d)_(?P<channel>\w+)\.tif",
                               "data.targets": ["dna"], "data.planes": "2:5"})
-    task = build_task(cfg, 3, 1).eval()
-    task.deploy = {"normalize": "percentile", "planes": [2, 3, 4], "inputs": ["bf[z=2]", "bf[z=3]", "bf[z=4]"]}
+    task = deployed_task(build_task(cfg, 3, 1).net, planes=[2, 3, 4], inputs=["bf[z=2]", "bf[z=3]", "bf[z=4]"])
     image = predict.read_input(task, tmp_path / "field0_bf.tif")
     assert image.shape == (3, 48, 48)
     assert predict.predict(task, image, tile=32).shape == (1, 48, 48)
     with pytest.raises(ImageError, match="planes were chosen but"):
         predict.read_input(task, tmp_path / "field0_dna.tif")
-    task.deploy = {"normalize": "percentile", "inputs": ["a", "b", "c"]}  # 3 channels, no planes: a 3-plane file
+    task = deployed_task(task.net, inputs=["a", "b", "c"])  # 3 channels, no planes: a 3-plane file
     tifffile.imwrite(tmp_path / "three.tif", _stack(3, 48))
     assert predict.read_input(task, tmp_path / "three.tif").shape == (3, 48, 48)
     with pytest.raises(ImageError, match=r"takes 3 input channel\(s\) \(a, b, c\), this file gives 7"):
@@ -112,7 +112,6 @@ def test_a_nearly_empty_field_keeps_its_darkness_under_dataset_normalization():
     in training and the prediction stays within the training range (issue: -7,418..9,539 against a target
     of 33..1,170 with per-image normalization).
     """
-    import torch
 
     from labelling.build import build_task
     from labelling.config import load
@@ -122,15 +121,15 @@ def test_a_nearly_empty_field_keeps_its_darkness_under_dataset_normalization():
     typical = rng.poisson(300, (1, 128, 128)).astype(np.float32)
     typical[0, 40:80, 40:80] += 3000  # a bright cell
     empty = rng.poisson(300, (1, 128, 128)).astype(np.float32)  # background only
-    task = build_task(load("mlcp_dna"), 1, 1).eval()
     from labelling.data.normalization import dataset_stats
 
-    task.input_stats.copy_(torch.as_tensor(dataset_stats([typical])))
-    task.deploy = {"normalize": "fixed"}
-    fixed = predict.normalize_input(task, empty)
-    per_image = predict.normalize_input(task, empty, "percentile")
+    task = deployed_task(build_task(load("mlcp_dna"), 1, 1).net, normalize="fixed",
+                         input_stats=dataset_stats([typical]).tolist())
+    dep = task.deployment
+    fixed = dep.normalize_input(empty)
+    per_image = dep.normalize_input(empty, "percentile")
     assert np.ptp(fixed) < 0.05 * np.ptp(per_image)  # noise stays noise
-    assert np.ptp(predict.normalize_input(task, typical)) > 0.9  # a real cell spans the range
+    assert np.ptp(dep.normalize_input(typical)) > 0.9  # a real cell spans the range
     out = predict.predict(task, empty, tile=64)
     assert np.isfinite(out).all()
 
@@ -145,14 +144,17 @@ def test_predict_cli_and_app_upload_feed_a_25d_model_its_planes(tmp_path, monkey
 
     stack = _stack(7, 64)
     tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
-    task = build_task(load("nuclei_mse"), 3, 1).eval()
-    task.deploy = {"normalize": "percentile", "planes": [1, 2, 3], "inputs": ["z1", "z2", "z3"], "targets": ["dna"]}
+    from labelling.inference.model import Model
+
+    task = deployed_task(build_task(load("nuclei_mse"), 3, 1).net, planes=[1, 2, 3], inputs=["z1", "z2", "z3"],
+                         targets=["dna"])
+    task = Model.from_task(task)
     upload = logic.read_upload("stack.tif", (tmp_path / "stack.tif").read_bytes(), task=task)
     assert np.array_equal(upload, stack[1:4].astype(np.float32))
     with pytest.raises(logic.UploadError, match="stack.tif: a z-stack of 7 planes"):
         logic.read_upload("stack.tif", (tmp_path / "stack.tif").read_bytes())  # no model: never cut silently
 
-    monkeypatch.setattr("labelling.export.deployed.load_model", lambda path: (task, None))
+    monkeypatch.setattr("labelling.inference.load.load", lambda path: task)
     assert main(["predict", "RUN", str(tmp_path / "stack.tif"), "--out", str(tmp_path / "out"), "--tile", "64"]) == 0
     written = tifffile.imread(next((tmp_path / "out").glob("*.tif")))
     assert np.allclose(written, predict.predict(task, stack[1:4].astype(np.float32), tile=64)[0], atol=1e-4)
@@ -165,8 +167,8 @@ def test_a_3d_net_convolves_across_z_and_predicts_whole_stacks(tmp_path):
     import torch
 
     from labelling import registry
-    from labelling.inference.load import load_task
     from labelling.inference import predict
+    from labelling.inference.load import load_task
     from labelling.runs import train
 
     net = registry.build("net", "monai_unet", in_channels=5, out_channels=5, width=4, depth=2, spatial_dims=3)
@@ -194,7 +196,7 @@ def test_a_3d_net_convolves_across_z_and_predicts_whole_stacks(tmp_path):
                              "trainer.max_epochs": 1, "logger.wandb": False, "callbacks": [], "test": False},
               run_dir=run)
     task, _ = load_task(run)
-    assert task.deploy["targets"] == [f"dna[z={z}]" for z in range(5)]
+    assert task.deployment.targets == [f"dna[z={z}]" for z in range(5)]
     stack = predict.read_input(task, tmp_path / "field0_bf.tif")
     out = predict.predict(task, stack, tile=32)  # tiles in x and y over the whole stack
     assert out.shape == (5, 48, 48) and np.isfinite(out).all()

@@ -284,15 +284,24 @@ class FluorescenceDataModule(lightning.LightningDataModule):
     pixel_size: tuple[float, float] | None = None  # (y, x) micrometres, when the files say
     spatial_multiple = 16  # whole-field val/test crops are cut to this (build sets the net's)
 
-    def deployment(self, net, loss, tta: bool = False) -> Deployment:
+    def deployment(self, net, loss, tta: bool = False, reconstruct: bool = False) -> Deployment:
         """The typed deployment state of a model trained on this data, from the *training* split only.
 
         The input normalization (and dataset-level input statistics), the output de-normalization (the
         training targets' statistics; ``affine`` for scale-free losses, refitted after training; ``none``
         for logit losses and binary targets), the null predictor's level and the geometry and channels.
+        With `reconstruct` (an autoencoder) the outputs are the normalized inputs themselves.
         """
         self.setup("fit")
         train = self.splits["train"]
+        if reconstruct:
+            n = net.out_channels
+            return Deployment(inputs=list(self.input_names), targets=list(self.input_names)[:n],
+                              raw_channels=self.raw_channels, in_channels=net.in_channels, out_channels=n,
+                              spatial_multiple=net.spatial_multiple, spatial_dims=net.spatial_dims,
+                              normalize=self.norm, input_stats=np.asarray(self.input_stats).tolist(),
+                              denormalize="none", target_stats=[[0.0, 1.0]] * n, null_level=[0.0] * n,
+                              max_size=int(self.max_size or 0), pixel_size=self.pixel_size)
         rule = "none" if loss.activation == "sigmoid" or self.binary_target else "affine" if loss.scale_free else "stats"
         target_stats = self.target_stats if self.target_norm == "fixed" else np.mean([im.target_stats for im in train], 0)
         return Deployment(

@@ -103,7 +103,11 @@ class Plate:
             return list(self.fields)
         chosen = []
         for pattern in wells:
-            hits = [f for f in self.fields if f.well in (pattern, _slash(pattern)) or re.fullmatch(pattern, f.well)]
+            try:
+                matcher = re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"--wells: '{pattern}' is not a valid regular expression ({err})") from None
+            hits = [f for f in self.fields if f.well in (pattern, _slash(pattern)) or matcher.fullmatch(f.well)]
             if not hits:
                 raise ConfigError(f"--wells: '{pattern}' matches none of the plate's wells ({', '.join(self.wells[:12])}"
                                   f"{' ...' if len(self.wells) > 12 else ''})")
@@ -197,9 +201,9 @@ class Plate:
 
 
 def _slash(well: str) -> str:
-    """``A1`` -> ``A/1``."""
-    found = re.fullmatch(r"([A-Za-z]+)(\d+)", well)
-    return f"{found[1]}/{found[2]}" if found else well
+    """``A1``, ``A01`` or ``a/01`` -> ``A/1`` (the plate's own well names)."""
+    found = re.fullmatch(r"([A-Za-z]+)/?0*(\d+)", well)
+    return f"{found[1].upper()}/{found[2]}" if found else well
 
 
 # --------------------------------------------------------------------------------- writing a plate

@@ -27,7 +27,7 @@ import lightning
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
-from labelling import config
+from labelling import build, config
 from labelling.reporting import reports
 from labelling.errors import redact, redact_obj
 

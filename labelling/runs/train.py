@@ -20,6 +20,7 @@ from labelling import config, registry
 from labelling import build
 from labelling.inference.load import build_run, check_checkpoint
 from labelling.inference.predict import calibrate_affine
+from labelling.tasks.autoencoding import Autoencoding
 from labelling.tasks.stainer import Stainer
 from labelling.callbacks.panels import PredictionPanels
 
@@ -98,7 +99,8 @@ def attach_deployment(dm, task, tta: bool = False) -> None:
 
     See :meth:`labelling.data.datamodule.FluorescenceDataModule.deployment`; it is saved with every checkpoint.
     """
-    if not isinstance(task, Stainer):  # autoencoders are not deployed as stains
+    if isinstance(task, Autoencoding):  # reconstructions of the normalized input (embedding studies)
+        task.deployment = dm.deployment(task.net, task.loss, reconstruct=True)
         return
     task.deployment = dm.deployment(task.net, task.loss, tta=tta)
     task.cascade_models = dm.cascade_models

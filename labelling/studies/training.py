@@ -27,7 +27,7 @@ import lightning
 import numpy as np
 import pandas as pd
 
-from labelling import build, config, registry, studies
+from labelling import build, config, studies
 from labelling.analysis import downstream, generalization
 from labelling.data.restricted import STUDY_DATA, STUDY_KEYS, phenotype_of
 from labelling.inference import predict
@@ -51,9 +51,9 @@ def study_config(experiment, overrides=None, **study) -> config.Experiment:
 
 def base_datamodule(cfg: config.Experiment):
     """The unrestricted data module of a study config, set up: its test split is what every study scores."""
-    args = {k: v for k, v in cfg.data.args.items() if k not in STUDY_KEYS}
+    args = {k: v for k, v in cfg.data.args.items() if k not in STUDY_KEYS and k != "base"}
     name = cfg.data.args.get("base", "simulated") if cfg.data.name == STUDY_DATA else cfg.data.name
-    dm = registry.build("data", name, **{"seed": cfg.seed, **args})
+    dm = build.build_data(config.validate({**config.to_dict(cfg), "data": {"name": name, **args}}))
     dm.setup()
     return dm
 

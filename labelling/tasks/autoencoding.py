@@ -6,6 +6,7 @@ import lightning
 import torch
 from torch.nn import functional
 
+from labelling.deployment import Deployment
 from labelling.losses.basic import pearson_per_image
 from labelling.tasks.stainer import configure_optimizers
 
@@ -27,6 +28,14 @@ class Autoencoding(lightning.LightningModule):
         self.optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, **(optim or {})}
         self.kl_weight, self.config = kl_weight, config or {}
         self.history: list[dict] = []  # convergence curve for plots
+        self.deployment: Deployment | None = None  # how its inputs are normalized (the embedding studies)
+
+    def get_extra_state(self) -> dict:
+        """The deployment state as plain data, stored in the state dict (loads with ``weights_only=True``)."""
+        return self.deployment.to_dict() if self.deployment is not None else {}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.deployment = Deployment.from_dict(state, "checkpoint") if state else None
 
     def forward(self, x):
         return self.net(x)
