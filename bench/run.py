@@ -90,13 +90,13 @@ def training_throughput(steps: int = 20, crop: int = 64, batch: int = 16, peak: 
 def inference_vs_monai(size: int = 1024, tile: int = 256, overlap: float = 0.25) -> dict:
     from monai.inferers import sliding_window_inference
 
-    from labelling.inference.predict import predict_tiled
+    from labelling.inference.tiling import tile_image
     from labelling.nets.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(1, 1, depth=3, width=16).eval()
     img = np.random.default_rng(0).normal(size=(1, size, size)).astype(np.float32)
-    ours = lambda: predict_tiled(net, img, tile=tile, overlap=overlap, blend="gaussian", batch_size=8)  # noqa: E731
+    ours = lambda: tile_image(net, img, tile=tile, overlap=overlap, blend="gaussian", batch_size=8)  # noqa: E731
     x = torch.from_numpy(img)[None]
 
     def monai():
@@ -161,7 +161,7 @@ def write_report(r: dict, path: Path) -> None:
                      f"{v['achieved_gflops']:.1f} | {100 * v['fraction_of_conv_peak']:.0f}% |")
     lines += ["", f"## Tiled inference ({inf['image']}, tile {inf['tile']}, overlap {inf['overlap']}, Gaussian)", "",
               "| implementation | MP/s |", "|---|---|",
-              f"| labelling.inference.predict.predict_tiled | {inf['ours_mp_per_s']:.2f} |",
+              f"| labelling.inference.tiling.tile_image | {inf['ours_mp_per_s']:.2f} |",
               f"| MONAI sliding_window_inference | {inf['monai_mp_per_s']:.2f} |", "",
               f"Ratio ours/MONAI: **{inf['speed_ratio_ours_over_monai']:.2f}x**; max |difference| of outputs "
               f"{inf['max_abs_diff']:.2e}.", "",

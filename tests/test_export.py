@@ -136,8 +136,10 @@ def test_bioimageio_package_passes_bioimageio_core_model_test(run, tmp_path):
 
 def test_bioimageio_steps_reproduce_our_normalization():
     stats = [[200.0, 400.0], [10.0, 5.0]]
-    state = {"deployment": {"normalize": "fixed", "denormalize": "stats", "input_stats": stats,
-                            "target_stats": [[100.0, 50.0]], "activation": None}}
+    from labelling.deployment import Deployment
+
+    state = {"deployment": Deployment(normalize="fixed", denormalize="stats", input_stats=stats, in_channels=2,
+                                      raw_channels=2, inputs=["a", "b"], target_stats=[[100.0, 50.0]]).to_dict()}
     (_, linear, _) = bioimage.preprocessing(state)
     kwargs = linear["kwargs"]
     x = np.random.default_rng(0).uniform(0, 4000, (2, 8, 8)).astype(np.float32)
@@ -234,17 +236,17 @@ def test_a_scripted_torchscript_that_writes_a_file_runs_no_code_through_predict(
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"\0" * 64)
 
-    class Evil(torch.nn.Module):
-        def __init__(self, target: str):
-            super().__init__()
-            self.target = target
+    # an archive that maps a file of the user's into memory and fills it, scripted from a real source file
+    source = tmp_path / "evil_module.py"
+    source.write_text("import torch\n\n\nclass Evil(torch.nn.Module):\n    def forward(self, x):\n"
+                      f"        mapped = torch.from_file({str(victim)!r}, shared=True, size=64, dtype=torch.uint8)\n"
+                      "        mapped.fill_(7)\n        return x + 0 * mapped[0].float(), x.mean((2, 3))\n")
+    import importlib.util
 
-        def forward(self, x):
-            mapped = torch.from_file(self.target, shared=True, size=64, dtype=torch.uint8)
-            mapped.fill_(7)
-            return x + 0 * mapped[0].float(), x.mean((2, 3))
-
-    evil = torch.jit.script(Evil(str(victim)))
+    spec = importlib.util.spec_from_file_location("evil_module", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    evil = torch.jit.script(module.Evil())
     evil.save(str(out / "model.pt"))
     check = torch.jit.load(str(out / "model.pt"))  # the archive really does write the file when run (a test of the test)
     check(torch.zeros(1, 1, 8, 8))

@@ -266,3 +266,30 @@ def test_tta_averages_the_eight_flips_and_rotations_of_each_tile(net):
     task.deployment.tta = False
     without = predict.predict(task, image, tile=32)
     assert with_tta.shape == without.shape and not np.allclose(with_tta, without)
+
+
+def test_a_version_1_checkpoint_is_migrated_and_predicts_bit_identically(tiny, tmp_path):
+    """Checkpoints written before the typed Deployment (statistics as buffers, settings as a plain dict) load
+    through the one loader and give exactly the predictions of the same weights in the new layout."""
+    from labelling.inference.load import check_checkpoint, load
+    from labelling.runs.train import fit
+
+    run = tmp_path / "run"
+    fit("nuclei_mse", tiny + ["trainer.max_epochs=1", "callbacks=[]", "test=false", "data.normalize=fixed"],
+        run_dir=run)
+    ckpt_path = run / "checkpoints" / "best.ckpt"
+    current = load(run)
+    ckpt = check_checkpoint(ckpt_path)
+    dep = ckpt["state_dict"].pop("_extra_state")
+    assert dep["version"] == 2
+    for key in ("input_stats", "target_stats", "null_level"):  # the version-1 layout
+        ckpt["state_dict"][key] = torch.tensor(dep[key], dtype=torch.float32)
+    ckpt["state_dict"]["_extra_state"] = {k: dep[k] for k in ("normalize", "denormalize", "inputs", "targets",
+                                                              "target_transform", "max_size", "planes", "cascade")}
+    torch.save(ckpt, ckpt_path)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    migrated = load(run)
+    assert migrated.deployment.normalize == "fixed" and migrated.deployment.version == 2
+    np.testing.assert_allclose(migrated.deployment.input_stats, current.deployment.input_stats, rtol=1e-6)
+    raw = np.random.default_rng(0).gamma(2, 300, (70, 90)).astype(np.float32)
+    np.testing.assert_array_equal(predict.predict(migrated, raw, tile=32), predict.predict(current, raw, tile=32))

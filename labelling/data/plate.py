@@ -85,8 +85,12 @@ class Plate:
         self.meta = meta
         self.fields: list[Field] = []
         for well in meta.get("wells", []):
-            images = _ome(self.root[well["path"]].attrs).get("well", {}).get("images", [])
+            try:
+                images = _ome(self.root[well["path"]].attrs).get("well", {}).get("images", [])
+            except KeyError:
+                raise ImageError(f"{path}: the plate lists well {well.get('path')} but its folder is missing") from None
             self.fields += [Field(f"{well['path']}/{im['path']}", well["path"]) for im in images]
+        self.local = "://" not in self.path or self.path.startswith("file://")
         self._arrays: dict[str, object] = {}
         self._channels: dict[str, list[str]] = {}  # parsing a field's attributes costs more than reading a crop
 
@@ -116,14 +120,23 @@ class Plate:
 
     # -- one field ---------------------------------------------------------------------------------
     def group(self, field: Field):
-        return self.root[field.path]
+        try:
+            return self.root[field.path]
+        except KeyError:
+            raise ImageError(f"{self.path}: the plate lists field {field.path} but its folder is missing") from None
 
     def array(self, field: Field):
         """The field's full-resolution (T, C, Z, Y, X) zarr array (lazy)."""
         if field.path not in self._arrays:
             meta = _ome(self.group(field).attrs)
             multiscales = meta.get("multiscales") or [{"datasets": [{"path": "0"}]}]
-            array = self.group(field)[multiscales[0]["datasets"][0]["path"]]
+            name = multiscales[0]["datasets"][0]["path"]
+            try:
+                array = self.group(field)[name]
+            except KeyError:
+                raise ImageError(f"{self.path}/{field.path}: the image lists array '{name}' but it is missing") from None
+            if np.iscomplexobj(np.empty(0, array.dtype)):
+                raise ImageError(f"{self.path}/{field.path}: complex-valued pixels ({array.dtype}); give real intensities")
             if array.ndim != 5:
                 raise ImageError(f"{self.path}/{field.path}: expected a (T, C, Z, Y, X) array, got {array.shape}")
             self._arrays[field.path] = array
@@ -158,9 +171,35 @@ class Plate:
         planes = list(planes) if planes is not None else [0]
         if max(planes) >= array.shape[2]:
             raise ImageError(f"{field.path}: planes {planes} but the field has {array.shape[2]} z plane(s)")
+        where = f"{self.path}/{field.path}/{Path(str(array.path)).name} rows {rows.start or 0}:{rows.stop or array.shape[3]}"
+        self._check_chunks(field, array, channels, index, planes, rows, where)
         # one orthogonal selection: zarr fetches every chunk in one call (each call costs ~1 ms of overhead)
-        out = np.asarray(array.oindex[t, index, planes, rows, cols], np.float32)
+        try:
+            out = np.asarray(array.oindex[t, index, planes, rows, cols], np.float32)
+        except Exception as err:  # a truncated or corrupt chunk: the codec's own error names no file
+            raise ImageError(f"{where}: cannot read ({type(err).__name__}: {err}); the chunk is damaged") from None
         return out.reshape(-1, *out.shape[2:])
+
+    def _check_chunks(self, field: Field, array, channels: list[str], index: list[int], planes: list[int],
+                      rows: slice, where: str) -> None:
+        """A chunk a labelling-written channel must have but that is gone is an error, never zeros."""
+        complete = set(self.attrs(field).get("complete_channels", []))
+        if not self.local or not complete.intersection(channels):
+            return
+        folder = Path(self.path.removeprefix("file://")) / field.path / Path(str(array.path)).name
+        step_y, step_x = array.chunks[3], array.chunks[4]
+        height, width = array.shape[3:]
+        first, last = (rows.start or 0) // step_y, ((rows.stop or height) - 1) // step_y
+        for name, c in zip(channels, index):
+            if name not in complete:
+                continue
+            for z in planes:
+                for i in range(first, last + 1):
+                    for j in range(-(-width // step_x)):
+                        key = array.metadata.encode_chunk_key((0, c, z, i, j))
+                        if not (folder / key).is_file():
+                            raise ImageError(f"{where}: chunk {key} of channel {name} is missing (deleted or "
+                                             "never written); the plate is damaged")
 
     def attrs(self, field: Field) -> dict:
         return dict(self.group(field).attrs.get(KEY, {}))
@@ -246,6 +285,8 @@ class PlateWriter:
             raise ImageError(f"expected ({len(self.channels)}, Z, Y, X) for channels {self.channels}, got {image.shape}")
         field, array = self.create(row, column, fov, image.shape[1:], dtype or image.dtype, _omero(self.channels, image))
         array[0] = image
+        group = self.root[field.path]
+        group.attrs[KEY] = {**dict(group.attrs.get(KEY, {})), "complete_channels": list(self.channels)}
         return field
 
     def create(self, row: str, column: str, fov: int | str, zyx: tuple[int, int, int], dtype="float32",
@@ -261,7 +302,8 @@ class PlateWriter:
         chunks = (1, 1, 1, min(self.chunk, shape[3]), min(self.chunk, shape[4]))
         # lz4 decodes fast: training reads many small random crops
         array = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True,
-                                   compressors=numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE))
+                                   compressors=numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE),
+                                   config={"write_empty_chunks": True})  # every chunk on disk: a gap is damage
         scale = [{"type": "scale", "scale": [1.0] * 5}]
         write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": scale}], fmt=FormatV04(),
                                    axes=[{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},

@@ -82,7 +82,8 @@ def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, s
             fluo = np.repeat(np.concatenate([f.fluorescence, (f.nuclei > 0)[None].astype(np.float32)])[:, None],
                              planes, 1)
             field = out.write(row, column, f.field, np.concatenate([bf[None], fluo]).astype(np.float32))
-            out.root[field.path].attrs[plates.KEY] = {"phenotype": int(f.phenotype), "well_name": f.well}
+            attrs = out.root[field.path].attrs
+            attrs[plates.KEY] = {**dict(attrs.get(plates.KEY, {})), "phenotype": int(f.phenotype), "well_name": f.well}
     plates.preprocess(path, progress=progress)
     return plates.Plate(path)
 
@@ -136,7 +137,8 @@ def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str]
             row, column = position[well]
             field = writer.write(row, column, fov_count[(row, column)], image)
             fov_count[(row, column)] += 1
-            writer.root[field.path].attrs[plates.KEY] = {"source": key, "well_name": well,
-                                                          "files": [str(found[key][c]) for c in names]}
+            attrs = writer.root[field.path].attrs
+            attrs[plates.KEY] = {**dict(attrs.get(plates.KEY, {})), "source": key, "well_name": well,
+                                 "files": [str(found[key][c]) for c in names]}
     plates.preprocess(out, progress=progress)
     return plates.Plate(out)

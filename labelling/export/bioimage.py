@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from labelling.data.normalization import HIGH, LOW
+from labelling.deployment import Deployment
 from labelling.errors import ExportError
 from labelling.inference import predict
 
@@ -45,8 +47,8 @@ def preprocessing(state: dict) -> list[dict]:
     method = state["deployment"]["normalize"]
     steps: list[dict] = [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
     if method == "percentile":
-        steps.append({"id": "scale_range", "kwargs": {"axes": ["y", "x"], "min_percentile": 1.0,
-                                                      "max_percentile": 99.8, "eps": 1e-6}})
+        steps.append({"id": "scale_range", "kwargs": {"axes": ["y", "x"], "min_percentile": LOW,
+                                                      "max_percentile": HIGH, "eps": 1e-6}})
     elif method == "minmax":
         steps.append({"id": "scale_range", "kwargs": {"axes": ["y", "x"], "min_percentile": 0.0,
                                                       "max_percentile": 100.0, "eps": 1e-6}})
@@ -63,8 +65,9 @@ def preprocessing(state: dict) -> list[dict]:
 def postprocessing(state: dict) -> list[dict]:
     """The run's output de-normalization as bioimage.io postprocessing steps (none for probabilities)."""
     steps = []
-    if state["deployment"]["denormalize"] != "none" and state["deployment"]["activation"] != "sigmoid":
-        stats = np.asarray(state["deployment"]["target_stats"], np.float64)
+    stats = Deployment.from_dict(state["deployment"]).output_stats()  # the one de-normalization rule
+    if stats is not None:
+        stats = np.asarray(stats, np.float64)
         steps.append(_linear(stats[:, 1], stats[:, 0]))
     return steps + [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
 

@@ -107,7 +107,7 @@ def _migrate(task, state_dict: dict) -> dict:
     state_dict = dict(state_dict)
     buffers = {k: state_dict.pop(k) for k in LEGACY_BUFFERS}
     extra = state_dict.pop("_extra_state", None) or {}
-    task.deployment = Deployment.from_legacy(extra, buffers, task.net, task.loss.activation)
+    state_dict["_extra_state"] = Deployment.from_legacy(extra, buffers, task.net, task.loss.activation).to_dict()
     return state_dict
 
 
