@@ -71,3 +71,7 @@ def check_components(cfg: config.Experiment) -> None:
     net = registry.build("net", cfg.net.name, in_channels=channels, out_channels=channels, **_net_args(cfg))
     contracts.check_crop(net, int(cfg.data.args.get("crop", 64)))
     registry.build("loss", cfg.loss.name, **cfg.loss.args)
+    if cfg.data.args.get("cascade"):  # the runs must exist (loading them is the data's job, not a check's)
+        from labelling.data.cascade import resolve
+
+        resolve(cfg.data.args["cascade"])

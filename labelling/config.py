@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from labelling.errors import ConfigError, suggest, unknown  # noqa: F401  (ConfigError, unknown: re-exported)
 
@@ -92,6 +92,27 @@ class LoggerConfig(BaseModel):
     panels: int = Field(4, ge=0)  # prediction panels saved as PNG at the end of a run
 
 
+class InitConfig(BaseModel):
+    """Fine-tuning: start from the weights of a trained model (``init: {from: runs/nuclei_mse}``).
+
+    ``from`` is a run folder, a checkpoint or an export; its net's weights are loaded where the layers match
+    (a mismatch is an error naming the layers), its input normalization is kept unless ``normalization: own``,
+    and ``freeze_encoder`` trains only the decoder (nets that declare their encoder).
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    source: str | None = Field(None, validation_alias=AliasChoices("from", "source"))
+    freeze_encoder: bool = False
+    normalization: str = "source"
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.normalization not in ("source", "own"):
+            raise ValueError(f"init.normalization must be 'source' (keep the trained model's) or 'own', "
+                             f"got {self.normalization!r}")
+        return self
+
+
 class Experiment(BaseModel):
     """The whole experiment. Unknown top-level keys are errors (`extra='forbid'`)."""
 
@@ -113,6 +134,7 @@ class Experiment(BaseModel):
     trainer: TrainerConfig = TrainerConfig()
     callbacks: list[Component] = []
     logger: LoggerConfig = LoggerConfig()
+    init: InitConfig = InitConfig()  # fine-tuning from a trained model (its weights, its normalization)
     # named override sets, e.g. ``profiles: {gpu: {net: {width: 64}, trainer: {precision: bf16-mixed}}}``,
     # applied by ``profile=gpu`` (command-line overrides still win)
     profile: str | None = None
@@ -362,6 +384,8 @@ def validate(raw: dict) -> Experiment:
     """Raw dict -> :class:`Experiment`, short errors; ``data.name: [nuclei, er]`` is one multi-target model."""
     data = raw.get("data") if isinstance(raw, dict) else None
     if isinstance(data, dict) and isinstance(data.get("name"), list):
+        if not data["name"]:
+            raise ConfigError("data.name=[]: name one data module, or a non-empty list of organelles")
         raw = {**raw, "data": {**data, "name": "simulated", "organelle": list(data["name"])}}
     try:
         return Experiment.model_validate(raw)

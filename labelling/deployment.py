@@ -49,6 +49,7 @@ class Deployment(BaseModel):
         cascade: run folders whose predictions are extra input channels.
         tta: average the 8 flips/rotations of each tile.
         pixel_size: (y, x) size of a training pixel in micrometres, when the data said.
+        lineage: the models this one was fine-tuned from, oldest last (``init.from``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -74,6 +75,7 @@ class Deployment(BaseModel):
     cascade: list[str] = Field(default_factory=list)
     tta: bool = False
     pixel_size: tuple[float, float] | None = None
+    lineage: list[dict] = Field(default_factory=list)  # models this one was fine-tuned from (source, sha256)
 
     @field_validator("normalize")
     @classmethod

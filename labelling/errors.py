@@ -44,8 +44,9 @@ def unknown(kind: str, name, valid) -> ConfigError:
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^:/@\s]*):(?P<secret>[^\s/]*)@")
-_KEY_VALUE = re.compile(r"(?i)\b(?P<head>[\w-]*(?:api[_-]?key|token|secret|password|passwd)[\w-]*['\"]?"
+_KEY_VALUE = re.compile(r"(?i)(?<![/\\.])\b(?P<head>[\w-]*(?:api[_-]?key|token|secret|password|passwd)[\w-]*['\"]?"
                         r"\s*[=:]\s*['\"]?)(?P<secret>[^\s'\",;&}]+)")
+MIN_SECRET = 8  # characters: shorter values of secret-looking variables are left alone
 _SECRET_ENV = re.compile(r"(?i)(api_?key|token|secret|password|passwd)")
 
 
@@ -59,8 +60,10 @@ def redact(text) -> str:
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
     text = _KEY_VALUE.sub(lambda m: f"{m['head']}***", text)
     for key, value in os.environ.items():
-        if len(value) >= 6 and _SECRET_ENV.search(key) and value in text:
-            text = text.replace(value, "***")
+        # whole tokens only, and long enough to be a secret: a variable whose value is a word ("cannot")
+        # must not blank that word out of every message
+        if len(value) >= MIN_SECRET and _SECRET_ENV.search(key) and value in text:
+            text = re.sub(rf"(?<![\w-]){re.escape(value)}(?![\w-])", "***", text)
     return text
 
 

@@ -63,6 +63,8 @@ CONFIG_CASES = [
     (["data.crop=60", "net.depth=3"], 2, "data.crop=60 is not a multiple of 8, the spatial multiple of net UNet"),
     (["data.crop=60", "net={name: monai_unet, depth: 3}"], 2, "is not a multiple of 8"),  # any net, by its contract
     (["optim.lr"], 2, "must look like key=value"),
+    (["data.name=[]"], 2, "data.name=[]: name one data module"),  # was: show accepted what train refused
+    (["data.cascade=[/nonexistent]"], 2, "/nonexistent does not exist"),  # was: show accepted what train refused
     (["optim.lr=2e-3", "net.dropout=0.1"], 0, ""),  # control: valid overrides pass
 ]
 
@@ -470,6 +472,7 @@ PLATE_CASES = [
     (["evaluate", "RUN", "--wells", "A1"], None, 2, "--wells cannot be used without --plate"),
     (["simulate", "--plate", "PLATE"], None, 2, "refusing to overwrite"),  # was: replaced a plate with predictions
     (["simulate", "--out", "TMP/keep"], "keep", 2, "is not empty"),  # was: overwrote files
+    (["simulate", "--plate", "TMP/new.zarr", "--wells", "0"], None, 2, "--wells must be at least 1"),  # "Empty wells list"
 ]
 
 

@@ -98,3 +98,21 @@ def test_the_nets_trace_into_one_graph(name):
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
     out, emb = net(x, return_embedding=True)  # the embedding (read by a hook) is still there when asked for
     assert out.shape == (2, 1, 32, 32) and emb.shape == (2, net.embedding_dim)
+
+
+@pytest.mark.parametrize("steps,max_time,expected", [(100, None, False), (5000, None, True),
+                                                      (100, "00:00:15:00", True), (100, "00:00:01:00", False)])
+def test_compile_auto_decides_from_the_runs_budget(steps, max_time, expected):
+    """Short runs do not lose to their own compile: `compile: auto` compiles only a long enough run."""
+    from types import SimpleNamespace
+
+    from labelling.losses.basic import MSELoss
+    from labelling.nets.unet import UNet
+    from labelling.tasks.stainer import Stainer
+
+    task = Stainer(UNet(1, 1, depth=2, width=4), MSELoss(), compile="auto",
+                   config={"trainer": {"max_time": max_time}})
+    task._trainer = SimpleNamespace(estimated_stepping_batches=steps)
+    assert task.worth_compiling() is expected
+    with pytest.raises(ValueError, match="true, false or auto"):
+        Stainer(UNet(1, 1, depth=2, width=4), MSELoss(), compile="sometimes")

@@ -116,3 +116,33 @@ def _metrics(runs: Path) -> dict:
     found = sorted(runs.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
     assert found, f"no metrics.json under {runs}"
     return json.loads(found[-1].read_text())
+
+
+def test_own_data_example_extends_the_real_data_default_and_trains(tmp_path, tiny):
+    """docs/own_data.md's first experiment, on a tiny folder named like its pattern: it extends `_real` (the
+    recipe the quality bench measures) and trains end to end."""
+    import yaml
+
+    text = (ROOT / "docs" / "own_data.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    raw = yaml.safe_load(block)
+    assert raw["extends"] == "_real"
+    rng = np.random.default_rng(0)
+    data = tmp_path / "plate"
+    data.mkdir()
+    for w, well in enumerate(("B03", "B04", "C03", "C04", "D05")):
+        for pos in (1, 2):
+            bf = rng.gamma(2, 300, (64, 64)).astype(np.float32)
+            import tifffile
+
+            tifffile.imwrite(data / f"plate1_{well}_pos{pos:02d}_BF.tif", bf)
+            tifffile.imwrite(data / f"plate1_{well}_pos{pos:02d}_DAPI.tif", (bf * 2 + w).astype(np.float32))
+    raw["data"]["root"] = str(data)
+    exp = tmp_path / "my_nuclei.yaml"
+    exp.write_text(yaml.safe_dump(raw))
+    (tmp_path / "_real.yaml").write_text((ROOT / "experiments" / "_real.yaml").read_text())
+    quiet = [t for t in tiny if not t.startswith(("data.n_wells", "data.fields", "data.field_size", "net."))]
+    assert main(["train", str(exp), *quiet, "trainer.fast_dev_run=1", "net.width=4", "net.depth=2",
+                 "data.val_crop=32", "--run-dir", str(tmp_path / "runs")]) == 0
+    metrics = _metrics(tmp_path / "runs")
+    assert np.isfinite(metrics["train/loss"])

@@ -167,3 +167,12 @@ def test_trial_beyond_n_trials_stops_before_training(sweep_file, tmp_path):
     import pandas as pd
 
     assert set(pd.read_csv(root / "golgi_asym" / "trials.csv")["number"]) == {0, 1, 2}  # surplus left out
+
+
+def test_redaction_leaves_ordinary_words_alone(monkeypatch):
+    """A secret-looking variable holding a word (issue 24: "cannot") must not blank that word in messages."""
+    monkeypatch.setenv("MY_TOKEN", "cannot")
+    monkeypatch.setenv("OTHER_SECRET", "hunter22-long")
+    assert redact("/etc/passwd: cannot load the exported network") == "/etc/passwd: cannot load the exported network"
+    assert redact("the key is hunter22-long.") == "the key is ***."
+    assert redact("xhunter22-longx") == "xhunter22-longx"  # only whole tokens

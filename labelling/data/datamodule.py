@@ -254,6 +254,21 @@ class FluorescenceDataModule(lightning.LightningDataModule):
     def raw_input_names(self) -> list[str]:
         return ["brightfield"]
 
+    input_override: np.ndarray | None = None  # dataset-level input statistics given, not computed (fine-tuning)
+
+    def keep_input_normalization(self, rule: str, stats) -> None:
+        """Normalize inputs with another model's rule and dataset-level statistics (call before setup).
+
+        Fine-tuning keeps the source model's view of the input.
+        """
+        stats = np.asarray(stats, np.float32)
+        if self.splits:
+            raise RuntimeError("keep_input_normalization must come before setup()")
+        if len(stats) != self.in_channels:
+            raise ValueError(f"the source model normalizes {len(stats)} input channel(s), this data has "
+                             f"{self.in_channels}")
+        self.norm, self.input_override = rule, stats
+
     def attach_cascade(self, inputs) -> None:
         """Take the loaded cascade (:class:`labelling.inference.load.CascadeInputs`).
 
@@ -376,7 +391,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         train = [p for p in pairs if where[p[2]] == "train"]
         # Dataset-level statistics from the training split only (fixed normalization, and the fixed view
         # of the stability study); test images never contribute to anything the model uses.
-        self.input_stats = dataset_stats([p[0] for p in train])
+        self.input_stats = self.input_override if self.input_override is not None else dataset_stats(
+            [p[0] for p in train])
         self.target_stats = dataset_stats([p[1] for p in train])
         self.splits = {"train": [], "val": [], "test": []}
         for p in pairs:

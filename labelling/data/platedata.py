@@ -239,6 +239,8 @@ class PlateDataModule(FluorescenceDataModule):
         out_rows = [(c, self.target_plane) for c in self.targets]
         train = [s for s, g in zip(sketches, groups) if where[g] == "train"]
         self.input_stats, self.target_stats = self._stats("fixed", train, in_rows), self._stats("fixed", train, out_rows)
+        if self.input_override is not None:  # fine-tuning: the source model's statistics
+            self.input_stats = self.input_override
         self.means = np.array([[s[c]["mean"][z] for c, z in out_rows] for s in train])
         self.splits = {"train": [], "val": [], "test": []}
         for f, s, g, m in zip(self.fields, sketches, groups, meta):

@@ -72,6 +72,9 @@ def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, s
 
     from labelling.data.simulate import CHANNELS, simulate_plate
 
+    for key, value, least in (("wells", wells, 1), ("fields", fields, 1), ("size", size, 16), ("planes", planes, 1)):
+        if int(value) < least:
+            raise ConfigError(f"--{key} must be at least {least}, got {value}")
     names = ["brightfield", *CHANNELS, "nuclei_mask"]
     with plates.PlateWriter(path, names, chunk=chunk, name=f"simulated_seed{seed}", overwrite=overwrite) as out:
         fields_ = simulate_plate(seed, n_wells=wells, fields_per_well=fields, size=size)

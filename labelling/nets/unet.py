@@ -87,6 +87,7 @@ class UNet(nn.Module):
             raise ValueError(f"unknown upsample '{upsample}'; valid: ['transpose', 'bilinear']")
         self.depth, self.in_channels, self.out_channels = depth, in_channels, out_channels
         self.spatial_multiple, self.spatial_dims = 2**depth, 2  # the net contract (labelling.contracts.Net)
+        self.encoder_prefixes = ("down.",)  # what init.freeze_encoder freezes
         chans = [width * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList([ConvBlock(in_channels, chans[0], norm, 0.0)])
         self.down.extend(ConvBlock(chans[i], chans[i + 1], norm, dropout) for i in range(depth))

@@ -20,6 +20,7 @@ from labelling import config, registry
 from labelling import build
 from labelling.inference.load import build_run, check_checkpoint
 from labelling.inference.predict import calibrate_affine
+from labelling.runs.finetune import apply_init
 from labelling.tasks.autoencoding import Autoencoding
 from labelling.tasks.stainer import Stainer
 from labelling.callbacks.panels import PredictionPanels
@@ -230,7 +231,10 @@ def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None,
     lightning.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     dm, task = build_run(cfg)
+    lineage = apply_init(cfg, dm, task)  # fine-tuning: the source's weights and normalization, before setup
     attach_deployment(dm, task, tta=cfg.tta)
+    if lineage and getattr(task, "deployment", None) is not None:
+        task.deployment.lineage = [lineage, *lineage.pop("lineage")]
     check_splits(cfg, dm)
 
     ckpt_dir = run_dir / "checkpoints"
