@@ -29,7 +29,8 @@ PER_IMAGE = ("percentile", "zscore", "minmax", "none")
 NORMALIZATIONS = (*PER_IMAGE, "fixed")  # fixed: dataset-level statistics of the training split
 # What each task logs (see labelling/tasks) and which direction is better: `monitor` must be one of these.
 MONITORS: dict[str, dict[str, str]] = {
-    "stainer": {"val/pcc": "max", "val/ssim": "max", "val/loss": "min", "val/mse": "min", "train/loss": "min"},
+    "stainer": {"val/pcc": "max", "val/ssim": "max", "val/loss": "min", "val/mse_normalized": "min",
+                "train/loss": "min"},
     "autoencoder": {"val/pcc": "max", "val/loss": "min", "val/mse": "min", "train/loss": "min"},
 }
 SPLIT_BY = ("well", "field")

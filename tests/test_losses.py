@@ -195,3 +195,40 @@ def test_per_channel_loss_applies_each_term_to_its_channel():
         loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match="mixes"):
         registry.build("loss", "per_channel", terms=[{"name": "mse"}, {"name": "bce"}])
+
+
+class _Identity(torch.nn.Module):
+    """A 'net' whose output is its input, so a test decides exactly what the model predicts."""
+
+    in_channels, out_channels, spatial_multiple, spatial_dims = 1, 1, 1, 2
+
+    def forward(self, x, return_embedding=False):
+        return (x, x.mean((2, 3))) if return_embedding else x
+
+
+def _logged_metrics(loss_name: str, train_pred, val_pred, target) -> dict:
+    from labelling.tasks.stainer import Stainer
+
+    task = Stainer(_Identity(), registry.build("loss", loss_name), channels_last=False)
+    logged = {}
+    task.log_dict = lambda values, **kw: logged.update({k: float(v) for k, v in values.items()})
+    task.log = lambda name, value, **kw: logged.update({name: float(value)})
+    task.track_training(task.activate(train_pred) if task.loss.scale_free else None, target)  # what training saw
+    task._evaluate({"input": val_pred, "target": target}, "val")
+    return logged
+
+
+@pytest.mark.parametrize("loss_name", ["pearson", "mse"])
+def test_a_better_correlated_prediction_never_gets_a_worse_logged_mse_or_ssim(loss_name):
+    """val/mse_normalized and val/ssim score the output as deployed: for a scale-free loss its raw output has
+    no units (here 100x too small plus an offset), so they are taken after the training-batch calibration."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.nn.functional.avg_pool2d(torch.rand(4, 1, 32, 32, generator=g), 3, 1, 1)
+    noise = torch.randn(4, 1, 32, 32, generator=g) * target.std()
+    scale, offset = (0.01, 5.0) if loss_name == "pearson" else (1.0, 0.0)
+    good = (target + 0.2 * noise) * scale + offset   # better correlated
+    bad = (target + 1.0 * noise) * scale + offset
+    m_good, m_bad = (_logged_metrics(loss_name, p, p, target) for p in (good, bad))
+    assert m_good["val/mse_normalized"] < m_bad["val/mse_normalized"]
+    assert m_good["val/ssim"] > m_bad["val/ssim"]
+    assert m_good["val/ssim"] > 0.1  # not ~0 from comparing uncalibrated output with the targets

@@ -176,3 +176,30 @@ def test_redaction_leaves_ordinary_words_alone(monkeypatch):
     assert redact("/etc/passwd: cannot load the exported network") == "/etc/passwd: cannot load the exported network"
     assert redact("the key is hunter22-long.") == "the key is ***."
     assert redact("xhunter22-longx") == "xhunter22-longx"  # only whole tokens
+
+
+def test_a_sweep_names_its_objective_and_keeps_its_summary_when_killed(sweep_file, tmp_path, monkeypatch):
+    """The dashboard shows the metric's name; best.yaml and trials.csv exist after every trial, so a sweep
+    stopped midway (Ctrl-C on the second trial here) still has them."""
+    import labelling.runs.train as train_module
+
+    real_fit, calls = train_module.fit, []
+
+    def fit_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", fit_then_die)
+    root = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep_file, n_trials=3, run_root=root)
+    out = root / "golgi_asym"
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["best_trial"] == 0 and best["metric"] == "val/pcc"
+    assert (out / "trials.csv").read_text().count("\n") >= 2  # header + the finished trial
+    study = optuna.load_study(study_name="golgi_asym", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.metric_names == ["val/pcc"]
+    attrs = study.trials[0].user_attrs
+    assert attrs["run_dir"].endswith("trial_000") and "metric:val/pcc" in attrs and attrs["config"]["name"]

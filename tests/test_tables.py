@@ -13,10 +13,11 @@ import torch
 
 from labelling import config, registry
 from labelling.build import build
+from labelling.config import SCHEDULERS
 from labelling.contracts import check_crop, net_problems
 from labelling.errors import ConfigError
 from labelling.runs.train import fit
-from labelling.tasks.stainer import SCHEDULERS, Stainer, configure_optimizers
+from labelling.tasks.stainer import Stainer, configure_optimizers
 
 TINY_DATA = {"seed": 0, "n_wells": 4, "fields_per_well": 2, "field_size": 64, "crop": 32, "batch_size": 2,
              "crops_per_epoch": 4, "num_workers": 0}

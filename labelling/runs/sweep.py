@@ -328,6 +328,7 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
     pruner = optuna.pruners.MedianPruner(n_startup_trials=pr.get("n_startup_trials", 3),
                                          n_warmup_steps=pr.get("n_warmup_steps", 3))
     study = open_study(url, study_name, spec, make_sampler(spec), pruner)
+    study.set_metric_names([spec["metric"]])  # the dashboard names the objective (not "Objective 0")
     base = config.load_raw(exp)
     base_overrides = list(spec.get("overrides") or []) + list(overrides or [])
     total = n_trials or spec["n_trials"]
@@ -358,6 +359,9 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
             trial.set_user_attr(f"metric:{k}", v)
         return value
 
+    def summarise(study, trial) -> None:  # after every trial: a killed sweep keeps best.yaml and trials.csv
+        write_summary(study, out_dir, spec, storage=url, plot=False)
+
     def stop_when_full(study, trial) -> None:
         # Every worker stops once the study as a whole has `total` trials done, running or queued; the check
         # at the start of `objective` settles the races this leaves.
@@ -375,7 +379,7 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
         console = reports.TrialConsole(remaining, spec["metric"], study_name)
         try:
             study.optimize(objective, n_trials=remaining, catch=(FloatingPointError, SurplusTrial),
-                           callbacks=[stop_when_full, console])
+                           callbacks=[stop_when_full, summarise, console])
         finally:
             console.close()
     else:
@@ -384,8 +388,17 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
     return study
 
 
-def write_summary(study, out_dir: Path, spec: dict, storage: str | None = None) -> None:
-    """``best.yaml`` (resolved config + value), ``trials.csv`` and an optimisation-history plot (secrets redacted)."""
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def write_summary(study, out_dir: Path, spec: dict, storage: str | None = None, plot: bool = True) -> None:
+    """``best.yaml`` (resolved config + value), ``trials.csv`` and an optimisation-history plot (secrets redacted).
+
+    Written after every trial (the files are replaced atomically), so a sweep stopped at any point has them.
+    """
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not complete:
         return
@@ -394,12 +407,14 @@ def write_summary(study, out_dir: Path, spec: dict, storage: str | None = None) 
     summary = {"best_trial": best.number, "metric": spec["metric"], "value": best.value,
                "params": best.params, "run_dir": best.user_attrs.get("run_dir"), "config": cfg,
                "study": study.study_name, "storage": storage}
-    (out_dir / "best.yaml").write_text(yaml.safe_dump(redact_obj(summary), sort_keys=False))
+    _write_atomic(out_dir / "best.yaml", yaml.safe_dump(redact_obj(summary), sort_keys=False))
     surplus = {t.number for t in study.trials if t.user_attrs.get("surplus")}
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
     df = df[~df["number"].isin(surplus)]
     df = df.map(lambda v: redact(v) if isinstance(v, str) else v)
-    df.to_csv(out_dir / "trials.csv", index=False)
+    _write_atomic(out_dir / "trials.csv", df.to_csv(index=False))
+    if not plot:
+        return
     import matplotlib
 
     matplotlib.use("Agg")

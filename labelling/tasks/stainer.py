@@ -19,11 +19,17 @@ from labelling.deployment import Deployment
 
 
 class Stainer(lightning.LightningModule):
-    """Train `net` with `loss`; logs ``train/loss``, ``val/loss``, ``val/pcc``, ``val/ssim`` (and ``test/*``).
+    """Train `net` with `loss`; logs ``train/loss``, ``val/loss``, ``val/pcc``, ``val/ssim``, ``val/mse_normalized``.
 
     ``val/pcc`` is the pixel Pearson r of the whole validation set, pooled over all its crops per channel
     (and averaged over channels), not a mean of per-crop r: a crop of background noise would otherwise
     count as much as one holding the stain, and checkpoints were picked by that noise.
+
+    ``val/ssim`` and ``val/mse_normalized`` score the output as deployment would use it, in the targets'
+    normalized units: for a scale-free loss (Pearson) the raw output has no units, so it is first mapped by
+    the same moment-matching calibration deployment fits, here from the *training* batches of the epoch so
+    far (never from the validation targets); SSIM uses one fixed data range, the training targets' range,
+    so batches are comparable. (The same under ``test/``.)
 
     Args:
         net: image-to-image module, (B, Cin, H, W) -> (B, Cout, H, W); may accept ``return_embedding``.
@@ -63,6 +69,10 @@ class Stainer(lightning.LightningModule):
         n_out = net.out_channels
         # streaming per-channel Pearson over every pixel of an epoch (non-persistent; synced under DDP)
         self.pooled_pcc = nn.ModuleDict({stage: PearsonCorrCoef(num_outputs=n_out) for stage in ("val", "test")})
+        # running moments of the training outputs and targets (per channel): the calibration of the val metrics
+        # float64: E[p^2] - E[p]^2 cancels badly in float32 when an uncalibrated output has a large offset
+        self.register_buffer("train_moments", torch.zeros(5, n_out, dtype=torch.float64), persistent=False)
+        self.register_buffer("target_range", torch.tensor([float("inf"), float("-inf")]), persistent=False)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_compiled": None}  # a compiled function does not pickle (ddp_spawn)
@@ -99,11 +109,16 @@ class Stainer(lightning.LightningModule):
         if not torch.isfinite(batch["input"]).all():
             raise FloatingPointError(f"non-finite values in input batch (images {batch['index'].tolist()})")
 
-    def step_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Training loss of a batch: the net's raw output of `x` scored against `target`."""
-        return self.loss(self(x), target)
+    def step_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, detached raw output) of a batch: the net's raw output of `x` scored against `target`."""
+        raw = self(x)
+        return self.loss(raw, target), raw.detach()
 
     def training_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch (see :meth:`training_outputs`)."""
+        return self.training_outputs(x, target)[0]
+
+    def training_outputs(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`step_loss`, compiled when ``compile`` (shapes are static: the train loader's batches are full)."""
         if self.compile_step == "auto":
             self.compile_step = self.worth_compiling()
@@ -133,8 +148,42 @@ class Stainer(lightning.LightningModule):
                        f"({steps} steps{f', max_time {seconds:.0f} s' if seconds else ''})")
         return worth
 
+    @torch.no_grad()
+    def track_training(self, pred: torch.Tensor | None, target: torch.Tensor) -> None:
+        """Accumulate the training outputs' and targets' moments and the targets' range (for the val metrics)."""
+        self.target_range[0] = torch.minimum(self.target_range[0], target.min().float())
+        self.target_range[1] = torch.maximum(self.target_range[1], target.max().float())
+        if pred is None:  # losses with units need no calibration
+            return
+        pred, target = (x.detach().double().transpose(0, 1).reshape(x.shape[1], -1) for x in (pred, target))
+        self.train_moments += torch.stack([torch.full_like(pred[:, 0], pred.shape[1]), pred.sum(1),
+                                           (pred**2).sum(1), target.sum(1), (target**2).sum(1)])
+
+    def calibrated(self, pred: torch.Tensor) -> torch.Tensor:
+        """`pred` (activated) in the targets' normalized units (a scale-free loss's output moment-matched).
+
+        Moment-matched to the training batches' targets for a scale-free loss, as deployment calibrates;
+        unchanged otherwise.
+        """
+        n = self.train_moments[0]
+        if not self.loss.scale_free or not bool((n > 1).all()):
+            return pred
+        mean_p, mean_t = self.train_moments[1] / n, self.train_moments[3] / n
+        sd_p = (self.train_moments[2] / n - mean_p**2).clamp_min(1e-12).sqrt()
+        sd_t = (self.train_moments[4] / n - mean_t**2).clamp_min(0).sqrt()
+        gain, shift = (sd_t / sd_p).view(1, -1, 1, 1), (mean_t - mean_p * sd_t / sd_p).view(1, -1, 1, 1)
+        return (pred.double() * gain + shift).to(pred.dtype)
+
+    def data_range(self, target: torch.Tensor) -> float:
+        """SSIM's fixed data range: the training targets' range (the batch's before any training step)."""
+        low, high = self.target_range.tolist()
+        if not high > low:
+            low, high = float(target.min()), float(target.max())
+        return max(high - low, 1e-6)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.training_loss(batch["input"], batch["target"])
+        loss, raw = self.training_outputs(batch["input"], batch["target"])
+        self.track_training(self.activate(raw) if self.loss.scale_free else None, batch["target"])
         if not torch.isfinite(loss):
             self._check(batch)
             raise FloatingPointError(f"the training loss became {loss.item()} at step {self.global_step}; "
@@ -146,11 +195,11 @@ class Stainer(lightning.LightningModule):
         raw = self(batch["input"])
         target = batch["target"]
         pred = self.activate(raw)
-        span = (target.amax() - target.amin()).clamp_min(1e-6)
+        deployed = self.calibrated(pred)
         metrics = {
             f"{stage}/loss": self.loss(raw, target),
-            f"{stage}/mse": torch.mean((pred - target) ** 2),
-            f"{stage}/ssim": ssim(pred.float(), target.float(), data_range=float(span)),
+            f"{stage}/mse_normalized": torch.mean((deployed - target) ** 2),
+            f"{stage}/ssim": ssim(deployed.float(), target.float(), data_range=self.data_range(target)),
         }
         self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True, batch_size=len(raw))
         pixels = [x.detach().float().transpose(0, 1).reshape(x.shape[1], -1).T for x in (pred, target)]  # (N, C)
