@@ -78,7 +78,8 @@ def _preprocess(args) -> int:
     return 0
 
 
-PLATE_IGNORES = {"scale": [1.0], "channel": None, "rgb": None, "planes": None, "composite": False}
+PLATE_IGNORES = {"scale": [1.0], "channel": None, "rgb": None, "planes": None, "composite": False,
+                 "match_pixel_size": False}
 IMAGE_IGNORES = {"wells": None, "devices": 1, "accelerator": "auto", "channels": None}
 
 
@@ -121,6 +122,7 @@ def _predict(args) -> int:
     written = 0
     for path in predict_files(model, args.images, Path(args.out or "predictions"), scales=args.scale,
                               overwrite=args.overwrite, composite=args.composite,
+                              match_pixel_size=args.match_pixel_size,
                               read_args={"channel": args.channel, "rgb": args.rgb, "planes": args.planes},
                               tile=args.tile, overlap=args.overlap, blend=args.blend):
         written += 1
@@ -270,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--rgb", choices=("luminance", "mean"), default=None, help="convert an RGB image to grey")
     pr.add_argument("--composite", action="store_true",
                     help="also write a PNG of the predicted channels together, one colour each")
+    pr.add_argument("--match-pixel-size", action="store_true",
+                    help="resize each image to the training data's pixel size (both read from the files)")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace existing prediction files, or a non-plate --out folder for a plate")
     pr.add_argument("--planes", default=None,

@@ -127,3 +127,18 @@ def test_plate_evaluation_refuses_predictions_of_another_model_or_plate(tmp_path
     record = plates.Plate(tmp_path / "pred.zarr").attrs(plates.Plate(tmp_path / "pred.zarr").fields[0])
     entry = next(iter(record["predictions"].values()))
     assert len(entry["model_sha256"]) == 64 and entry["source_plate"] == str(path)
+
+
+def test_a_model_trained_on_a_one_plane_plate_predicts_a_plain_2d_tiff(tmp_path, capfd):
+    """Issue 24: such a run refused a 2D TIFF in `predict` (the app accepted it): one reader for both now."""
+    from labelling.runs.train import fit
+    from tests.conftest import TINY
+
+    path = tmp_path / "P.zarr"
+    platetools.simulate(path, wells=4, fields=1, size=64, progress=False)
+    tiny = [t for t in TINY if not t.startswith(("data.n_wells", "data.fields", "data.field_size"))]
+    fit("nuclei_mse", tiny + ["data.name=plate", f"data.path={path}", "trainer.max_epochs=1", "callbacks=[]",
+                              "test=false"], run_dir=tmp_path / "run")
+    tifffile.imwrite(tmp_path / "field.tif", np.random.default_rng(0).gamma(2, 300, (64, 64)).astype(np.float32))
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "field.tif"), "--out", str(tmp_path / "p")]) == 0
+    assert len(list((tmp_path / "p").glob("*.ome.tif"))) == 1

@@ -14,6 +14,7 @@ MAX_UPLOAD_BYTES = 64 * 2**20
 MAX_SIDE = 4096
 MIN_SIDE = 32
 ALPHA = 0.05  # drift warning when an image is further from the training data than 95 % of clean fields
+IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, UNCHECKED = "in distribution", "out of distribution", "unchecked"
 
 
 class UploadError(ValueError):
@@ -160,8 +161,10 @@ def analyse(task, cfg, run_dir: Path, image: np.ndarray, tile: int = 256, progre
         progress: optional callable(fraction, text) for a progress indicator.
 
     Returns:
-        ``prediction``, ``labels``, ``metrics`` and ``drift`` (see
-        :func:`labelling.export.driftref.image_verdict`; ``reason`` says why an image was not checked).
+        ``prediction``, ``labels``, ``metrics``, ``drift`` (see :func:`labelling.export.driftref.image_verdict`;
+        ``reason`` says why an image was not checked) and ``state``: :data:`OUT_OF_DISTRIBUTION` when the drift
+        check flags the image at :data:`ALPHA` (its metrics are not to be shown as valid), else
+        :data:`IN_DISTRIBUTION` or :data:`UNCHECKED`.
     """
     from labelling.analysis.downstream import image_metrics
     from labelling.analysis.segmentation import segment
@@ -186,7 +189,18 @@ def analyse(task, cfg, run_dir: Path, image: np.ndarray, tile: int = 256, progre
             if not drift["checked"]:
                 drift["reason"] = "too few crops or reference fields for the check"
     step(1.0, "done")
-    return {"prediction": pred, "labels": labels, "metrics": metrics, "drift": drift}
+    state = UNCHECKED if not drift["checked"] else OUT_OF_DISTRIBUTION if drift["drift"] else IN_DISTRIBUTION
+    return {"prediction": pred, "labels": labels, "metrics": metrics, "drift": drift, "state": state}
+
+
+def to_ome_tiff_bytes(prediction: np.ndarray, names: list[str], pixel_size=None) -> bytes:
+    """The prediction (C, Y, X) as OME-TIFF bytes with channel names: what the page's download button gives."""
+    from labelling.data.readers import write_ome_tiff
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_ome_tiff(Path(tmp) / "prediction.ome.tif", prediction, list(names)[: len(prediction)],
+                              pixel_size=pixel_size)
+        return path.read_bytes()
 
 
 def overlay(bf: np.ndarray, pred: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:

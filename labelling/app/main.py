@@ -48,7 +48,7 @@ if source.startswith("upload"):
         streamlit.info("Waiting for an image.")
         streamlit.stop()
     try:
-        image = logic.read_upload(upload.name, upload.getvalue(), task=task)
+        image, name = logic.read_upload(upload.name, upload.getvalue(), task=task), upload.name
     except logic.UploadError as err:
         streamlit.error(f"Rejected: {err}")
         streamlit.stop()
@@ -61,6 +61,7 @@ else:
         fields = logic.plate_fields(plate_path)
         field = streamlit.selectbox("Field", fields)
         image, real = logic.read_plate_field(task, plate_path, field)
+        name = field.replace("/", "_")
     except logic.UploadError as err:
         streamlit.error(f"Rejected: {err}")
         streamlit.stop()
@@ -102,6 +103,13 @@ if real is not None:  # a plate field with its real stain: the two side by side,
     cols[1].image(logic.to_png_bytes(logic.overlay(shown * 0, pred[0])), caption=f"predicted {target}",
                   use_container_width=True)
     streamlit.metric("pixel Pearson r (predicted vs real)", f"{_pearson(real[0].ravel(), pred[0].ravel()):.3f}")
+streamlit.download_button("Download the prediction (OME-TIFF)", logic.to_ome_tiff_bytes(pred, task.targets),
+                           file_name=f"{Path(str(name)).stem}_prediction.ome.tif", mime="image/tiff")
 streamlit.subheader("Downstream metrics (predicted)")
-streamlit.table({"metric": list(metrics), "value": [f"{v:.4g}" for v in metrics.values()]})
-streamlit.caption(f"objects found: {int(metrics['count'])}")
+if result["state"] == logic.OUT_OF_DISTRIBUTION:  # the drift verdict gates the numbers
+    streamlit.error("Out of distribution: this image is not like the training data, so counts and intensities "
+                    "measured on its prediction are not shown; use a model trained on such images.")
+else:
+    streamlit.table({"metric": list(metrics), "value": [f"{v:.4g}" for v in metrics.values()]})
+    streamlit.caption(f"objects found: {int(metrics['count'])}"
+                      + ("" if result["state"] == logic.IN_DISTRIBUTION else " (no drift check was possible)"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.normalization import bin_factor, bin_image
-from labelling.data.readers import find_pairs, parse_planes
+from labelling.data.readers import find_pairs, parse_planes, pixel_size
 
 
 class NucleiDataModule(FluorescenceDataModule):
@@ -111,6 +111,9 @@ class FolderDataModule(FluorescenceDataModule):
         for pair in find_pairs(self.root, self.pattern, self.inputs, self.targets, self.split_by):
             x, y = self._load(pair)
             factor = bin_factor(x.shape, self.max_size)
+            if not out:  # the pixel size the model learns at (after binning), when the files say it
+                size = pixel_size(pair.inputs[0])
+                self.pixel_size = (size[0] * factor, size[1] * factor) if size else None
             x, y = bin_image(x, factor), bin_image(y, factor)
             k = self.spatial_blocks
             H, W = x.shape[1] // k, x.shape[2] // k

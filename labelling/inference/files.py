@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from labelling.data import readers
+from labelling.data import physical, readers
 from labelling.inference import predict
 from labelling.inference.model import Model
 
@@ -44,9 +44,36 @@ def check_writable(out: Path) -> None:
         raise PermissionError(f"cannot write predictions to {out}: {err.strerror or err}") from None
 
 
+PIXEL_TOLERANCE = 0.10  # a pixel size this far (relative) from training's is a different magnification
+
+
+def pixel_scale(model: Model, path: str | Path, match: bool = False) -> tuple[float, tuple[float, float] | None]:
+    """(scale to predict at, the input's pixel size) for an image file.
+
+    When both the model's training pixel size and the file's are known and differ by more than 10 %, a warning
+    says so; with `match` the input is resized to the training pixel size instead (and the output back).
+    """
+    import warnings
+
+    trained, given = model.deployment.pixel_size, physical.pixel_size(path)
+    if not trained or not given:
+        if match:
+            raise ValueError(f"{path}: --match-pixel-size needs the pixel size of the image and of the training "
+                             f"data (image: {given or 'unknown'}, training: {trained or 'unknown'} µm)")
+        return 1.0, given
+    ratio = given[1] / trained[1]
+    if match:
+        return ratio, given
+    if abs(ratio - 1) > PIXEL_TOLERANCE:
+        warnings.warn(f"{path}: pixels of {given[1]:.4g} µm, the model was trained on {trained[1]:.4g} µm "
+                      f"({ratio:.2f}x); predictions at another magnification are not what it learned - pass "
+                      "--match-pixel-size to resize the image to the training pixel size", stacklevel=2)
+    return 1.0, given
+
+
 def predict_files(model: Model, images: list[str | Path], out: str | Path, scales=(1.0,), overwrite: bool = False,
                   composite: bool = False, progress: bool = True, read_args: dict | None = None,
-                  **predict_args):
+                  match_pixel_size: bool = False, **predict_args):
     """Predict image files into `out`; yields each written path.
 
     Args:
@@ -58,6 +85,7 @@ def predict_files(model: Model, images: list[str | Path], out: str | Path, scale
         composite: also write a PNG of the predicted channels together.
         progress: a progress bar over images.
         read_args: ``channel``, ``rgb``, ``planes`` for :func:`labelling.inference.predict.read_input`.
+        match_pixel_size: resize each image to the training pixel size (see :func:`pixel_scale`).
         **predict_args: tile, overlap, blend for :func:`labelling.inference.predict.predict`.
     """
     from tqdm.auto import tqdm
@@ -76,8 +104,9 @@ def predict_files(model: Model, images: list[str | Path], out: str | Path, scale
     check_writable(out)
     for scale, src, dest in tqdm(jobs, desc="predict", disable=not progress or len(jobs) < 2):
         image = predict.read_input(model, src, **(read_args or {}))
-        y = predict.predict(model, image, scale=scale, name=str(src), **predict_args)
-        readers.write_ome_tiff(dest, y, names[: len(y)], pixel_size=model.deployment.pixel_size)
+        factor, size = pixel_scale(model, src, match_pixel_size)
+        y = predict.predict(model, image, scale=scale * factor, name=str(src), **predict_args)
+        readers.write_ome_tiff(dest, y, names[: len(y)], pixel_size=size)
         yield dest
         if composite:  # the predicted channels together, one colour each
             from PIL import Image
