@@ -10,7 +10,8 @@ from pathlib import Path
 
 from labelling.data.datamodule import FluorescenceDataModule
 from labelling.data.normalization import bin_factor, bin_image
-from labelling.data.readers import find_pairs, parse_planes, pixel_size
+from labelling.data.physical import pixel_size
+from labelling.data.readers import find_pairs, parse_planes
 
 
 class NucleiDataModule(FluorescenceDataModule):
