@@ -185,7 +185,8 @@ def _export(args) -> int:
     from labelling.export import export_run
 
     summary = export_run(args.run, args.format, args.out, drift=not args.no_drift, overwrite=args.overwrite,
-                         check=not args.no_check, author=args.author, license_id=args.license)
+                         check=not args.no_check, author=args.author, license_id=args.license,
+                         github_user=args.github_user, git_repo=args.git_repo)
     print(json.dumps(summary, indent=2, default=str))
     test = summary.get("bioimageio_test")
     if test and test["status"] != "passed":
@@ -313,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--no-drift", action="store_true", help="onnx/torchscript: skip the drift reference (no data)")
     ex.add_argument("--no-check", action="store_true", help="bioimageio: skip bioimageio.core's model test")
     ex.add_argument("--author", default="labelling", help="bioimageio: the package author")
+    ex.add_argument("--github-user", default=None,
+                    help="bioimageio: the author's GitHub user (also the maintainer the bioimage.io collection asks for)")
+    ex.add_argument("--git-repo", default=None, help="bioimageio: URL of the training code")
     ex.add_argument("--license", default="CC-BY-4.0", help="bioimageio: SPDX licence of the weights")
     ex.set_defaults(fn=_export)
 

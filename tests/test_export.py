@@ -314,3 +314,24 @@ def test_evaluate_scores_an_export_like_its_run(run, onnx_export, tmp_path):
     assert from_export.keys() == from_run.keys()
     for key in ("downstream/pixel_pearson", "downstream/count_ccc"):
         assert from_export[key] == pytest.approx(from_run[key], abs=1e-3)
+
+
+@pytest.mark.parametrize("experiment,epochs", [("nuclei_mse", 1), ("nuclei_pearson", 3)])
+def test_bioimageio_packages_of_ordinary_runs_pass_and_say_what_they_are(experiment, epochs, tmp_path):
+    """MSE and Pearson runs, short and longer: every package passes bioimageio.core's test, names its maintainer,
+    version and code, and its README says what it was trained on (simulated cells here) and its limits."""
+    pytest.importorskip("bioimageio.core")
+    import yaml
+
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    fit(experiment, TINY + RUN[1:] + [f"trainer.max_epochs={epochs}"], run_dir=run)
+    summary = export_run(run, "bioimageio", tmp_path / "bmz", github_user="octocat",
+                         git_repo="https://github.com/octocat/labelling")
+    assert summary["bioimageio_test"] == {"status": "passed", "details": []}, summary["bioimageio_test"]
+    rdf = yaml.safe_load((tmp_path / "bmz" / "rdf.yaml").read_text())
+    assert rdf["maintainers"][0]["github_user"] == "octocat" and rdf["authors"][0]["github_user"] == "octocat"
+    assert rdf["version"] and rdf["git_repo"].endswith("/labelling")
+    readme = (tmp_path / "bmz" / "README.md").read_text()
+    assert "## Training data" in readme and "Simulated cells" in readme and "## Intended use and limits" in readme

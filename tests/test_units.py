@@ -71,3 +71,18 @@ def test_another_magnification_warns_or_is_matched(run, tmp_path):
     tifffile.imwrite(tmp_path / "unknown.tif", image)
     assert main(["predict", str(run), str(tmp_path / "unknown.tif"), "--out", str(tmp_path / "u"),
                  "--match-pixel-size"]) == 2
+
+
+def test_the_bioimageio_package_states_the_pixel_size_on_its_axes(run, tmp_path):
+    pytest.importorskip("bioimageio.core")
+    import yaml
+
+    from labelling.export import export_run
+
+    summary = export_run(run, "bioimageio", tmp_path / "bmz")
+    assert summary["bioimageio_test"]["status"] == "passed", summary["bioimageio_test"]
+    rdf = yaml.safe_load((tmp_path / "bmz" / "rdf.yaml").read_text())
+    for tensor in (rdf["inputs"][0], rdf["outputs"][0]):
+        space = [a for a in tensor["axes"] if a["type"] == "space"]
+        assert [(a["scale"], a["unit"]) for a in space] == [(pytest.approx(0.65), "micrometer")] * 2
+    assert "Real images" in (tmp_path / "bmz" / "README.md").read_text()

@@ -72,7 +72,8 @@ def _datamodule(cfg, why: str):
 
 
 def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, overwrite: bool = False,
-               check: bool = True, author: str = "labelling", license_id: str = "CC-BY-4.0") -> dict:
+               check: bool = True, author: str = "labelling", license_id: str = "CC-BY-4.0",
+               github_user: str | None = None, git_repo: str | None = None) -> dict:
     """Export a trained run (folder or checkpoint) as `fmt` into the folder `out`.
 
     Args:
@@ -84,6 +85,8 @@ def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, o
         check: bioimageio only - run bioimageio.core's model test on the written package.
         author: bioimageio only - the package author.
         license_id: bioimageio only - SPDX licence of the weights.
+        github_user: bioimageio only - the author's GitHub user (also the maintainer the collection asks for).
+        git_repo: bioimageio only - the URL of the training code.
 
     Returns:
         A summary: format, folder, file sizes in bytes, total size, the exported-vs-torch check and (for
@@ -105,7 +108,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, o
     final = Path(out)
     out = _staging(final, overwrite)
     try:
-        summary = _write(task, cfg, run, fmt, out, final, drift, check, author, license_id)
+        summary = _write(task, cfg, run, fmt, out, final, drift, check, author, license_id, github_user, git_repo)
         deployed.write_manifest(out, checkpoint_path(run))
         _swap_into_place(out, final)
     finally:
@@ -116,7 +119,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, o
 
 
 def _write(task, cfg, run, fmt: str, out: Path, final: Path, drift: bool, check: bool, author: str,
-           license_id: str) -> dict:
+           license_id: str, github_user: str | None = None, git_repo: str | None = None) -> dict:
     from labelling.export import deployed
 
     state = deployed.export_state(task, cfg)
@@ -128,7 +131,7 @@ def _write(task, cfg, run, fmt: str, out: Path, final: Path, drift: bool, check:
         dm = _datamodule(cfg, "the package's test image")
         written = bioimage.write_package(task, cfg, state, dm.splits["val"][0].raw_input(), out,
                                          run=Path(run) if Path(run).is_dir() else None, author=author,
-                                         license_id=license_id)
+                                         license_id=license_id, github_user=github_user, git_repo=git_repo)
         summary.update(rdf=str(final / written["rdf"].name), zip=str(final / written["zip"].name))
         summary["checks"] = deployed.compare(task, deployed.onnx_runner(out / "weights.onnx"), embedding=False)
         if check:

@@ -104,6 +104,23 @@ def _cover(raw: np.ndarray, pred: np.ndarray, path: Path) -> Path:
     return path
 
 
+SIMULATED = ("simulated", "nuclei", "er", "golgi", "actin", "gfp", "nucleoli", "study")
+
+
+def _training_data(cfg, deploy: dict) -> str:
+    """One paragraph on what the model was trained on (simulated cells or which real data)."""
+    pixel = deploy.get("pixel_size")
+    size = f" Training pixel size: {pixel[1]:.4g} um." if pixel else " The training files did not state a pixel size."
+    if cfg.data.name in SIMULATED:
+        return ("Simulated cells from labelling's procedural cell simulator (seeded brightfield and organelle "
+                "images), not real microscopy: this model demonstrates the pipeline; train on your own images "
+                "before any use." + size)
+    root = cfg.data.args.get("root") or cfg.data.args.get("path") or "?"
+    return (f"Real images: `{Path(str(root)).name}` ({cfg.data.name} data), inputs "
+            f"{', '.join(deploy['inputs'])}, targets {', '.join(deploy['targets'])}; the split held out whole "
+            f"groups ({cfg.data.args.get('split_by', 'well')}) for validation and test." + size)
+
+
 def _readme(state: dict, cfg, metrics: dict) -> str:
     deploy = state["deployment"]
     shown = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("test/", "val/"))
@@ -122,7 +139,16 @@ def _readme(state: dict, cfg, metrics: dict) -> str:
         "## Output", "",
         f"{state['deployment']['out_channels']} channel(s) `{', '.join(state['deployment']['targets'])}` in the training targets' units "
         "(de-normalized by the postprocessing)" + (", probabilities." if state["deployment"]["activation"] == "sigmoid" else "."),
-        "", "## Validation", "",
+        "", "## Training data", "", _training_data(cfg, deploy), "",
+        "## Intended use and limits", "",
+        "Intended use: predicting this stain from transmitted-light images of the same kind - modality, "
+        "cell type, magnification and pixel size - as the training data, for counting and measuring objects "
+        "where staining is impractical. Not for diagnostic use. A prediction is an estimate, not a measurement: "
+        "before replacing a real stain, compare predicted and real stains on your own images (labelling's "
+        "`evaluate` reports agreement with confidence intervals next to a blind null predictor). Images from "
+        "another modality, cell line or microscope are out of distribution: the ONNX export ships a drift "
+        "check for them.", "",
+        "## Validation", "",
         "The test input/output pair was computed with labelling's prediction path; the metrics of the run "
         "(`metrics.json`, attached) are:", "",
         *[f"- `{k}`: {v}" for k, v in shown.items()], "",
@@ -132,7 +158,8 @@ def _readme(state: dict, cfg, metrics: dict) -> str:
 
 
 def write_package(task, cfg, state: dict, raw: np.ndarray, out: Path, run: Path | None = None,
-                  author: str = "labelling", license_id: str = "CC-BY-4.0") -> dict:
+                  author: str = "labelling", license_id: str = "CC-BY-4.0", github_user: str | None = None,
+                  git_repo: str | None = None) -> dict:
     """Write the package folder (``rdf.yaml`` and its files) and a zip of it; validate it.
 
     Args:
@@ -144,6 +171,8 @@ def write_package(task, cfg, state: dict, raw: np.ndarray, out: Path, run: Path 
         run: the run folder (its ``metrics.json`` is attached when present).
         author: the package author's name.
         license_id: SPDX licence of the weights.
+        github_user: the author's GitHub user, also the package's maintainer (the collection asks for one).
+        git_repo: where the training code lives (URL).
 
     Returns:
         ``{"rdf": path, "zip": path, "files": {name: bytes}}``.
@@ -171,7 +200,7 @@ def write_package(task, cfg, state: dict, raw: np.ndarray, out: Path, run: Path 
     else:
         (out / "metrics.json").write_text("{}\n")
     (out / "README.md").write_text(_readme(state, cfg, metrics))
-    rdf = describe(state, cfg, image.shape, author, license_id)
+    rdf = describe(state, cfg, image.shape, author, license_id, github_user, git_repo)
     (out / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
     descr = validate(out / "rdf.yaml")
     from bioimageio.spec import save_bioimageio_package
@@ -185,7 +214,8 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name).strip("-") or "model"
 
 
-def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: str) -> dict:
+def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: str, github_user: str | None = None,
+             git_repo: str | None = None) -> dict:
     """The model description (``rdf.yaml`` content) of an export; file names as :func:`write_package` writes."""
     import torch
     from bioimageio.spec.model.v0_5 import ModelDescr
@@ -196,12 +226,17 @@ def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: 
     # 256 px field); without it bioimageio.core's whole-image prediction equals labelling's.
     space = {"min": max(4 * m, 32), "step": m}
     inputs, targets = state["deployment"]["inputs"], state["deployment"]["targets"]
+    pixel = state["deployment"].get("pixel_size")  # the training data's pixel size, when the files said it
+    units = [{"scale": float(s), "unit": "micrometer"} for s in pixel] if pixel else [{}, {}]
     return {
         "format_version": ModelDescr.implemented_format_version, "type": "model",
         "name": f"labelling {cfg.name}"[:128],
         "description": f"Virtual staining: predicts {', '.join(targets)} fluorescence from "
                        f"{', '.join(inputs)} (UNet, labelling).",
-        "authors": [{"name": author}],
+        "authors": [{"name": author, **({"github_user": github_user} if github_user else {})}],
+        **({"maintainers": [{"name": author, "github_user": github_user}]} if github_user else {}),
+        **({"git_repo": git_repo} if git_repo else {}),
+        "version": "0.1.0",
         "cite": CITATIONS,
         "license": license_id,
         "tags": ["virtual-staining", "label-free", "fluorescence", "2d", "unet", "pytorch", "labelling",
@@ -213,15 +248,16 @@ def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: 
         "inputs": [{
             "id": "input", "description": f"raw {', '.join(inputs)} (camera units)",
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": list(inputs)},
-                     {"type": "space", "id": "y", "size": space}, {"type": "space", "id": "x", "size": space}],
+                     {"type": "space", "id": "y", "size": space, **units[0]},
+                     {"type": "space", "id": "x", "size": space, **units[1]}],
             "test_tensor": {"source": "test_input.npy"}, "sample_tensor": {"source": "sample_input.tif"},
             "data": {"type": "float32"},
             "preprocessing": preprocessing(state)}],
         "outputs": [{
             "id": "prediction", "description": f"predicted {', '.join(targets)}",
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": list(targets)},
-                     {"type": "space", "id": "y", "size": {"tensor_id": "input", "axis_id": "y"}},
-                     {"type": "space", "id": "x", "size": {"tensor_id": "input", "axis_id": "x"}}],
+                     {"type": "space", "id": "y", "size": {"tensor_id": "input", "axis_id": "y"}, **units[0]},
+                     {"type": "space", "id": "x", "size": {"tensor_id": "input", "axis_id": "x"}, **units[1]}],
             "test_tensor": {"source": "test_output.npy"}, "sample_tensor": {"source": "sample_output.tif"},
             "data": {"type": "float32"},
             "postprocessing": postprocessing(state)}],
@@ -239,6 +275,15 @@ def validate(rdf: Path):
     from bioimageio.spec import InvalidDescr, load_description
 
     descr = load_description(rdf, perform_io_checks=True)
+    if isinstance(descr, InvalidDescr) and "ConnectError" in descr.validation_summary.format():
+        # offline: the GitHub user cannot be looked up; every file check still runs, the user is taken as given
+        from bioimageio.spec._internal import field_validation
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        users = {a.get("github_user") for a in yaml.safe_load(Path(rdf).read_text()).get("authors", [])} - {None}
+        rank_zero_warn(f"{rdf}: GitHub user(s) {sorted(users)} not verified (no connection to GitHub)")
+        field_validation.KNOWN_GITHUB_USERS.update(u.lower() for u in users)
+        descr = load_description(rdf, perform_io_checks=True)
     if isinstance(descr, InvalidDescr):
         raise ExportError(f"{rdf}: the written package does not validate:\n{descr.validation_summary.format()}")
     return descr
