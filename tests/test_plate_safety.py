@@ -142,3 +142,37 @@ def test_a_model_trained_on_a_one_plane_plate_predicts_a_plain_2d_tiff(tmp_path,
     tifffile.imwrite(tmp_path / "field.tif", np.random.default_rng(0).gamma(2, 300, (64, 64)).astype(np.float32))
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "field.tif"), "--out", str(tmp_path / "p")]) == 0
     assert len(list((tmp_path / "p").glob("*.ome.tif"))) == 1
+
+
+def test_preprocess_also_writes_the_statistics_viscy_reads(tmp_path):
+    """VisCy's HCSDataModule reads ``normalization[channel]["dataset_statistics"|"fov_statistics"]`` (mean, std,
+    median, iqr) from each position's attributes; our preprocess writes that layout from its own sketches."""
+    plate = platetools.simulate(tmp_path / "P.zarr", wells=2, fields=2, size=64, progress=False)
+    pixels = np.concatenate([plate.read(f, ["nuclei"]).ravel() for f in plate.fields]).astype(np.float64)
+    field = plate.fields[0]
+    meta = dict(plate.group(field).attrs)["normalization"]["nuclei"]
+    assert set(meta) == {"dataset_statistics", "fov_statistics"}
+    own = plate.read(field, ["nuclei"]).ravel().astype(np.float64)
+    fov = meta["fov_statistics"]
+    assert fov["mean"] == pytest.approx(own.mean(), rel=1e-5) and fov["std"] == pytest.approx(own.std(), rel=1e-4)
+    assert fov["median"] == pytest.approx(np.median(own), abs=1e-3 * own.std())
+    q25, q75 = np.percentile(own, (25, 75))
+    assert fov["iqr"] == pytest.approx(q75 - q25, rel=1e-3, abs=1e-3 * own.std())
+    data = meta["dataset_statistics"]
+    assert data["mean"] == pytest.approx(pixels.mean(), rel=1e-5) and data["std"] == pytest.approx(pixels.std(), rel=1e-4)
+    assert dict(plate.root.attrs)["normalization"]["nuclei"]["dataset_statistics"] == data
+
+
+def test_two_writers_of_one_new_plate_never_replace_each_other(tmp_path):
+    """The second writer to finish finds the first's plate in place and fails with a clear message."""
+    path = tmp_path / "new.zarr"
+    first = plates.PlateWriter(path, ["a"])
+    second = plates.PlateWriter(path, ["a"])
+    first.write("A", "1", 0, np.ones((1, 8, 8), np.float32))
+    second.write("A", "1", 0, np.zeros((1, 8, 8), np.float32))
+    first.close()
+    with pytest.raises(ConfigError, match="appeared while this plate was being written"):
+        second.close()
+    plate = plates.Plate(path)
+    assert plate.read(plate.fields[0], ["a"]).max() == 1.0  # the first writer's plate, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zarr"]

@@ -20,7 +20,7 @@ import numpy as np
 from labelling.config import NORMALIZATIONS, PER_IMAGE
 
 __all__ = ["GRID", "LOW", "HIGH", "NORMALIZATIONS", "PER_IMAGE", "image_stats", "sketch", "sketch_stats",
-           "pooled_stats", "dataset_stats", "normalize", "denormalize", "bin_factor", "bin_image"]
+           "pooled_stats", "pooled_percentiles", "dataset_stats", "normalize", "denormalize", "bin_factor", "bin_image"]
 
 LOW, HIGH = 1.0, 99.8  # the percentiles of ``percentile`` normalization (the only place they are written)
 # the sketch's percentiles; LOW and HIGH are among them, so a per-image percentile from a sketch is exact
@@ -73,13 +73,8 @@ def sketch_stats(one: dict, method: str) -> tuple[float, float]:
     return float(np.float32(off)), float(np.float32(max(scale, MIN_SCALE)))
 
 
-def pooled_stats(sketches: list[dict]) -> tuple[float, float]:
-    """Percentile ``(offset, scale)`` of several fields' pixels pooled, from their sketches (``fixed``).
-
-    Each field's distribution is the piecewise-linear CDF through its sketch; the pooled CDF is their
-    average (equal weight per field: one large or bright field cannot dominate, and the order of the fields
-    does not matter), inverted by bisection.
-    """
+def pooled_percentiles(sketches: list[dict], percents) -> list[float]:
+    """Percentiles of several fields' pixels pooled (equal weight per field), from their sketches."""
     if not sketches:
         raise ValueError("dataset-level statistics need at least one field")
     qs = np.array([s["q"] for s in sketches], float)
@@ -92,7 +87,17 @@ def pooled_stats(sketches: list[dict]) -> tuple[float, float]:
             lo, hi = (mid, hi) if below else (lo, mid)
         return (lo + hi) / 2
 
-    a, b = inverse(LOW), inverse(HIGH)
+    return [inverse(float(p)) for p in percents]
+
+
+def pooled_stats(sketches: list[dict]) -> tuple[float, float]:
+    """Percentile ``(offset, scale)`` of several fields' pixels pooled, from their sketches (``fixed``).
+
+    Each field's distribution is the piecewise-linear CDF through its sketch; the pooled CDF is their
+    average (equal weight per field: one large or bright field cannot dominate, and the order of the fields
+    does not matter), inverted by bisection.
+    """
+    a, b = pooled_percentiles(sketches, (LOW, HIGH))
     return float(np.float32(a)), float(np.float32(max(b - a, MIN_SCALE)))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelling.data.normalization import GRID, pooled_stats, sketch
+from labelling.data.normalization import GRID, pooled_percentiles, pooled_stats, sketch
 from labelling.errors import ConfigError, ImageError, unknown
 
 KEY = "labelling"  # our attributes in a field's image group: {"stats": ..., "predictions": ...}
@@ -262,6 +262,7 @@ class PlateWriter:
     def __init__(self, path: str | Path, channels: list[str], chunk: int = 256, name: str | None = None,
                  overwrite: bool = False):
         import os
+        import uuid
 
         import zarr
 
@@ -273,7 +274,8 @@ class PlateWriter:
             raise ConfigError(f"{target} exists ({what}); refusing to overwrite it: give a new path, "
                               "or pass --overwrite to replace it once the new plate is complete")
         self.overwrite = overwrite
-        self.staging = self.path if self.remote else str(target.with_name(f".{target.name}.{os.getpid()}.partial"))
+        unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"  # two writers, even in one process, never share it
+        self.staging = self.path if self.remote else str(target.with_name(f".{target.name}.{unique}.partial"))
         self.root = zarr.open_group(self.staging, mode="w", zarr_format=2)
         self.wells: dict[tuple[str, str], list[str]] = {}
 
@@ -326,6 +328,10 @@ class PlateWriter:
         write_plate_metadata(self.root, rows, columns, wells, fmt=FormatV04(), name=self.name or Path(self.path).stem,
                              field_count=max(map(len, self.wells.values()), default=0))
         if not self.remote:
+            if not self.overwrite and Path(self.path).exists():  # another writer finished first: it wins
+                self.discard()
+                raise ConfigError(f"{self.path} appeared while this plate was being written (another labelling "
+                                  "process writing the same --out?); it was left as it is and nothing was replaced")
             _swap_into_place(Path(self.staging), Path(self.path))
 
     def discard(self) -> None:
@@ -381,6 +387,7 @@ def preprocess(path: str | Path, progress: bool = True) -> int:
 
     plate = Plate(path, mode="r+")
     pooled: dict[str, list[dict]] = {}
+    per_field: list[dict] = []
     for field in tqdm(plate.fields, desc="fields", unit="field", disable=not progress):
         array, names = plate.array(field), plate.channels(field)
         stats = {}
@@ -389,8 +396,40 @@ def preprocess(path: str | Path, progress: bool = True) -> int:
             stats[name] = {k: [p[k] for p in per_plane] for k in ("mean", "std", "q")}
             pooled.setdefault(name, []).append(stats[name])
         plate.update_attrs(field, stats=stats, grid=GRID.tolist())
+        per_field.append(stats)
     summary = {name: {"mean": float(np.mean([s["mean"] for s in items])),
                       "fixed_percentile": list(pooled_stats([plane_sketch(s, 0) for s in items]))}
                for name, items in pooled.items()}
     plate.root.attrs[KEY] = {**dict(plate.root.attrs.get(KEY, {})), "stats": summary, "fields": len(plate.fields)}
+    write_norm_meta(plate, per_field)
     return len(plate.fields)
+
+
+def _viscy_stats(sketches: list[dict]) -> dict:
+    """mean, std, median and iqr (VisCy's keys) of the pixels of the given plane sketches pooled."""
+    mean = float(np.mean([s["mean"] for s in sketches]))
+    second = float(np.mean([s["std"] ** 2 + s["mean"] ** 2 for s in sketches]))
+    q25, q50, q75 = pooled_percentiles(sketches, (25, 50, 75))
+    return {"mean": mean, "std": float(np.sqrt(max(second - mean**2, 0.0))), "median": float(q50),
+            "iqr": float(q75 - q25)}
+
+
+def write_norm_meta(plate: Plate, per_field: list[dict]) -> None:
+    """The same statistics in the layout VisCy's ``HCSDataModule`` reads (its ``norm_meta``).
+
+    As ``viscy preprocess`` writes it: ``normalization: {channel: {dataset_statistics, fov_statistics}}`` in
+    each field's attributes and the dataset statistics in the plate's, over every plane of the channel (mean,
+    std, median, iqr).
+    """
+
+    def planes(stored: dict) -> list[dict]:
+        return [plane_sketch(stored, z) for z in range(len(stored["mean"]))]
+
+    names = sorted({name for stats in per_field for name in stats})
+    dataset = {name: _viscy_stats([p for stats in per_field if name in stats for p in planes(stats[name])])
+               for name in names}
+    plate.root.attrs["normalization"] = {name: {"dataset_statistics": dataset[name]} for name in names}
+    for field, stats in zip(plate.fields, per_field):
+        plate.group(field).attrs["normalization"] = {
+            name: {"dataset_statistics": dataset[name], "fov_statistics": _viscy_stats(planes(stored))}
+            for name, stored in stats.items()}

@@ -30,13 +30,14 @@ def _staging(out: str | Path, overwrite: bool) -> Path:
     never leaves a folder that loads, and an ``--overwrite`` never mixes files of two exports.
     """
     import os
+    import uuid
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out} is not empty; give a new folder or pass --overwrite")
-    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    staging = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
