@@ -53,12 +53,25 @@ def test_run_folder_has_config_commit_metrics_panels_and_checkpoint(tiny, tmp_pa
     assert cfg.data.name == "nuclei" and not task.training
 
 
-def test_wandb_offline_run_is_written(tiny, tmp_path, monkeypatch):
+def test_wandb_offline_run_is_written_and_self_contained(tiny, tmp_path, monkeypatch):
+    """Everything W&B writes for a run - its tables' thumbnails included - lies in the run folder, so a copy of
+    runs/ syncs completely; nothing goes to the home folder's W&B staging area."""
+    import os
+
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for key in ("WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR", "WANDB_CACHE_DIR", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(key, raising=False)
     tiny = [t for t in tiny if not t.startswith("logger.wandb")]
-    fit("golgi_asym", tiny + ["trainer.max_epochs=1", "trainer.limit_val_batches=1", "logger.wandb=true"], run_dir=tmp_path / "wb")
+    fit("golgi_asym", tiny + ["trainer.max_epochs=1", "trainer.limit_val_batches=1", "logger.wandb=true",
+                              "callbacks=[{name: downstream, max_images: 2}]"], run_dir=tmp_path / "wb")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run folder"
+    media = [p for p in (tmp_path / "wb" / "wandb").rglob("*") if p.suffix == ".png"]
+    assert media, "the downstream table's thumbnails are not in the run folder"
+    outside = [p for p in (tmp_path / "home").rglob("*") if p.is_file()] if (tmp_path / "home").exists() else []
+    assert not [p for p in outside if "wandb" in str(p)], outside
+    assert "WANDB_DATA_DIR" not in os.environ  # restored after the run
 
 
 def test_resume_continues_from_last_checkpoint(tiny, tmp_path):

@@ -59,6 +59,7 @@ def make_loggers(cfg: config.Experiment, run_dir: Path) -> list:
             rank_zero_info("wandb is not installed; logging to CSV only (pip install 'labelling[tracking]')")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
+            keep_wandb_files_in(run_dir / "wandb")
             loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity,
                                        group=cfg.logger.group, name=run_dir.name, save_dir=str(run_dir),
                                        mode=wandb_mode(), config=config.to_dict(cfg), job_type="train"))
@@ -67,6 +68,40 @@ def make_loggers(cfg: config.Experiment, run_dir: Path) -> list:
 
         loggers.append(TensorBoardLogger(run_dir, name="tb", version=""))
     return loggers
+
+
+WANDB_DIRS = ("WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR", "WANDB_CACHE_DIR")
+_WANDB_BEFORE: dict[str, str | None] = {}
+
+
+def keep_wandb_files_in(folder: Path) -> None:
+    """Every file W&B stages (table thumbnails, media, artifacts) inside the run folder, so a copy of ``runs/``
+    syncs completely (`wandb sync`); the previous settings come back when the run finishes."""
+    for key in WANDB_DIRS:
+        _WANDB_BEFORE.setdefault(key, os.environ.get(key))
+        os.environ[key] = str(folder / key.removeprefix("WANDB_").removesuffix("_DIR").lower())
+
+
+def _restore_wandb_dirs() -> None:
+    for key, value in _WANDB_BEFORE.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _WANDB_BEFORE.clear()
+
+
+def log_model_artifact(run, run_dir: Path) -> bool:
+    """The best checkpoint as a W&B model artifact (online runs only: offline ones keep it in the run folder)."""
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if wandb_mode() != "online" or not best.is_file():
+        return False
+    import wandb
+
+    artifact = wandb.Artifact(f"{run_dir.name}-model", type="model", metadata={"run_dir": str(run_dir)})
+    artifact.add_file(str(best))
+    run.log_artifact(artifact, aliases=["best"])
+    return True
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -358,4 +393,6 @@ def _finish_wandb(trainer, metrics: dict | None, exit_code: int = 0) -> None:
     if wandb.run is not None:
         if metrics:
             wandb.run.summary.update(metrics)
+            log_model_artifact(wandb.run, Path(trainer.default_root_dir))
         wandb.finish(exit_code=exit_code)
+    _restore_wandb_dirs()
