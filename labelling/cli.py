@@ -71,9 +71,9 @@ def _convert(args) -> int:
 
 
 def _preprocess(args) -> int:
-    from labelling.data import plate
+    from labelling.data import platetools
 
-    n = plate.preprocess(args.plate)
+    n = platetools.preprocess(args.plate)
     print(f"stored normalization statistics of {n} fields in {args.plate}")
     return 0
 

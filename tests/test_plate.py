@@ -247,7 +247,7 @@ def test_plate_prediction_refuses_integer_plates_in_place_and_evaluation_needs_p
     rng = np.random.default_rng(0)
     with plates.PlateWriter(tmp_path / "U.zarr", ["brightfield", "nuclei"]) as writer:
         writer.write("A", "1", 0, (rng.random((2, 64, 64)) * 1000).astype(np.uint16))
-    plates.preprocess(tmp_path / "U.zarr", progress=False)
+    platetools.preprocess(tmp_path / "U.zarr", progress=False)
     with pytest.raises(ImageError, match="--out"):
         platepredict.predict_plate(run, tmp_path / "U.zarr", accelerator="cpu", progress=False)
     with pytest.raises(ConfigError, match="labelling predict"):

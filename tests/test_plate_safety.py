@@ -176,3 +176,21 @@ def test_two_writers_of_one_new_plate_never_replace_each_other(tmp_path):
     plate = plates.Plate(path)
     assert plate.read(plate.fields[0], ["a"]).max() == 1.0  # the first writer's plate, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.zarr"]
+
+
+def test_a_converted_plate_keeps_the_source_pixel_size_and_a_run_on_it_records_it(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for well in ("A1", "A2", "B1", "B2"):
+        for channel in ("bf", "dapi"):
+            tifffile.imwrite(root / f"{well}_s0_{channel}.ome.tif", rng.random((48, 48)).astype(np.float32), ome=True,
+                             metadata={"axes": "YX", "PhysicalSizeX": 0.325, "PhysicalSizeY": 0.325})
+    plate = platetools.convert(root, r"(?P<well>[A-Z]\d+)_(?P<key>s\d)_(?P<channel>\w+)\.ome", tmp_path / "P.zarr",
+                               progress=False)
+    assert plate.pixel_size(plate.fields[0]) == pytest.approx((0.325, 0.325))
+    from labelling.data.platedata import PlateDataModule
+
+    dm = PlateDataModule(str(tmp_path / "P.zarr"), inputs=["bf"], targets=["dapi"], crop=16, batch_size=2,
+                         val_fraction=0.25, test_fraction=0.25)
+    assert dm.pixel_size == pytest.approx((0.325, 0.325))

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from labelling.data.normalization import GRID, pooled_percentiles, pooled_stats, sketch
 from labelling.errors import ConfigError, ImageError, unknown
 
 KEY = "labelling"  # our attributes in a field's image group: {"stats": ..., "predictions": ...}
@@ -141,6 +140,19 @@ class Plate:
                 raise ImageError(f"{self.path}/{field.path}: expected a (T, C, Z, Y, X) array, got {array.shape}")
             self._arrays[field.path] = array
         return self._arrays[field.path]
+
+    def pixel_size(self, field: Field) -> tuple[float, float] | None:
+        """(y, x) micrometres from the field's scale transform and axis units, or None when it does not say."""
+        meta = _ome(self.group(field).attrs).get("multiscales") or [{}]
+        axes = meta[0].get("axes", [])
+        try:
+            scale = next(t["scale"] for t in meta[0]["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
+        except (KeyError, IndexError, StopIteration):
+            return None
+        units = {a.get("name"): (s, a.get("unit")) for a, s in zip(axes, scale) if isinstance(a, dict)}
+        if all(units.get(a, (0, None))[1] in ("micrometer", "µm", "um") for a in "yx"):
+            return float(units["y"][0]), float(units["x"][0])
+        return None
 
     def shape(self, field: Field) -> tuple[int, int, int, int, int]:
         return tuple(self.array(field).shape)
@@ -260,7 +272,7 @@ class PlateWriter:
     """
 
     def __init__(self, path: str | Path, channels: list[str], chunk: int = 256, name: str | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, pixel_size: tuple[float, float] | None = None):
         import os
         import uuid
 
@@ -273,7 +285,7 @@ class PlateWriter:
             what = "a plate" if is_plate(target) else "a file" if target.is_file() else "a folder that is not empty"
             raise ConfigError(f"{target} exists ({what}); refusing to overwrite it: give a new path, "
                               "or pass --overwrite to replace it once the new plate is complete")
-        self.overwrite = overwrite
+        self.overwrite, self.pixel_size = overwrite, pixel_size
         unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"  # two writers, even in one process, never share it
         self.staging = self.path if self.remote else str(target.with_name(f".{target.name}.{unique}.partial"))
         self.root = zarr.open_group(self.staging, mode="w", zarr_format=2)
@@ -306,10 +318,13 @@ class PlateWriter:
         array = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True,
                                    compressors=numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE),
                                    config={"write_empty_chunks": True})  # every chunk on disk: a gap is damage
-        scale = [{"type": "scale", "scale": [1.0] * 5}]
+        yx = list(self.pixel_size) if self.pixel_size else [1.0, 1.0]  # micrometres when the source said
+        scale = [{"type": "scale", "scale": [1.0, 1.0, 1.0, *map(float, yx)]}]
         write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": scale}], fmt=FormatV04(),
                                    axes=[{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
-                                         *[{"name": a, "type": "space"} for a in "zyx"]],
+                                         *[{"name": a, "type": "space",
+                                            **({"unit": "micrometer"} if self.pixel_size and a != "z" else {})}
+                                           for a in "zyx"]],
                                    name=path, metadata={"omero": omero or {"channels": [{"label": n} for n in
                                                                                          self.channels]}})
         self.wells.setdefault((row, str(column)), []).append(str(fov))
@@ -374,62 +389,3 @@ def _omero(channels: list[str], image: np.ndarray) -> dict:
 def plane_sketch(stored: dict, z: int) -> dict:
     """One plane's sketch from a channel's stored per-plane statistics."""
     return {key: stored[key][z] for key in ("mean", "std", "q")}
-
-
-def preprocess(path: str | Path, progress: bool = True) -> int:
-    """Compute and store every field's per-channel, per-plane statistics (one pass, one plane in memory).
-
-    Also stores the whole plate's pooled statistics in the plate's attributes (``labelling.stats``), for
-    information; training computes its ``fixed`` statistics from the training fields only.
-    Returns the number of fields.
-    """
-    from tqdm import tqdm
-
-    plate = Plate(path, mode="r+")
-    pooled: dict[str, list[dict]] = {}
-    per_field: list[dict] = []
-    for field in tqdm(plate.fields, desc="fields", unit="field", disable=not progress):
-        array, names = plate.array(field), plate.channels(field)
-        stats = {}
-        for c, name in enumerate(names):
-            per_plane = [sketch(array[0, c, z]) for z in range(array.shape[2])]
-            stats[name] = {k: [p[k] for p in per_plane] for k in ("mean", "std", "q")}
-            pooled.setdefault(name, []).append(stats[name])
-        plate.update_attrs(field, stats=stats, grid=GRID.tolist())
-        per_field.append(stats)
-    summary = {name: {"mean": float(np.mean([s["mean"] for s in items])),
-                      "fixed_percentile": list(pooled_stats([plane_sketch(s, 0) for s in items]))}
-               for name, items in pooled.items()}
-    plate.root.attrs[KEY] = {**dict(plate.root.attrs.get(KEY, {})), "stats": summary, "fields": len(plate.fields)}
-    write_norm_meta(plate, per_field)
-    return len(plate.fields)
-
-
-def _viscy_stats(sketches: list[dict]) -> dict:
-    """mean, std, median and iqr (VisCy's keys) of the pixels of the given plane sketches pooled."""
-    mean = float(np.mean([s["mean"] for s in sketches]))
-    second = float(np.mean([s["std"] ** 2 + s["mean"] ** 2 for s in sketches]))
-    q25, q50, q75 = pooled_percentiles(sketches, (25, 50, 75))
-    return {"mean": mean, "std": float(np.sqrt(max(second - mean**2, 0.0))), "median": float(q50),
-            "iqr": float(q75 - q25)}
-
-
-def write_norm_meta(plate: Plate, per_field: list[dict]) -> None:
-    """The same statistics in the layout VisCy's ``HCSDataModule`` reads (its ``norm_meta``).
-
-    As ``viscy preprocess`` writes it: ``normalization: {channel: {dataset_statistics, fov_statistics}}`` in
-    each field's attributes and the dataset statistics in the plate's, over every plane of the channel (mean,
-    std, median, iqr).
-    """
-
-    def planes(stored: dict) -> list[dict]:
-        return [plane_sketch(stored, z) for z in range(len(stored["mean"]))]
-
-    names = sorted({name for stats in per_field for name in stats})
-    dataset = {name: _viscy_stats([p for stats in per_field if name in stats for p in planes(stats[name])])
-               for name in names}
-    plate.root.attrs["normalization"] = {name: {"dataset_statistics": dataset[name]} for name in names}
-    for field, stats in zip(plate.fields, per_field):
-        plate.group(field).attrs["normalization"] = {
-            name: {"dataset_statistics": dataset[name], "fov_statistics": _viscy_stats(planes(stored))}
-            for name, stored in stats.items()}

@@ -195,6 +195,7 @@ class PlateDataModule(FluorescenceDataModule):
         if max(self.planes + [self.target_plane]) >= z:
             raise ConfigError(f"data.planes {self.planes} / target_plane {self.target_plane}: the plate has {z} plane(s)")
         self.plate = {"size": self.opened.shape(first)[3]}
+        self.pixel_size = self.opened.pixel_size(first)  # carried into the deployment state
 
     @property
     def channels(self) -> list[str]:

@@ -1,7 +1,7 @@
 """Make HCS OME-Zarr plates: a simulated plate, or a folder of TIFFs converted.
 
 ``labelling simulate --plate`` and ``labelling convert`` call these. Both write field by field (constant
-memory) and then store the per-field statistics (:func:`labelling.data.plate.preprocess`).
+memory) and then store the per-field statistics (:func:`preprocess`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from labelling.data import plate as plates
+from labelling.data.normalization import GRID, pooled_percentiles, pooled_stats, sketch
+from labelling.data.plate import plane_sketch
 from labelling.errors import ConfigError, ImageError
 
 
@@ -87,7 +89,7 @@ def simulate(path: str | Path, seed: int = 0, wells: int = 4, fields: int = 2, s
             field = out.write(row, column, f.field, np.concatenate([bf[None], fluo]).astype(np.float32))
             attrs = out.root[field.path].attrs
             attrs[plates.KEY] = {**dict(attrs.get(plates.KEY, {})), "phenotype": int(f.phenotype), "well_name": f.well}
-    plates.preprocess(path, progress=progress)
+    preprocess(path, progress=progress)
     return plates.Plate(path)
 
 
@@ -129,7 +131,11 @@ def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str]
             raise ConfigError(f"wells '{first}' and '{well}' would both be stored as well "
                               f"{'/'.join(position[well])}; rename one of them")
     fov_count: dict[tuple[str, str], int] = defaultdict(int)
-    with plates.PlateWriter(out, names, name=root.name, overwrite=overwrite) as writer:
+    from labelling.data.physical import pixel_size
+
+    first = found[sorted(found)[0]][names[0]] if found else None
+    with plates.PlateWriter(out, names, name=root.name, overwrite=overwrite,
+                            pixel_size=pixel_size(first) if first else None) as writer:
         for key in tqdm(sorted(found), desc="converting", unit="field", disable=not progress):
             missing = [c for c in names if c not in found[key]]
             if missing:
@@ -143,5 +149,65 @@ def convert(root: str | Path, pattern: str, out: str | Path, channels: list[str]
             attrs = writer.root[field.path].attrs
             attrs[plates.KEY] = {**dict(attrs.get(plates.KEY, {})), "source": key, "well_name": well,
                                  "files": [str(found[key][c]) for c in names]}
-    plates.preprocess(out, progress=progress)
+    preprocess(out, progress=progress)
     return plates.Plate(out)
+
+
+# ------------------------------------------------------------------------------- statistics
+def preprocess(path: str | Path, progress: bool = True) -> int:
+    """Compute and store every field's per-channel, per-plane statistics (one pass, one plane in memory).
+
+    Also stores the whole plate's pooled statistics in the plate's attributes (``labelling.stats``), for
+    information; training computes its ``fixed`` statistics from the training fields only.
+    Returns the number of fields.
+    """
+    from tqdm import tqdm
+
+    plate = plates.Plate(path, mode="r+")
+    pooled: dict[str, list[dict]] = {}
+    per_field: list[dict] = []
+    for field in tqdm(plate.fields, desc="fields", unit="field", disable=not progress):
+        array, names = plate.array(field), plate.channels(field)
+        stats = {}
+        for c, name in enumerate(names):
+            per_plane = [sketch(array[0, c, z]) for z in range(array.shape[2])]
+            stats[name] = {k: [p[k] for p in per_plane] for k in ("mean", "std", "q")}
+            pooled.setdefault(name, []).append(stats[name])
+        plate.update_attrs(field, stats=stats, grid=GRID.tolist())
+        per_field.append(stats)
+    summary = {name: {"mean": float(np.mean([s["mean"] for s in items])),
+                      "fixed_percentile": list(pooled_stats([plane_sketch(s, 0) for s in items]))}
+               for name, items in pooled.items()}
+    plate.root.attrs[plates.KEY] = {**dict(plate.root.attrs.get(plates.KEY, {})), "stats": summary, "fields": len(plate.fields)}
+    write_norm_meta(plate, per_field)
+    return len(plate.fields)
+
+
+def _viscy_stats(sketches: list[dict]) -> dict:
+    """mean, std, median and iqr (VisCy's keys) of the pixels of the given plane sketches pooled."""
+    mean = float(np.mean([s["mean"] for s in sketches]))
+    second = float(np.mean([s["std"] ** 2 + s["mean"] ** 2 for s in sketches]))
+    q25, q50, q75 = pooled_percentiles(sketches, (25, 50, 75))
+    return {"mean": mean, "std": float(np.sqrt(max(second - mean**2, 0.0))), "median": float(q50),
+            "iqr": float(q75 - q25)}
+
+
+def write_norm_meta(plate: plates.Plate, per_field: list[dict]) -> None:
+    """The same statistics in the layout VisCy's ``HCSDataModule`` reads (its ``norm_meta``).
+
+    As ``viscy preprocess`` writes it: ``normalization: {channel: {dataset_statistics, fov_statistics}}`` in
+    each field's attributes and the dataset statistics in the plate's, over every plane of the channel (mean,
+    std, median, iqr).
+    """
+
+    def planes(stored: dict) -> list[dict]:
+        return [plane_sketch(stored, z) for z in range(len(stored["mean"]))]
+
+    names = sorted({name for stats in per_field for name in stats})
+    dataset = {name: _viscy_stats([p for stats in per_field if name in stats for p in planes(stats[name])])
+               for name in names}
+    plate.root.attrs["normalization"] = {name: {"dataset_statistics": dataset[name]} for name in names}
+    for field, stats in zip(plate.fields, per_field):
+        plate.group(field).attrs["normalization"] = {
+            name: {"dataset_statistics": dataset[name], "fov_statistics": _viscy_stats(planes(stored))}
+            for name, stored in stats.items()}

@@ -119,7 +119,7 @@ class PlateJob(lightning.LightningDataModule):
         fields, names = plate.select(self.wells), predicted_names(self.model)
         if self.out != self.source and not plates.is_plate(self.out):
             with plates.PlateWriter(self.out, names, name=f"{Path(self.source).stem} predicted",
-                                    overwrite=self.overwrite) as writer:
+                                    overwrite=self.overwrite, pixel_size=plate.pixel_size(fields[0])) as writer:
                 for f in fields:
                     row, column, fov = f.path.split("/")
                     writer.create(row, column, fov, (1, *plate.shape(f)[3:]))
