@@ -229,3 +229,23 @@ def test_shuffled_chance_level_is_calibrated():
                for a in (downstream.agreement(rng.random(20), rng.random(20), n_boot=10, n_shuffle=200,
                                     seed=int(rng.integers(1 << 30))) for _ in range(200)))
     assert hits / 200 < 0.1
+
+
+def test_object_agreement_pools_objects_over_images_and_measures_matched_intensities():
+    """Known objects: perfect prediction -> F1 1, CCC 1; one missed object per image and 2x brightness ->
+    pooled F1 from the object counts, intensity r 1 but CCC well below 1."""
+    def field(centres, value):
+        img = np.zeros((96, 96), np.float32)
+        for k, (y, x) in enumerate(centres):
+            img[y - 6:y + 6, x - 6:x + 6] = value * (1 + 0.2 * k)
+        return img
+
+    centres = [(16, 16), (16, 60), (60, 16), (60, 60)]
+    real = [field(centres, 100.0) for _ in range(3)]
+    same = downstream.object_agreement(real, real, {"offset": 0.0, "min_size": 10})
+    assert same["object_f1"] == pytest.approx(1.0) and same["object_intensity_ccc"] == pytest.approx(1.0)
+    assert same["n_real_objects"] == 12 and same["n_matched"] == 12
+    worse = [field(centres[:3], 200.0) for _ in range(3)]  # one object missed per image, twice as bright
+    got = downstream.object_agreement(real, worse, {"offset": 0.0, "min_size": 10})
+    assert got["n_matched"] == 9 and got["object_f1"] == pytest.approx(2 * 9 / (2 * 9 + 0 + 3))
+    assert got["object_intensity_pearson"] == pytest.approx(1.0, abs=1e-6) and got["object_intensity_ccc"] < 0.5
