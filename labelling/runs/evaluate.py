@@ -20,9 +20,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from labelling import studies
 from labelling.inference.load import build_run, load
 from labelling.reporting import plots as figures

@@ -15,8 +15,15 @@ from pathlib import Path
 from labelling import config
 from labelling.deployment import Deployment
 from labelling.errors import ConfigError
-from labelling.inference.load import (WEIGHTS_FILE, checkpoint_path, fingerprint, is_export, load_task,
-                                      read_weights, verify_export)
+from labelling.inference.load import (
+    WEIGHTS_FILE,
+    checkpoint_path,
+    fingerprint,
+    is_export,
+    load_task,
+    read_weights,
+    verify_export,
+)
 
 SHOWN = 6  # layer names listed in a mismatch error
 

@@ -28,8 +28,8 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
 from labelling import build, config
-from labelling.reporting import reports
 from labelling.errors import redact, redact_obj
+from labelling.reporting import reports
 
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = ("type", "low", "high", "log", "choices")

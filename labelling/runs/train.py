@@ -16,14 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from labelling import config, registry
-from labelling import build
+from labelling import build, config, registry
+from labelling.callbacks.panels import PredictionPanels
 from labelling.inference.load import build_run, check_checkpoint
 from labelling.inference.predict import calibrate_affine
 from labelling.runs.finetune import apply_init
 from labelling.tasks.autoencoding import Autoencoding
 from labelling.tasks.stainer import Stainer
-from labelling.callbacks.panels import PredictionPanels
 
 
 def git_commit() -> str:
@@ -75,8 +74,11 @@ _WANDB_BEFORE: dict[str, str | None] = {}
 
 
 def keep_wandb_files_in(folder: Path) -> None:
-    """Every file W&B stages (table thumbnails, media, artifacts) inside the run folder, so a copy of ``runs/``
-    syncs completely (`wandb sync`); the previous settings come back when the run finishes."""
+    """Keep every file W&B stages (table thumbnails, media, artifacts) inside the run folder.
+
+    A copy of ``runs/`` then syncs completely (`wandb sync`); the previous settings come back when the run
+    finishes.
+    """
     for key in WANDB_DIRS:
         _WANDB_BEFORE.setdefault(key, os.environ.get(key))
         os.environ[key] = str(folder / key.removeprefix("WANDB_").removesuffix("_DIR").lower())
