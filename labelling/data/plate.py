@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from labelling.data.atomic import replace_folder, sibling
 from labelling.errors import ConfigError, ImageError, unknown
 
 KEY = "labelling"  # our attributes in a field's image group: {"stats": ..., "predictions": ...}
@@ -273,9 +274,6 @@ class PlateWriter:
 
     def __init__(self, path: str | Path, channels: list[str], chunk: int = 256, name: str | None = None,
                  overwrite: bool = False, pixel_size: tuple[float, float] | None = None):
-        import os
-        import uuid
-
         import zarr
 
         self.path, self.channels, self.chunk, self.name = str(path), list(channels), chunk, name
@@ -286,8 +284,7 @@ class PlateWriter:
             raise ConfigError(f"{target} exists ({what}); refusing to overwrite it: give a new path, "
                               "or pass --overwrite to replace it once the new plate is complete")
         self.overwrite, self.pixel_size = overwrite, pixel_size
-        unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"  # two writers, even in one process, never share it
-        self.staging = self.path if self.remote else str(target.with_name(f".{target.name}.{unique}.partial"))
+        self.staging = self.path if self.remote else str(sibling(target))  # unique: writers never share it
         self.root = zarr.open_group(self.staging, mode="w", zarr_format=2)
         self.wells: dict[tuple[str, str], list[str]] = {}
 
@@ -347,7 +344,7 @@ class PlateWriter:
                 self.discard()
                 raise ConfigError(f"{self.path} appeared while this plate was being written (another labelling "
                                   "process writing the same --out?); it was left as it is and nothing was replaced")
-            _swap_into_place(Path(self.staging), Path(self.path))
+            replace_folder(self.staging, self.path)
 
     def discard(self) -> None:
         """Remove an unfinished local plate (nothing of it stays behind)."""
@@ -364,19 +361,6 @@ class PlateWriter:
             self.close()
         else:
             self.discard()
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename a finished folder onto `target`; an existing target is moved aside first and removed after."""
-    import os
-    import shutil
-
-    old = target.with_name(f".{target.name}.{os.getpid()}.old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _omero(channels: list[str], image: np.ndarray) -> dict:

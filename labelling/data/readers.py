@@ -400,9 +400,9 @@ def write_ome_tiff(path: str | Path, image: np.ndarray, channel_names: list[str]
 
     The file appears complete or not at all: it is written to a temporary sibling and renamed into place.
     """
-    import os
-
     import tifffile
+
+    from labelling.data.atomic import write_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,10 +412,5 @@ def write_ome_tiff(path: str | Path, image: np.ndarray, channel_names: list[str]
     if pixel_size:
         meta.update(PhysicalSizeY=float(pixel_size[0]), PhysicalSizeYUnit="µm",
                     PhysicalSizeX=float(pixel_size[1]), PhysicalSizeXUnit="µm")
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tifffile.imwrite(partial, np.asarray(image, np.float32), ome=True, metadata=meta, photometric="minisblack")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return write_file(path, lambda partial: tifffile.imwrite(partial, np.asarray(image, np.float32), ome=True,
+                                                             metadata=meta, photometric="minisblack"))

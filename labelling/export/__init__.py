@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+from labelling.data.atomic import replace_folder, sibling
 from labelling.errors import ExportError
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
@@ -26,35 +27,21 @@ __all__ = ["FORMATS", "ExportError", "export_run"]
 def _staging(out: str | Path, overwrite: bool) -> Path:
     """A new empty sibling folder to write the export into; the target is checked first.
 
-    The finished export replaces `out` in one rename (:func:`_swap_into_place`), so an interrupted export
-    never leaves a folder that loads, and an ``--overwrite`` never mixes files of two exports.
+    The finished export replaces `out` in one rename (:func:`labelling.data.atomic.replace_folder`), so an
+    interrupted export never leaves a folder that loads, and an ``--overwrite`` never mixes files of two exports.
     """
-    import os
-    import uuid
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out} is not empty; give a new folder or pass --overwrite")
-    staging = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    staging = sibling(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     except OSError as err:
         raise PermissionError(f"cannot write the export to {out}: {err.strerror or err}") from None
     return staging
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    import os
-
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _datamodule(cfg, why: str):
@@ -111,7 +98,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, o
     try:
         summary = _write(task, cfg, run, fmt, out, final, drift, check, author, license_id, github_user, git_repo)
         deployed.write_manifest(out, checkpoint_path(run))
-        _swap_into_place(out, final)
+        replace_folder(out, final)
     finally:
         shutil.rmtree(out, ignore_errors=True)  # an unfinished export leaves nothing behind
     summary["files"] = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from labelling import config
+from labelling.data.atomic import write_file
 from labelling.deployment import Deployment
 from labelling.errors import ExportError, redact_obj
 from labelling.inference.load import MANIFEST, STATE_FILE, STATE_VERSION, WEIGHTS_FILE, fingerprint
@@ -202,7 +202,4 @@ def write_manifest(out: Path, run_checkpoint: str | Path | None) -> Path:
     manifest = {"format_version": STATE_VERSION, "files": files,
                 "checkpoint": {"path": str(run_checkpoint) if run_checkpoint else None,
                                "sha256": fingerprint(run_checkpoint) if run_checkpoint else None}}
-    partial = out / f".{MANIFEST}.partial"
-    partial.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(partial, out / MANIFEST)
-    return out / MANIFEST
+    return write_file(out / MANIFEST, lambda partial: partial.write_text(json.dumps(manifest, indent=1) + "\n"))

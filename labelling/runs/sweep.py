@@ -28,6 +28,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
 from labelling import build, config
+from labelling.data.atomic import write_file
 from labelling.errors import redact, redact_obj
 from labelling.reporting import reports
 
@@ -388,12 +389,6 @@ def run_sweep(sweep: str | Path, storage: str | None = None, n_trials: int | Non
     return study
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def write_summary(study, out_dir: Path, spec: dict, storage: str | None = None, plot: bool = True) -> None:
     """``best.yaml`` (resolved config + value), ``trials.csv`` and an optimisation-history plot (secrets redacted).
 
@@ -407,12 +402,13 @@ def write_summary(study, out_dir: Path, spec: dict, storage: str | None = None, 
     summary = {"best_trial": best.number, "metric": spec["metric"], "value": best.value,
                "params": best.params, "run_dir": best.user_attrs.get("run_dir"), "config": cfg,
                "study": study.study_name, "storage": storage}
-    _write_atomic(out_dir / "best.yaml", yaml.safe_dump(redact_obj(summary), sort_keys=False))
+    text = yaml.safe_dump(redact_obj(summary), sort_keys=False)
+    write_file(out_dir / "best.yaml", lambda partial: partial.write_text(text))
     surplus = {t.number for t in study.trials if t.user_attrs.get("surplus")}
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
     df = df[~df["number"].isin(surplus)]
     df = df.map(lambda v: redact(v) if isinstance(v, str) else v)
-    _write_atomic(out_dir / "trials.csv", df.to_csv(index=False))
+    write_file(out_dir / "trials.csv", lambda partial: df.to_csv(partial, index=False))
     if not plot:
         return
     import matplotlib

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from labelling import build, config, registry
 from labelling.callbacks.panels import PredictionPanels
+from labelling.data.atomic import write_file
 from labelling.inference.load import build_run, check_checkpoint
 from labelling.inference.predict import calibrate_affine
 from labelling.runs.finetune import apply_init
@@ -234,17 +235,7 @@ def finalize_deployment(task, dm, checkpoint: ModelCheckpoint, is_global_zero: b
         if path and Path(path).exists():
             ckpt = check_checkpoint(path)
             ckpt["state_dict"]["_extra_state"] = task.deployment.to_dict()
-            save_atomic(ckpt, Path(path))
-
-
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary sibling, then rename: an interrupted write never leaves a broken file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        torch.save(obj, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+            write_file(path, lambda partial, ckpt=ckpt: torch.save(ckpt, partial))  # never a half-written file
 
 
 def fit(cfg: config.Experiment | str, overrides: list[str] | dict | None = None, run_dir: str | Path | None = None,
