@@ -27,13 +27,13 @@ from labelling import config
 from labelling.data.atomic import write_file
 from labelling.deployment import Deployment
 from labelling.errors import ExportError, redact_obj
-from labelling.inference.load import MANIFEST, STATE_FILE, STATE_VERSION, WEIGHTS_FILE, fingerprint
+from labelling.inference.load import MANIFEST, STATE_FILE, STATE_VERSION, WEIGHTS_FILE, fingerprint, onnx_runner
 
 INPUT, OUTPUTS = "input", ("prediction", "embedding")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 
 __all__ = ["Deployed", "ExportError", "check_exportable", "export_state", "export_onnx", "export_torchscript",
-           "compare", "write_state", "write_manifest"]
+           "compare", "onnx_runner", "write_state", "write_manifest"]
 
 
 class Deployed(nn.Module):
@@ -145,22 +145,13 @@ def _tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-def onnx_runner(path: Path):
-    """(B, Cin, H, W) float32 numpy -> list of numpy outputs, through ONNX Runtime."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})
-
-
 def compare(task, run, embedding: bool = True, repeats: int = 3) -> dict:
     """Exported vs torch net on a seeded random input: largest absolute difference and times per forward."""
     dep = task.deployment
     x = _example(dep, batch=2, height=256, width=192, seed=1)  # not the traced size: the shapes are dynamic
     module = Deployed(task.net, dep, embedding=embedding).eval()
     with torch.no_grad():
-        exported, reference = run(x.numpy()), [o.numpy() for o in _tuple(module(x))]
+        exported, reference = [np.asarray(o) for o in run(x.numpy())], [o.numpy() for o in _tuple(module(x))]
     torch_s, exported_s = [], []
     for _ in range(repeats):
         start = time.perf_counter()

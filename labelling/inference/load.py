@@ -192,8 +192,8 @@ def verify_export(folder: Path) -> dict:
     return manifest
 
 
-def _onnx_forward(path: Path, threads: int | None = None):
-    """(B, Cin, h, w) -> the exported network's outputs, through ONNX Runtime."""
+def onnx_runner(path: Path, threads: int | None = None):
+    """(B, Cin, h, w) array or tensor -> the exported network's outputs (CPU tensors), through ONNX Runtime."""
     try:
         import onnxruntime
     except ImportError as err:
@@ -234,7 +234,7 @@ def load_export(path: str | Path, threads: int | None = None) -> Model:
         raise ExportError(f"{folder / STATE_FILE}: {err}") from None
     source, digest = str(path), manifest["files"].get(state.get("model", ""), "")
     if state.get("model", "").endswith(".onnx"):
-        run = _onnx_forward(_inside(folder, state["model"]), threads)
+        run = onnx_runner(_inside(folder, state["model"]), threads)
         return Model(dep, forward=lambda x: run(x)[0], embedder=lambda x: _second(run(x), folder),
                      source=source, fingerprint=digest, config=cfg, activated=True)
     weights = _inside(folder, WEIGHTS_FILE)
