@@ -161,6 +161,19 @@ def test_preprocess_also_writes_the_statistics_viscy_reads(tmp_path):
     data = meta["dataset_statistics"]
     assert data["mean"] == pytest.approx(pixels.mean(), rel=1e-5) and data["std"] == pytest.approx(pixels.std(), rel=1e-4)
     assert dict(plate.root.attrs)["normalization"]["nuclei"]["dataset_statistics"] == data
+    # preprocessing again replaces labelling's own; statistics another tool wrote are kept as they are
+    platetools.preprocess(tmp_path / "P.zarr", progress=False)
+    import zarr
+
+    root = zarr.open_group(str(tmp_path / "P.zarr"), mode="r+")
+    foreign = {"nuclei": {"dataset_statistics": {"mean": 1.0, "std": 2.0, "median": 3.0, "iqr": 4.0}}}
+    root.attrs["normalization"] = foreign
+    attrs = dict(root.attrs[plates.KEY])
+    attrs.pop("norm_meta")
+    root.attrs[plates.KEY] = attrs
+    with pytest.warns(UserWarning, match="keeping the `normalization` statistics another tool wrote"):
+        platetools.preprocess(tmp_path / "P.zarr", progress=False)
+    assert dict(zarr.open_group(str(tmp_path / "P.zarr"), mode="r").attrs)["normalization"] == foreign
 
 
 def test_two_writers_of_one_new_plate_never_replace_each_other(tmp_path):

@@ -197,8 +197,16 @@ def write_norm_meta(plate: plates.Plate, per_field: list[dict]) -> None:
 
     As ``viscy preprocess`` writes it: ``normalization: {channel: {dataset_statistics, fov_statistics}}`` in
     each field's attributes and the dataset statistics in the plate's, over every plane of the channel (mean,
-    std, median, iqr).
+    std, median, iqr). Statistics another tool wrote there (``viscy preprocess``) are left as they are: they
+    are replaced only where labelling wrote them itself (``labelling.norm_meta`` marks it).
     """
+    root = dict(plate.root.attrs.get(plates.KEY, {}))
+    if "normalization" in plate.root.attrs and not root.get("norm_meta"):
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"{plate.path}: keeping the `normalization` statistics another tool wrote (VisCy's); "
+                       "labelling's own are in `labelling.stats`")
+        return
 
     def planes(stored: dict) -> list[dict]:
         return [plane_sketch(stored, z) for z in range(len(stored["mean"]))]
@@ -207,6 +215,7 @@ def write_norm_meta(plate: plates.Plate, per_field: list[dict]) -> None:
     dataset = {name: _viscy_stats([p for stats in per_field if name in stats for p in planes(stats[name])])
                for name in names}
     plate.root.attrs["normalization"] = {name: {"dataset_statistics": dataset[name]} for name in names}
+    plate.root.attrs[plates.KEY] = {**dict(plate.root.attrs.get(plates.KEY, {})), "norm_meta": True}
     for field, stats in zip(plate.fields, per_field):
         plate.group(field).attrs["normalization"] = {
             name: {"dataset_statistics": dataset[name], "fov_statistics": _viscy_stats(planes(stored))}
