@@ -27,6 +27,7 @@ LOW, HIGH = 1.0, 99.8  # the percentiles of ``percentile`` normalization (the on
 GRID = np.array([0, 0.1, 0.2, 0.5, LOW, 2, 3, 5, 7.5, *range(10, 91, 5), 92.5, 95, 97, 98, 99, 99.5, HIGH, 99.9, 100],
                 float)
 MIN_SCALE = 1e-6  # a constant channel still gets a usable (invertible) scale
+MAX_SCALE = 8.0  # the largest resize factor of :func:`rescale` a prediction or a training study may ask for
 
 
 def _rows(offset, scale) -> np.ndarray:

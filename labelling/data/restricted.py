@@ -11,9 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from labelling import config, registry
-from labelling.data.normalization import dataset_stats, rescale
-
-MAX_SCALE = 8.0
+from labelling.data.normalization import MAX_SCALE, dataset_stats, rescale
 
 STUDY_DATA = "study"
 STUDY_KEYS = ("base", "phenotypes", "train_fields", "train_scale")

@@ -31,12 +31,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from labelling.data.normalization import bin_factor, bin_image, image_stats, normalize, rescale
+from labelling.data.normalization import MAX_SCALE, bin_factor, bin_image, image_stats, normalize, rescale
 from labelling.errors import ImageError
 from labelling.inference.model import Model, as_model
 from labelling.inference.tiling import BLENDS, fit_tile, tile_image, tile_rows
 
-MAX_SCALE = 8.0
 MAX_TILE = 8192
 
 
