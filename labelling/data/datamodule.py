@@ -308,27 +308,24 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         With `reconstruct` (an autoencoder) the outputs are the normalized inputs themselves.
         """
         self.setup("fit")
-        train = self.splits["train"]
+        geometry = dict(inputs=list(self.input_names), raw_channels=self.raw_channels, in_channels=net.in_channels,
+                        out_channels=net.out_channels, spatial_multiple=net.spatial_multiple,
+                        spatial_dims=net.spatial_dims, normalize=self.norm,
+                        input_stats=np.asarray(self.input_stats).tolist(), max_size=int(self.max_size or 0),
+                        pixel_size=self.pixel_size)
+        n = net.out_channels
         if reconstruct:
-            n = net.out_channels
-            return Deployment(inputs=list(self.input_names), targets=list(self.input_names)[:n],
-                              raw_channels=self.raw_channels, in_channels=net.in_channels, out_channels=n,
-                              spatial_multiple=net.spatial_multiple, spatial_dims=net.spatial_dims,
-                              normalize=self.norm, input_stats=np.asarray(self.input_stats).tolist(),
-                              denormalize="none", target_stats=[[0.0, 1.0]] * n, null_level=[0.0] * n,
-                              max_size=int(self.max_size or 0), pixel_size=self.pixel_size)
+            return Deployment(**geometry, targets=list(self.input_names)[:n], denormalize="none",
+                              target_stats=[[0.0, 1.0]] * n, null_level=[0.0] * n)
         rule = "none" if loss.activation == "sigmoid" or self.binary_target else "affine" if loss.scale_free else "stats"
+        train = self.splits["train"]
         target_stats = self.target_stats if self.target_norm == "fixed" else np.mean([im.target_stats for im in train], 0)
         return Deployment(
-            inputs=list(self.input_names), targets=list(self.target_names), raw_channels=self.raw_channels,
-            in_channels=net.in_channels, out_channels=net.out_channels, spatial_multiple=net.spatial_multiple,
-            spatial_dims=net.spatial_dims, normalize=self.norm, input_stats=np.asarray(self.input_stats).tolist(),
-            denormalize=rule, target_stats=np.asarray(target_stats).tolist(),
+            **geometry, targets=list(self.target_names), denormalize=rule, target_stats=np.asarray(target_stats).tolist(),
             null_level=np.asarray(self.null_level(), np.float64).tolist(), activation=loss.activation,
-            target_transform=self.target_transform, max_size=int(self.max_size or 0),
-            planes=list(self.planes) if self.planes is not None else None,
+            target_transform=self.target_transform, planes=list(self.planes) if self.planes is not None else None,
             channels=list(self.channels) if self.channels is not None else None, cascade=list(self.cascade),
-            tta=bool(tta), pixel_size=self.pixel_size)
+            tta=bool(tta))
 
     @property
     def in_channels(self) -> int:
