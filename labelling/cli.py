@@ -78,14 +78,16 @@ def _preprocess(args) -> int:
     return 0
 
 
-PLATE_IGNORES = {"scale": [1.0], "channel": None, "rgb": None, "planes": None, "composite": False,
-                 "match_pixel_size": False}
-IMAGE_IGNORES = {"wells": None, "devices": 1, "accelerator": "auto", "channels": None}
+PLATE_IGNORES = ("scale", "channel", "rgb", "planes", "composite", "match_pixel_size")
+IMAGE_IGNORES = ("wells", "devices", "accelerator", "channels")
 
 
-def _refuse(args, defaults: dict, what: str) -> None:
-    """An option the command cannot honour for this input is an error, never silently ignored."""
-    given = [f"--{k}" for k, default in defaults.items() if getattr(args, k) != default]
+def _refuse(args, options: tuple[str, ...], what: str) -> None:
+    """An option the command cannot honour for this input is an error, never silently ignored.
+
+    "Given" means different from the command's own default (read from its parser, not restated here).
+    """
+    given = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) != args.parser.get_default(k)]
     if given:
         raise ValueError(f"{', '.join(given)} cannot be used {what}")
 
@@ -130,10 +132,8 @@ def _predict(args) -> int:
     return 0 if written else 1
 
 
-EVALUATE_PLATE_IGNORES = {"split": "test", "scales": [0.7, 1.0, 1.3], "max_images": 64, "stability": False,
-                          "embeddings": False, "drift": False, "live": False, "phenotypes": False,
-                          "scaling_matrix": False, "learning_curve": False, "cost": False, "all": False,
-                          "wandb": False}
+EVALUATE_PLATE_IGNORES = ("split", "scales", "max_images", "stability", "embeddings", "drift", "live", "phenotypes",
+                          "scaling_matrix", "learning_curve", "cost", "all", "wandb")
 
 
 def _evaluate(args) -> int:
@@ -153,7 +153,7 @@ def _evaluate(args) -> int:
                                  accept_other=args.accept_other_predictions)
         print(json.dumps({k: round(float(v), 4) for k, v in summary.items()}, indent=2))
         return 0
-    _refuse(args, {"predictions": None, "wells": None, "accept_other_predictions": False}, "without --plate")
+    _refuse(args, ("predictions", "wells", "accept_other_predictions"), "without --plate")
     summary = evaluate_run(args.run, scales=args.scales, split=args.split, max_images=args.max_images,
                            stability=args.stability or every, embeddings=args.embeddings or every,
                            drift=args.drift or every, seg=seg, log_wandb=None if args.wandb else False,
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--planes", default=None,
                     help="z planes of a stack as input channels, e.g. '3:10' (default: the planes the model was "
                          "trained on)")
-    pr.set_defaults(fn=_predict)
+    pr.set_defaults(fn=_predict, parser=pr)
 
     ev = sub.add_parser("evaluate", help="downstream report + studies of a trained run: evaluate RUN")
     ev.add_argument("run", help="run folder or checkpoint")
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--wells", nargs="+", default=None, help="--plate: only these wells")
     ev.add_argument("--accept-other-predictions", action="store_true",
                     help="--plate: score predicted channels another model (or another plate) produced")
-    ev.set_defaults(fn=_evaluate)
+    ev.set_defaults(fn=_evaluate, parser=ev)
 
     ex = sub.add_parser("export", help="export a trained run: export RUN --format onnx|torchscript|bioimageio --out DIR")
     ex.add_argument("run", help="run folder or checkpoint")
