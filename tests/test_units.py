@@ -86,3 +86,22 @@ def test_the_bioimageio_package_states_the_pixel_size_on_its_axes(run, tmp_path)
         space = [a for a in tensor["axes"] if a["type"] == "space"]
         assert [(a["scale"], a["unit"]) for a in space] == [(pytest.approx(0.65), "micrometer")] * 2
     assert "Real images" in (tmp_path / "bmz" / "README.md").read_text()
+
+
+def test_an_ngff_image_with_micrometer_axes_states_its_pixel_size(tmp_path):
+    """OME-Zarr names units in words ("micrometer"): read by the same function as the plates' scale transforms."""
+    from labelling.data.readers import write_ome_zarr
+
+    write_ome_zarr(tmp_path / "img.zarr", np.zeros((1, 16, 16), np.float32))
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "img.zarr"), mode="r+")
+    attrs = dict(group.attrs)
+    multiscales = attrs.get("multiscales") or attrs["ome"]["multiscales"]
+    for axis in multiscales[0]["axes"]:
+        if axis["name"] in "yx":
+            axis["unit"] = "micrometer"
+    multiscales[0]["datasets"][0]["coordinateTransformations"] = [
+        {"type": "scale", "scale": [1.0] * (len(multiscales[0]["axes"]) - 2) + [0.4, 0.3]}]
+    group.attrs.update(attrs)
+    assert pixel_size(tmp_path / "img.zarr") == pytest.approx((0.4, 0.3))

@@ -5,7 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 MICRONS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "μm": 1.0, "nm": 1e-3, "mm": 1e3,
-           "m": 1e6, "cm": 1e4}
+           "m": 1e6, "cm": 1e4, "micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}  # NGFF names last
+
+
+def multiscales_pixel_size(multiscales: list) -> tuple[float, float] | None:
+    """(y, x) micrometres from NGFF ``multiscales`` metadata (first dataset's scale, axis units), or None."""
+    try:
+        scale = next(t["scale"] for t in multiscales[0]["datasets"][0]["coordinateTransformations"]
+                     if t["type"] == "scale")
+        axes = multiscales[0]["axes"]
+    except (KeyError, IndexError, StopIteration, TypeError):
+        return None
+    found = {a.get("name"): (s, MICRONS.get(str(a.get("unit", "")))) for a, s in zip(axes, scale) if isinstance(a, dict)}
+    if all(k in found and found[k][1] for k in "yx"):
+        return float(found["y"][0]) * found["y"][1], float(found["x"][0]) * found["x"][1]
+    return None
+
+
+def ome_pixels(tif) -> dict:
+    """The OME ``Pixels`` element of an open ``tifffile.TiffFile`` (first image) as a dict; {} without OME-XML."""
+    import tifffile
+
+    if not tif.ome_metadata:
+        return {}
+    image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+    return (image[0] if isinstance(image, list) else image)["Pixels"]
 
 
 def pixel_size(path: str | Path) -> tuple[float, float] | None:
@@ -20,9 +44,8 @@ def pixel_size(path: str | Path) -> tuple[float, float] | None:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                if tif.ome_metadata:
-                    pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-                    pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
+                pixels = ome_pixels(tif)
+                if pixels:
                     sizes = [pixels.get(f"PhysicalSize{a}") for a in "YX"]
                     units = [MICRONS.get(str(pixels.get(f"PhysicalSize{a}Unit", "µm")), None) for a in "YX"]
                     if all(sizes) and all(units):
@@ -37,13 +60,7 @@ def pixel_size(path: str | Path) -> tuple[float, float] | None:
             import zarr
 
             meta = dict(zarr.open_group(str(path), mode="r").attrs)
-            multiscales = meta.get("multiscales") or meta.get("ome", {}).get("multiscales")
-            axes = multiscales[0]["axes"]
-            scale = next(t["scale"] for t in multiscales[0]["datasets"][0]["coordinateTransformations"]
-                         if t["type"] == "scale")
-            found = {a["name"]: (s, MICRONS.get(str(a.get("unit", "")))) for a, s in zip(axes, scale)}
-            if all(k in found and found[k][1] for k in "yx"):
-                return found["y"][0] * found["y"][1], found["x"][0] * found["x"][1]
+            return multiscales_pixel_size(meta.get("multiscales") or meta.get("ome", {}).get("multiscales"))
     except Exception:  # metadata that cannot be parsed says nothing about the pixel size
         return None
     return None

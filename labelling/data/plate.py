@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from labelling.data.atomic import replace_folder, sibling
+from labelling.data.physical import multiscales_pixel_size
 from labelling.errors import ConfigError, ImageError, unknown
 
 KEY = "labelling"  # our attributes in a field's image group: {"stats": ..., "predictions": ...}
@@ -144,16 +145,7 @@ class Plate:
 
     def pixel_size(self, field: Field) -> tuple[float, float] | None:
         """(y, x) micrometres from the field's scale transform and axis units, or None when it does not say."""
-        meta = _ome(self.group(field).attrs).get("multiscales") or [{}]
-        axes = meta[0].get("axes", [])
-        try:
-            scale = next(t["scale"] for t in meta[0]["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
-        except (KeyError, IndexError, StopIteration):
-            return None
-        units = {a.get("name"): (s, a.get("unit")) for a, s in zip(axes, scale) if isinstance(a, dict)}
-        if all(units.get(a, (0, None))[1] in ("micrometer", "µm", "um") for a in "yx"):
-            return float(units["y"][0]), float(units["x"][0])
-        return None
+        return multiscales_pixel_size(_ome(self.group(field).attrs).get("multiscales"))
 
     def shape(self, field: Field) -> tuple[int, int, int, int, int]:
         return tuple(self.array(field).shape)

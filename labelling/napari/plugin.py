@@ -48,17 +48,13 @@ def read_ome_tiff(path) -> list[tuple]:
     """One image layer per channel of an OME-TIFF, named from its metadata, at its pixel size."""
     import tifffile
 
-    from labelling.data.physical import pixel_size
+    from labelling.data.physical import ome_pixels, pixel_size
 
     path = path[0] if isinstance(path, list) else path
     with tifffile.TiffFile(path) as tif:
         data = tif.asarray()
-        names = []
-        if tif.ome_metadata:
-            pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-            pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
-            channels = pixels.get("Channel", [])
-            names = [c.get("Name", "") for c in (channels if isinstance(channels, list) else [channels])]
+        channels = ome_pixels(tif).get("Channel", [])
+        names = [c.get("Name", "") for c in (channels if isinstance(channels, list) else [channels])]
     data = data if data.ndim == 3 else data[None]
     scale = pixel_size(path) or (1.0, 1.0)
     return [(plane, {"name": names[c] if c < len(names) and names[c] else f"{Path(path).name} [{c}]",
