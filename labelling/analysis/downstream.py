@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import stats
-from skimage import measure, segmentation
+from skimage import measure
 
 from labelling.analysis.segmentation import segment
 
@@ -222,19 +222,16 @@ def object_agreement(real_images, pred_images, seg_args: dict | None = None, iou
     """
     from scipy import ndimage
 
-    from labelling.analysis.segmentation import iou_matrix
+    from labelling.analysis.segmentation import matched_objects
 
     tp = n_real = n_pred = 0
     real_means, pred_means = [], []
     for real, pred in zip(real_images, pred_images):
-        lr = segmentation.relabel_sequential(segment(real, **(seg_args or {})).astype(np.int64))[0]
-        lp = segmentation.relabel_sequential(segment(pred, **(seg_args or {})).astype(np.int64))[0]
-        n_real, n_pred = n_real + int(lr.max()), n_pred + int(lp.max())
-        rows, cols = np.nonzero(iou_matrix(lr, lp) > iou)  # IoU > 0.5: each object matches at most once
-        tp += len(rows)
-        if len(rows):
-            real_means += list(ndimage.mean(real, lr, rows + 1))
-            pred_means += list(ndimage.mean(pred, lp, cols + 1))
+        lr, lp, pairs = matched_objects(segment(real, **(seg_args or {})), segment(pred, **(seg_args or {})), iou)
+        n_real, n_pred, tp = n_real + int(lr.max()), n_pred + int(lp.max()), tp + len(pairs)
+        if pairs:
+            real_means += list(ndimage.mean(real, lr, [i for i, _ in pairs]))
+            pred_means += list(ndimage.mean(pred, lp, [j for _, j in pairs]))
     fp, fn = n_pred - tp, n_real - tp
     out = {"object_f1": 2 * tp / max(2 * tp + fp + fn, 1), "n_real_objects": float(n_real),
            "n_pred_objects": float(n_pred), "n_matched": float(tp)}

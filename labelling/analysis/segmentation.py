@@ -90,18 +90,30 @@ def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return (overlap / np.maximum(union, 1))[1:, 1:]
 
 
-def match(true: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> dict[str, float]:
-    """Object-level precision/recall/F1 at an IoU threshold (>0.5 makes matches unique, as in StarDist)."""
+def matched_objects(true: np.ndarray, pred: np.ndarray, iou: float = 0.5):
+    """(true labels, predicted labels, matched pairs) at an IoU threshold, both relabelled 1..n.
+
+    Pairs are (true label, predicted label). Above IoU 0.5 a match is unique (as in StarDist); below it an
+    optimal one-to-one assignment decides.
+    """
     true = segmentation.relabel_sequential(true.astype(np.int64))[0]
     pred = segmentation.relabel_sequential(pred.astype(np.int64))[0]
     m = iou_matrix(true, pred)
     if m.size and iou >= 0.5:
-        tp = int((m > iou).sum())
+        rows, cols = np.nonzero(m > iou)
     else:
         from scipy.optimize import linear_sum_assignment
 
-        r, c = linear_sum_assignment(-m) if m.size else ([], [])
-        tp = int(sum(m[i, j] > iou for i, j in zip(r, c)))
+        r, c = linear_sum_assignment(-m) if m.size else (np.zeros(0, int), np.zeros(0, int))
+        keep = [k for k, (i, j) in enumerate(zip(r, c)) if m[i, j] > iou]
+        rows, cols = np.asarray(r)[keep], np.asarray(c)[keep]
+    return true, pred, list(zip((rows + 1).tolist(), (cols + 1).tolist()))
+
+
+def match(true: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> dict[str, float]:
+    """Object-level precision/recall/F1 at an IoU threshold (>0.5 makes matches unique, as in StarDist)."""
+    true, pred, pairs = matched_objects(true, pred, iou)
+    tp = len(pairs)
     n_true, n_pred = int(true.max()), int(pred.max())
     fp, fn = n_pred - tp, n_true - tp
     precision = tp / max(n_pred, 1)

@@ -109,6 +109,17 @@ def dataset_stats(images: list[np.ndarray]) -> np.ndarray:
     return np.array([pooled_stats([sketch(img[c]) for img in images]) for c in range(len(images[0]))], np.float32)
 
 
+def moment_matching(mean_p, sd_p, mean_t, sd_t):
+    """(offset, gain) mapping outputs of mean `mean_p` and SD `sd_p` onto targets' `mean_t`, `sd_t`.
+
+    The calibration of a scale-free loss's output: deployment fits it on training fields
+    (:func:`labelling.inference.predict.calibrate_affine`), the validation metrics on training batches.
+    Works on numpy arrays and torch tensors alike.
+    """
+    gain = sd_t / sd_p
+    return mean_t - gain * mean_p, gain
+
+
 def normalize(image: np.ndarray, stats: np.ndarray) -> np.ndarray:
     """``(x - offset) / scale`` per channel of a (C, H, W) image; `stats` is (C, 2)."""
     stats = np.asarray(stats, np.float32)

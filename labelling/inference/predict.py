@@ -31,7 +31,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from labelling.data.normalization import MAX_SCALE, bin_factor, bin_image, image_stats, normalize, rescale
+from labelling.data.normalization import (
+    MAX_SCALE,
+    bin_factor,
+    bin_image,
+    image_stats,
+    moment_matching,
+    normalize,
+    rescale,
+)
 from labelling.errors import ImageError
 from labelling.inference.model import Model, as_model
 from labelling.inference.tiling import BLENDS, fit_tile, tile_image, tile_rows
@@ -209,8 +217,7 @@ def calibrate_affine(model, raw_inputs: list[np.ndarray], raw_targets: list[np.n
     outs = np.concatenate([predict(model, x, denormalize=False).reshape(model.out_channels, -1)
                            for x in raw_inputs], 1)
     targets = np.concatenate([np.asarray(y, np.float32).reshape(len(y), -1) for y in raw_targets], 1)
-    gain = targets.std(1) / np.maximum(outs.std(1), 1e-8)
-    offset = targets.mean(1) - gain * outs.mean(1)
+    offset, gain = moment_matching(outs.mean(1), np.maximum(outs.std(1), 1e-8), targets.mean(1), targets.std(1))
     return np.stack([offset, np.maximum(gain, 1e-8)], 1).astype(np.float32)
 
 

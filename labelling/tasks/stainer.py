@@ -14,6 +14,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure as
 from torchmetrics.regression import PearsonCorrCoef
 
 from labelling import registry
+from labelling.data.normalization import moment_matching
 from labelling.deployment import VERSION as DEPLOYMENT_VERSION
 from labelling.deployment import Deployment
 
@@ -172,8 +173,8 @@ class Stainer(lightning.LightningModule):
         mean_p, mean_t = self.train_moments[1] / n, self.train_moments[3] / n
         sd_p = (self.train_moments[2] / n - mean_p**2).clamp_min(1e-12).sqrt()
         sd_t = (self.train_moments[4] / n - mean_t**2).clamp_min(0).sqrt()
-        gain, shift = (sd_t / sd_p).view(1, -1, 1, 1), (mean_t - mean_p * sd_t / sd_p).view(1, -1, 1, 1)
-        return (pred.double() * gain + shift).to(pred.dtype)
+        shift, gain = moment_matching(mean_p, sd_p, mean_t, sd_t)  # the calibration deployment fits
+        return (pred.double() * gain.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(pred.dtype)
 
     def data_range(self, target: torch.Tensor) -> float:
         """SSIM's fixed data range: the training targets' range (the batch's before any training step)."""
