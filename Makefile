@@ -29,12 +29,15 @@ train: $(STAMP)  ## train one experiment: make train EXP=nuclei_pearson ARGS='tr
 sweep: $(STAMP)  ## run or resume the Optuna sweep of EXP (default golgi_asym)
 	$(BIN)/python -m labelling sweep $(EXP) $(ARGS)
 
+# Without a display, the napari viewer test runs on a virtual screen when xvfb-run is installed.
+HEADLESS := $(if $(DISPLAY),,$(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a"))
+
 test: $(STAMP)  ## lint + fast test suite (no slow tests)
 	$(BIN)/ruff check labelling tests bench
-	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	WANDB_MODE=offline $(HEADLESS) $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 test-all: $(STAMP)  ## every test, including slow training and ../shared/data real-data tests
-	WANDB_MODE=offline $(BIN)/python -m pytest -q $(ARGS)
+	WANDB_MODE=offline $(HEADLESS) $(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)  ## speed figures -> bench/report.md (+ report.json)
 	$(BIN)/python bench/run.py $(ARGS)

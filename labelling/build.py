@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from labelling import config, contracts, registry
 
-__all__ = ["build", "build_data", "build_task", "check_components"]
+__all__ = ["build", "build_data", "build_task", "check_components", "net_args"]
 
 
-def _net_args(cfg: config.Experiment) -> dict:
-    net_args = dict(cfg.net.args)
+def net_args(cfg: config.Experiment) -> dict:
+    """The net's constructor arguments of a config, besides its channel counts."""
+    args = dict(cfg.net.args)
     if "size" in (registry.accepted_args(registry.get("net", cfg.net.name)) or []):
-        net_args.setdefault("size", cfg.data.args.get("crop", 64))  # fixed-size autoencoders
-    return net_args
+        args.setdefault("size", cfg.data.args.get("crop", 64))  # fixed-size autoencoders
+    return args
 
 
 def build_task(cfg: config.Experiment, in_channels: int, out_channels: int):
@@ -25,7 +26,7 @@ def build_task(cfg: config.Experiment, in_channels: int, out_channels: int):
     Raises:
         ConfigError: a component that does not meet its contract, or a training crop the net cannot take.
     """
-    net = registry.build("net", cfg.net.name, in_channels=in_channels, out_channels=out_channels, **_net_args(cfg))
+    net = registry.build("net", cfg.net.name, in_channels=in_channels, out_channels=out_channels, **net_args(cfg))
     contracts.check_crop(net, int(cfg.data.args.get("crop", 64)))
     loss = registry.build("loss", cfg.loss.name, **cfg.loss.args)
     return registry.build("task", cfg.task.name, net=net, loss=loss, optim=cfg.optim.model_dump(),
@@ -68,7 +69,7 @@ def check_components(cfg: config.Experiment) -> None:
         registry.check_args(registry.get("callback", comp.name), comp.args, f"callback '{comp.name}'")
     # the net with one channel in and out: its contract and spatial multiple do not depend on the data
     channels = 1
-    net = registry.build("net", cfg.net.name, in_channels=channels, out_channels=channels, **_net_args(cfg))
+    net = registry.build("net", cfg.net.name, in_channels=channels, out_channels=channels, **net_args(cfg))
     contracts.check_crop(net, int(cfg.data.args.get("crop", 64)))
     registry.build("loss", cfg.loss.name, **cfg.loss.args)
     if cfg.data.args.get("cascade"):  # the runs must exist (loading them is the data's job, not a check's)

@@ -96,7 +96,7 @@ class LoggerConfig(BaseModel):
 class InitConfig(BaseModel):
     """Fine-tuning: start from the weights of a trained model (``init: {from: runs/nuclei_mse}``).
 
-    ``from`` is a run folder, a checkpoint or an export; its net's weights are loaded where the layers match
+    ``from`` is a run folder, a checkpoint, an export or a BMZ package folder written by labelling; its net's weights are loaded where the layers match
     (a mismatch is an error naming the layers), its input normalization is kept unless ``normalization: own``,
     and ``freeze_encoder`` trains only the decoder (nets that declare their encoder).
     """

@@ -114,7 +114,8 @@ def test_exported_drift_detector_equals_the_in_memory_one(run, onnx_export):
 def test_bioimageio_package_passes_bioimageio_core_model_test(run, tmp_path):
     pytest.importorskip("bioimageio.core")
     summary = export_run(run, "bioimageio", tmp_path / "bmz")
-    assert summary["bioimageio_test"] == {"status": "passed", "details": []}, summary["bioimageio_test"]
+    assert summary["bioimageio_test"]["status"] == "passed", summary["bioimageio_test"]
+    assert summary["bioimageio_test"]["details"] == [], summary["bioimageio_test"]
     files = summary["files"]
     print(f"\nbioimageio package: {summary['size_bytes'] / 1024:.0f} KiB in the folder, "
           f"zip {files[next(n for n in files if n.endswith('.zip'))] / 1024:.0f} KiB")
@@ -316,22 +317,36 @@ def test_evaluate_scores_an_export_like_its_run(run, onnx_export, tmp_path):
         assert from_export[key] == pytest.approx(from_run[key], abs=1e-3)
 
 
-@pytest.mark.parametrize("experiment,epochs", [("nuclei_mse", 1), ("nuclei_pearson", 3)])
-def test_bioimageio_packages_of_ordinary_runs_pass_and_say_what_they_are(experiment, epochs, tmp_path):
-    """MSE and Pearson runs, short and longer: every package passes bioimageio.core's test, names its maintainer,
-    version and code, and its README says what it was trained on (simulated cells here) and its limits."""
+@pytest.mark.parametrize("experiment,epochs,extra", [
+    ("nuclei_mse", 1, []), ("nuclei_pearson", 3, []),
+    # the real-data recipe's net and fixed normalization: MONAI in the architecture's environment, a halo
+    ("nuclei_pearson", 1, ["net.name=monai_unet", "net.depth=2", "data.normalize=fixed"])])
+def test_bioimageio_packages_of_ordinary_runs_pass_without_warnings_and_say_what_they_are(experiment, epochs, extra,
+                                                                                           tmp_path):
+    """MSE and Pearson runs, short and longer, our UNet and MONAI's: every package passes bioimageio.core's test of
+    every weights format (pytorch_state_dict, TorchScript, ONNX) with no warning, names its maintainer, version,
+    code and training data, declares a halo exactly where the normalization allows one, and the folder loads in
+    labelling like an export and predicts what the run predicts."""
     pytest.importorskip("bioimageio.core")
     import yaml
 
     from tests.conftest import TINY
 
     run = tmp_path / "run"
-    fit(experiment, TINY + RUN[1:] + [f"trainer.max_epochs={epochs}"], run_dir=run)
+    fit(experiment, TINY + RUN[1:] + [f"trainer.max_epochs={epochs}"] + extra, run_dir=run)
     summary = export_run(run, "bioimageio", tmp_path / "bmz", github_user="octocat",
                          git_repo="https://github.com/octocat/labelling")
-    assert summary["bioimageio_test"] == {"status": "passed", "details": []}, summary["bioimageio_test"]
+    assert summary["bioimageio_test"] == {"status": "passed", "details": [], "warnings": []}, summary["bioimageio_test"]
     rdf = yaml.safe_load((tmp_path / "bmz" / "rdf.yaml").read_text())
     assert rdf["maintainers"][0]["github_user"] == "octocat" and rdf["authors"][0]["github_user"] == "octocat"
     assert rdf["version"] and rdf["git_repo"].endswith("/labelling")
+    assert set(rdf["weights"]) == {"pytorch_state_dict", "torchscript", "onnx"}
+    assert rdf["weights"]["torchscript"]["parent"] == rdf["weights"]["onnx"]["parent"] == "pytorch_state_dict"
+    assert rdf["training_data"]["type"] == "dataset" and "imulated" in rdf["training_data"]["description"]
+    halos = [axis.get("halo") for axis in rdf["outputs"][0]["axes"] if axis["type"] == "space"]
+    assert halos == ([32, 32] if "data.normalize=fixed" in extra else [None, None])
     readme = (tmp_path / "bmz" / "README.md").read_text()
     assert "## Training data" in readme and "Simulated cells" in readme and "## Intended use and limits" in readme
+    image = field((72, 80))
+    np.testing.assert_allclose(predict.predict(load(tmp_path / "bmz"), image, tile=64),
+                               predict.predict(load(run), image, tile=64), rtol=1e-5, atol=1e-4)

@@ -1,4 +1,5 @@
-"""Fine-tuning (`init: {from: RUN | export}`): the source's weights and normalization, lineage, clear mismatches."""
+"""Fine-tuning (`init: {from: RUN | export | BMZ package}`): the source's weights and normalization, lineage, clear
+mismatches."""
 
 import lightning
 import numpy as np
@@ -71,12 +72,18 @@ def test_freeze_encoder_trains_the_decoder_only(source, tmp_path):
     assert any(not torch.equal(probe.start[k], probe.end[k]) for k in decoder)
 
 
-def test_an_export_is_a_source_too(source, tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "bioimageio"])
+def test_an_export_or_a_bioimageio_package_is_a_source_too(source, tmp_path, fmt):
+    if fmt == "bioimageio":
+        pytest.importorskip("bioimageio.core")
     from labelling.export import export_run
 
-    export_run(source, "onnx", tmp_path / "exp", drift=False)
+    export_run(source, fmt, tmp_path / "exp", drift=False, check=False)
     probe = StartProbe()
     fit("nuclei_mse", RUN + [f"init.from={tmp_path / 'exp'}"], run_dir=tmp_path / "from_export", callbacks=[probe])
     src_net = torch.load(tmp_path / "exp" / "weights.pt", weights_only=True)
     for key, value in probe.start.items():
         torch.testing.assert_close(value, src_net[key])
+    lineage = load(tmp_path / "from_export").deployment.lineage
+    assert lineage[0]["source"] == str((tmp_path / "exp").resolve())
+    assert lineage[0]["sha256"] == fingerprint(tmp_path / "exp" / "weights.pt")

@@ -149,10 +149,12 @@ def plane_names(files: list[str], stacks: list[str], planes: list[int] | None) -
 
 
 def resolve_root(root: str | Path) -> Path:
-    """A relative data root is looked up from the working directory, then from the project root."""
+    """A data root with ``~`` and ``$VARIABLES`` expanded, looked up from the working directory, then the project root."""
+    import os
+
     from labelling.config import ROOT
 
-    path = Path(root)
+    path = Path(os.path.expandvars(str(root))).expanduser()
     if path.is_absolute() or path.exists():
         return path
     return ROOT / path if (ROOT / path).exists() else path

@@ -122,6 +122,10 @@ def _write(task, cfg, run, fmt: str, out: Path, final: Path, drift: bool, check:
                                          license_id=license_id, github_user=github_user, git_repo=git_repo)
         summary.update(rdf=str(final / written["rdf"].name), zip=str(final / written["zip"].name))
         summary["checks"] = deployed.compare(task, deployed.onnx_runner(out / "weights.onnx"), embedding=False)
+        # the folder is also a labelling export: predict, evaluate and init.from rebuild the net from the
+        # config and weights.pt (never the TorchScript file), after checking the manifest
+        state["model"], state["checks"] = "weights_torchscript.pt", summary["checks"]
+        deployed.write_state(out, state)
         if check:
             summary["bioimageio_test"] = bioimage.test_package(written["rdf"])
         return summary

@@ -1,7 +1,8 @@
 """A BioImage Model Zoo package (``bioimageio.spec`` 0.5) of a trained stain, for Fiji/deepImageJ, napari, ilastik.
 
-The package holds the deployed net as TorchScript and ONNX weights (one output: the activated prediction
-before de-normalization), the run's input normalization as preprocessing, its de-normalization as
+The package holds the deployed net as ``pytorch_state_dict`` weights (plain tensors, with the net's own
+source as ``architecture.py``), TorchScript and ONNX (one output: the activated prediction before
+de-normalization), the run's input normalization as preprocessing, its de-normalization as
 postprocessing, a test input/output pair computed through :func:`labelling.inference.predict.predict` on a small
 validation field, the training config and metrics as attachments, a cover and a README.
 
@@ -12,6 +13,11 @@ How our normalization is written in the package's own terms (``deploy["normalize
 * ``fixed`` -> ``scale_linear`` with gain ``1 / scale`` and offset ``-offset / scale`` of the stored
   training statistics; ``none`` -> nothing;
 * de-normalization -> ``scale_linear`` with the stored ``target_stats`` (none for probability outputs).
+
+A halo (the border a tiled consumer discards from each tile) is declared when the input normalization does
+not depend on the tile (``fixed``, ``none``): with a per-image rule (``percentile``, ``zscore``, ``minmax``)
+a consumer that pads or tiles the input moves the statistics of every tile, so tiles would not agree anyway;
+the README says to predict such models on whole images.
 
 What the package cannot say: binning. A model trained on fields binned to ``max_size`` expects inputs at
 that pixel size; the README states the factor, and the test image is small enough not to be binned.
@@ -80,6 +86,107 @@ def _linear(gain: np.ndarray, offset: np.ndarray) -> dict:
                                              "offset": [float(o) for o in offset]}}
 
 
+ARCHITECTURE = "architecture.py"
+
+
+def _sources(module, seen: list) -> None:
+    """`module`'s source and, first, those of the ``labelling.nets`` modules it imports (depth first)."""
+    import importlib
+    import inspect
+    import re
+
+    for dep in re.findall(r"^from (labelling\.nets\.\w+) import", inspect.getsource(module), re.M):
+        _sources(importlib.import_module(dep), seen)
+    if module not in seen:
+        seen.append(module)
+
+
+def architecture(cfg) -> tuple[str, str]:
+    """A self-contained ``architecture.py`` for the package's ``pytorch_state_dict`` weights, and its callable.
+
+    The file holds the source of the run's net (its ``labelling.nets`` module and the ones that module imports,
+    inlined) and ``Stain``: the net plus the output activation, so ``Stain(**kwargs)`` with the package's
+    state dict gives exactly what the TorchScript and ONNX weights give. It needs torch (and MONAI for the
+    MONAI nets), never labelling.
+    """
+    import importlib
+    import inspect
+
+    from labelling import registry
+
+    cls = registry.get("net", cfg.net.name)
+    modules: list = []
+    _sources(importlib.import_module(cls.__module__), modules)
+    body = []
+    for module in modules:
+        lines = [line for line in inspect.getsource(module).splitlines()
+                 if not line.startswith(("from __future__", "from labelling"))]
+        body += [f"# ---- {module.__name__} (labelling) ----", *lines, ""]
+    wrapper = f'''
+class Stain({cls.__name__}):
+    """The deployed stain: normalized input (B, C, H, W) -> activated prediction, before de-normalization.
+
+    The net itself (its state dict is the package's weights.pt, the file labelling's exports share), plus
+    the output activation.
+    """
+
+    def __init__(self, net_kwargs: dict, sigmoid: bool = False):
+        super().__init__(**net_kwargs)
+        self.sigmoid = sigmoid
+
+    def forward(self, x):
+        y = super().forward(x)
+        return torch.sigmoid(y) if self.sigmoid else y
+'''
+    header = (f'"""The architecture of a labelling export: net `{cfg.net.name}` ({cls.__module__}.{cls.__name__}) and '
+              'Stain, its deployed wrapper. Written by labelling export."""\n\nfrom __future__ import annotations\n')
+    return header + "\n".join(body) + wrapper, "Stain"
+
+
+def write_state_dict(task, cfg, out: Path) -> dict:
+    """``weights.pt`` (the net's tensors, as in every export) and ``architecture.py``; their ``pytorch_state_dict``."""
+    import hashlib
+
+    import torch
+
+    from labelling.build import net_args
+    from labelling.export import deployed
+
+    source, name = architecture(cfg)
+    (out / ARCHITECTURE).write_text(source)
+    weights = deployed.write_weights(task, out)
+    dep = task.deployment
+    kwargs = {"net_kwargs": {"in_channels": dep.in_channels, "out_channels": dep.out_channels, **net_args(cfg)},
+              "sigmoid": dep.activation == "sigmoid"}
+    entry = {"source": weights.name, "pytorch_version": torch.__version__.split("+")[0],
+             "architecture": {"source": ARCHITECTURE, "callable": name, "kwargs": kwargs,
+                              "sha256": hashlib.sha256((out / ARCHITECTURE).read_bytes()).hexdigest()}}
+    if cls_needs_monai(cfg):
+        import monai
+
+        (out / "environment.yaml").write_text(yaml.safe_dump({
+            "name": "labelling-export", "channels": ["conda-forge", "nodefaults"],
+            "dependencies": ["python>=3.10", "pip", {"pip": [f"torch=={entry['pytorch_version']}",
+                                                              f"monai=={monai.__version__}"]}]}, sort_keys=False))
+        entry["dependencies"] = {"source": "environment.yaml"}
+    return entry
+
+
+def cls_needs_monai(cfg) -> bool:
+    """Whether the run's net is one of MONAI's (the package then lists MONAI as a dependency)."""
+    from labelling import registry
+
+    return "monai" in registry.get("net", cfg.net.name).__module__
+
+
+def halo(state: dict) -> int:
+    """The output halo a tiled consumer may discard per side, or 0 where the normalization is per image."""
+    dep = state["deployment"]
+    if dep["normalize"] not in ("fixed", "none"):
+        return 0
+    return max(32, 4 * dep["spatial_multiple"])
+
+
 def test_image(raw: np.ndarray, state: dict, side: int = 128) -> np.ndarray:
     """Centre crop of a raw (C, H, W) field, sides a multiple of 2**depth and below the binning size."""
     m = state["deployment"]["spatial_multiple"]
@@ -92,15 +199,33 @@ def test_image(raw: np.ndarray, state: dict, side: int = 128) -> np.ndarray:
     return np.ascontiguousarray(raw[:, top:top + size, left:left + size], np.float32)
 
 
-def _cover(raw: np.ndarray, pred: np.ndarray, path: Path) -> Path:
-    """The input and the prediction side by side (2:1), as an 8-bit grey PNG."""
-    from PIL import Image
+def _cover(raw: np.ndarray, pred: np.ndarray, path: Path, inputs: list[str] | None = None,
+           targets: list[str] | None = None, pixel: tuple | None = None) -> Path:
+    """The input and the prediction side by side with titles (and a scale bar when the pixel size is known), 2:1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     def unit(a):
         lo, hi = np.percentile(a, (0.5, 99.5))
-        return (np.clip((a - lo) / max(hi - lo, 1e-8), 0, 1) * 255).astype(np.uint8)
+        return np.clip((a - lo) / max(hi - lo, 1e-8), 0, 1)
 
-    Image.fromarray(np.concatenate([unit(raw[0]), unit(pred[0])], 1)).save(path)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=100)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.01, wspace=0.02)
+    for ax, image, title, cmap in ((axes[0], raw[0], f"input: {(inputs or ['transmitted light'])[0]}", "gray"),
+                                   (axes[1], pred[0], f"predicted: {(targets or ['fluorescence'])[0]}", "magma")):
+        ax.imshow(unit(image), cmap=cmap, interpolation="nearest")
+        ax.set_title(title, fontsize=13)
+        ax.axis("off")
+    if pixel:  # a 10 um bar (or 10 px's worth) in the input's corner
+        width = 10 / float(pixel[1])
+        if width < raw.shape[2] / 2:
+            y, x = raw.shape[1] * 0.92, raw.shape[2] * 0.05
+            axes[0].plot([x, x + width], [y, y], color="white", lw=3)
+            axes[0].text(x, y - raw.shape[1] * 0.03, "10 µm", color="white", fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -119,6 +244,22 @@ def _training_data(cfg, deploy: dict) -> str:
     return (f"Real images: `{Path(str(root)).name}` ({cfg.data.name} data), inputs "
             f"{', '.join(deploy['inputs'])}, targets {', '.join(deploy['targets'])}; the split held out whole "
             f"groups ({cfg.data.args.get('split_by', 'well')}) for validation and test." + size)
+
+
+def training_data(cfg, deploy: dict, author: str = "labelling", github_user: str | None = None) -> dict:
+    """The package's ``training_data``: an inline dataset description (simulated cells or which real data)."""
+    from bioimageio.spec.dataset.v0_3 import DatasetDescr
+
+    simulated = cfg.data.name in SIMULATED
+    return {"type": "dataset", "format_version": DatasetDescr.implemented_format_version,
+            "name": ("labelling simulated cells" if simulated else f"{cfg.name} training data")[:128],
+            "description": _training_data(cfg, deploy)[:1024],
+            "tags": ["simulated" if simulated else "real", "virtual-staining"],
+            "authors": [{"name": author, **({"github_user": github_user} if github_user else {})}],
+            "cite": CITATIONS,
+            # the simulator's images are ours to give away; real data keep their owners' terms (the README)
+            **({"license": "CC0-1.0"} if simulated else {}),
+            "documentation": {"source": "README.md"}}
 
 
 def _readme(state: dict, cfg, metrics: dict) -> str:
@@ -148,6 +289,10 @@ def _readme(state: dict, cfg, metrics: dict) -> str:
         "`evaluate` reports agreement with confidence intervals next to a blind null predictor). Images from "
         "another modality, cell line or microscope are out of distribution: the ONNX export ships a drift "
         "check for them.", "",
+        *(["The run predicts with test-time augmentation in labelling (each tile averaged over its 8 "
+            "flips/rotations); the package's weights are the plain net, so its predictions differ slightly from "
+            "`labelling predict` of the run (usually a little less accurate).", ""]
+          if state["deployment"].get("tta") else []),
         "## Validation", "",
         "The test input/output pair was computed with labelling's prediction path; the metrics of the run "
         "(`metrics.json`, attached) are:", "",
@@ -183,13 +328,23 @@ def write_package(task, cfg, state: dict, raw: np.ndarray, out: Path, run: Path 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    import dataclasses
+
+    from labelling.inference.model import as_model
+
     image = test_image(raw, state)
-    expected = predict.predict(task, image, tile=max(image.shape[1:]), name="test input")
+    # what the package's weights compute: the plain net, without test-time augmentation (none of the formats
+    # carries labelling's 8-fold flip/rotation average; the README says so)
+    model = as_model(task)
+    plain = dataclasses.replace(model, deployment=model.deployment.model_copy(update={"tta": False}))
+    expected = predict.predict(plain, image, tile=max(image.shape[1:]), name="test input")
     np.save(out / "test_input.npy", image[None])
     np.save(out / "test_output.npy", expected[None].astype(np.float32))
     tifffile.imwrite(out / "sample_input.tif", image[None])  # (1, C, Y, X) like the tensor, for viewers
     tifffile.imwrite(out / "sample_output.tif", expected[None].astype(np.float32))
-    _cover(image, expected, out / "cover.png")
+    _cover(image, expected, out / "cover.png", state["deployment"]["inputs"], state["deployment"]["targets"],
+           state["deployment"].get("pixel_size"))
+    state_dict = write_state_dict(task, cfg, out)
     deployed.export_torchscript(task, out / "weights_torchscript.pt", embedding=False)
     deployed.export_onnx(task, out / "weights.onnx", embedding=False)
     (out / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
@@ -200,7 +355,7 @@ def write_package(task, cfg, state: dict, raw: np.ndarray, out: Path, run: Path 
     else:
         (out / "metrics.json").write_text("{}\n")
     (out / "README.md").write_text(_readme(state, cfg, metrics))
-    rdf = describe(state, cfg, image.shape, author, license_id, github_user, git_repo)
+    rdf = describe(state, cfg, image.shape, author, license_id, github_user, git_repo, state_dict)
     (out / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
     descr = validate(out / "rdf.yaml")
     from bioimageio.spec import save_bioimageio_package
@@ -215,16 +370,18 @@ def _slug(name: str) -> str:
 
 
 def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: str, github_user: str | None = None,
-             git_repo: str | None = None) -> dict:
+             git_repo: str | None = None, state_dict: dict | None = None) -> dict:
     """The model description (``rdf.yaml`` content) of an export; file names as :func:`write_package` writes."""
     import torch
     from bioimageio.spec.model.v0_5 import ModelDescr
 
     m = state["deployment"]["spatial_multiple"]
-    # No output halo: a consumer pads the input by the halo *before* the preprocessing, which moves the
-    # per-image percentiles and so every output pixel (measured: mean change 17 % of the output SD on a
-    # 256 px field); without it bioimageio.core's whole-image prediction equals labelling's.
-    space = {"min": max(4 * m, 32), "step": m}
+    # The halo only where the normalization is per dataset: a consumer pads the input by the halo *before*
+    # the preprocessing, which moves per-image percentiles and so every output pixel (measured: mean change
+    # 17 % of the output SD on a 256 px field).
+    border = halo(state)
+    space = {"min": max(4 * m, 32, -(-(2 * border + m) // m) * m), "step": m}
+    with_halo = {"halo": border} if border else {}
     inputs, targets = state["deployment"]["inputs"], state["deployment"]["targets"]
     pixel = state["deployment"].get("pixel_size")  # the training data's pixel size, when the files said it
     units = [{"scale": float(s), "unit": "micrometer"} for s in pixel] if pixel else [{}, {}]
@@ -256,14 +413,20 @@ def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: 
         "outputs": [{
             "id": "prediction", "description": f"predicted {', '.join(targets)}",
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": list(targets)},
-                     {"type": "space", "id": "y", "size": {"tensor_id": "input", "axis_id": "y"}, **units[0]},
-                     {"type": "space", "id": "x", "size": {"tensor_id": "input", "axis_id": "x"}, **units[1]}],
+                     {"type": "space", "id": "y", "size": {"tensor_id": "input", "axis_id": "y"}, **units[0],
+                      **with_halo},
+                     {"type": "space", "id": "x", "size": {"tensor_id": "input", "axis_id": "x"}, **units[1],
+                      **with_halo}],
             "test_tensor": {"source": "test_output.npy"}, "sample_tensor": {"source": "sample_output.tif"},
             "data": {"type": "float32"},
             "postprocessing": postprocessing(state)}],
+        "training_data": training_data(cfg, state["deployment"], author, github_user),
         "weights": {
-            "torchscript": {"source": "weights_torchscript.pt", "pytorch_version": torch.__version__.split("+")[0]},
-            "onnx": {"source": "weights.onnx", "opset_version": 18, "parent": "torchscript"}},
+            **({"pytorch_state_dict": state_dict} if state_dict else {}),
+            "torchscript": {"source": "weights_torchscript.pt", "pytorch_version": torch.__version__.split("+")[0],
+                            **({"parent": "pytorch_state_dict"} if state_dict else {})},
+            "onnx": {"source": "weights.onnx", "opset_version": 18,
+                     "parent": "pytorch_state_dict" if state_dict else "torchscript"}},
         "config": {"bioimageio": {"reproducibility_tolerance": [TOLERANCE]},
                    "labelling": {"experiment": cfg.name, "normalize": state["deployment"]["normalize"],
                                  "max_size": state["deployment"]["max_size"], "test_shape": list(shape)}},
@@ -290,9 +453,14 @@ def validate(rdf: Path):
 
 
 def test_package(rdf: Path) -> dict:
-    """Run bioimageio.core's model test on a package; returns ``{"status", "details"}`` (failed checks)."""
+    """Run bioimageio.core's model test (every weights format) on a package.
+
+    Returns ``{"status", "details", "warnings"}``: the failed checks and every warning, as ``bioimageio test``
+    prints them.
+    """
     from bioimageio.core import test_model
 
     summary = test_model(rdf)
     failed = [f"{d.name}: {'; '.join(str(e.msg) for e in d.errors)}" for d in summary.details if d.status == "failed"]
-    return {"status": summary.status, "details": failed}
+    warned = [f"{d.name}: {'.'.join(map(str, w.loc))}: {w.msg}" for d in summary.details for w in d.warnings]
+    return {"status": summary.status, "details": failed, "warnings": warned}

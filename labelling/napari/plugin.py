@@ -68,23 +68,95 @@ def _model(path: str):
     return load(path)
 
 
+class _Rows:
+    """An in-memory (C, H, W) image read band by band, so the one prediction path streams it (and reports rows)."""
+
+    def __init__(self, data: np.ndarray, name: str):
+        self.data, self.name = data, name
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data.shape
+
+    def read(self, top: int, bottom: int) -> np.ndarray:
+        return self.data[:, top:bottom]
+
+    def stats(self, method: str) -> None:
+        return None  # computed from the whole image, as for an array
+
+
+def _bar(total: int, desc: str):
+    """A progress bar in napari's activity panel, or a silent stand-in outside napari."""
+    try:
+        from napari.utils import progress
+    except ImportError:
+        return SimpleBar()
+    return progress(total=total, desc=desc)
+
+
+class SimpleBar:
+    """What a progress bar offers, doing nothing (napari absent)."""
+
+    n = 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        pass
+
+
+def predict_image(trained, raw: np.ndarray, tile: int, name: str, bar) -> np.ndarray:
+    """One image (H, W) or (C, H, W) through :func:`labelling.inference.predict.predict`, rows reported to `bar`."""
+    from labelling.inference import predict
+
+    raw = raw[None] if raw.ndim == 2 else raw
+    out = np.zeros((len(trained.targets), *raw.shape[1:]), np.float32)
+
+    def write(top: int, bottom: int, rows: np.ndarray) -> None:
+        out[:, top:bottom] = rows
+        bar.update(bottom - top)
+
+    predict.predict(trained, _Rows(raw, name), tile=tile, name=name, write=write)
+    return out
+
+
 def predict_widget(image: napari.layers.Image, model: Path = Path("runs"),  # noqa: F821 (napari's own type)
                    tile: int = 256) -> list[napari.types.LayerDataTuple]:  # noqa: F821
     """Predict the stain of the active image layer with a trained run, checkpoint or export.
 
+    A layer with one more leading axis than the model takes (the fields of a plate, a time series) is
+    predicted plane by plane. Progress (rows predicted) shows in napari's activity panel.
+
     Args:
-        image: the transmitted-light image layer ((H, W), or (C, H, W) for a multi-channel or 2.5D model).
+        image: the transmitted-light image layer: (H, W), (C, H, W) for a multi-channel or 2.5D model, or a
+            stack of those.
         model: a run folder, a ``.ckpt`` file or an export folder.
         tile: tile side of the tiled prediction.
 
     Returns:
         One image layer per predicted channel, named ``<target> (predicted)``, on the input's scale.
     """
-    from labelling.inference import predict
+    from labelling.errors import ImageError
 
     trained = _model(str(model))
+    name = getattr(image, "name", "image")
+    if getattr(image, "rgb", False):
+        raise ImageError(f"layer '{name}' is an RGB image; the model takes {trained.raw_channels} transmitted-light "
+                         "channel(s): convert it to one grey channel first")
     raw = np.asarray(image.data, np.float32)
-    prediction = predict.predict(trained, raw, tile=tile, name=getattr(image, "name", "image"))
-    scale = tuple(getattr(image, "scale", (1.0, 1.0)))[-2:]
+    single = 2 if trained.raw_channels == 1 else 3  # dimensions of one image
+    if raw.ndim not in (single, single + 1):
+        raise ImageError(f"layer '{name}' has shape {raw.shape}: the model takes {trained.raw_channels} channel(s), "
+                         f"so one image of {single} dimensions or a stack of them")
+    images = raw[None] if raw.ndim == single else raw
+    bar = _bar(len(images) * raw.shape[-2], f"predicting {', '.join(trained.targets)}")
+    try:
+        predicted = np.stack([predict_image(trained, im, tile, name, bar) for im in images], 1)  # (Cout, N, H, W)
+    finally:
+        bar.close()
+    predicted = predicted[:, 0] if raw.ndim == single else predicted
+    scale = tuple(getattr(image, "scale", (1.0,) * raw.ndim))
+    scale = scale[-2:] if raw.ndim == single else (scale[0], *scale[-2:])  # the stack axis, then y, x
     return [(channel, {"name": f"{name} (predicted)", "scale": scale}, "image")
-            for name, channel in zip(trained.targets, prediction)]
+            for name, channel in zip(trained.targets, predicted)]

@@ -1,4 +1,4 @@
-"""Fine-tuning: a run that starts from a trained model's weights (``init: {from: RUN | export}``).
+"""Fine-tuning: a run that starts from a trained model's weights (``init: {from: RUN | export | BMZ package}``).
 
 The everyday case in cell line development: a model trained on one cell line, adapted with a few fields of a
 new one. :func:`apply_init` runs before the data are set up: it loads the source net's weights into the new
@@ -29,14 +29,11 @@ SHOWN = 6  # layer names listed in a mismatch error
 
 
 def source_weights(path: str | Path) -> tuple[dict, Deployment, str]:
-    """(net state dict, deployment state, SHA-256 of the weights file) of a run folder, checkpoint or export."""
+    """(net state dict, deployment state, SHA-256 of the weights file) of a run, checkpoint, export or BMZ package."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"init.from={path}: no such run, checkpoint or export")
     folder = path if path.is_dir() else path.parent
-    if (folder / "rdf.yaml").is_file():
-        raise ConfigError(f"init.from={path}: starting from a BioImage Model Zoo package is not supported yet; "
-                          "start from the run or its ONNX/TorchScript export (both carry weights.pt)")
     if is_export(path):
         import json
 

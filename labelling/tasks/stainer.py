@@ -68,6 +68,9 @@ class Stainer(lightning.LightningModule):
         self.deployment: Deployment | None = None
         self.cascade_models: list = []  # models whose predictions are extra inputs (data.cascade)
         n_out = net.out_channels
+        # one 64 px (or one spatial multiple) input: Lightning's model summary counts the FLOPs of a forward on it
+        side = max(64, net.spatial_multiple)
+        self.example_input_array = torch.zeros(1, net.in_channels, side, side)
         # streaming per-channel Pearson over every pixel of an epoch (non-persistent; synced under DDP)
         self.pooled_pcc = nn.ModuleDict({stage: PearsonCorrCoef(num_outputs=n_out) for stage in ("val", "test")})
         # running moments of the training outputs and targets (per channel): the calibration of the val metrics
