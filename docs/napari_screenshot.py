@@ -1,4 +1,4 @@
-"""The screenshot in docs/napari.md: `xvfb-run -a python docs/napari_screenshot.py` (needs napari[pyqt5]).
+"""The screenshot in docs/napari.md: `xvfb-run -a python docs/napari_screenshot.py` (needs napari[pyqt6]).
 
 Trains a tiny run on simulated cells, writes a simulated plate, opens it with our reader, predicts the
 brightfield stack with the plugin's dock widget and saves the whole window as docs/images/napari_plugin.png.
@@ -28,7 +28,7 @@ def main() -> None:
         viewer = napari.Viewer(show=True)
         viewer.window.resize(1400, 800)
         viewer.open(str(tmp / "P.zarr"), plugin="labelling")
-        widget, _ = viewer.window.add_plugin_dock_widget("labelling", "Virtual staining")
+        _, widget = viewer.window.add_plugin_dock_widget("labelling", "Virtual staining")
         widget.image.value = viewer.layers["brightfield"]
         widget.model.value = tmp / "run"
         widget()

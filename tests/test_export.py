@@ -320,7 +320,7 @@ def test_evaluate_scores_an_export_like_its_run(run, onnx_export, tmp_path):
 @pytest.mark.parametrize("experiment,epochs,extra", [
     ("nuclei_mse", 1, []), ("nuclei_pearson", 3, []),
     # the real-data recipe's net and fixed normalization: MONAI in the architecture's environment, a halo
-    ("nuclei_pearson", 1, ["net.name=monai_unet", "net.depth=2", "data.normalize=fixed"])])
+    ("nuclei_pearson", 1, ["net={name: monai_unet, width: 4, depth: 2}", "data.normalize=fixed"])])
 def test_bioimageio_packages_of_ordinary_runs_pass_without_warnings_and_say_what_they_are(experiment, epochs, extra,
                                                                                            tmp_path):
     """MSE and Pearson runs, short and longer, our UNet and MONAI's: every package passes bioimageio.core's test of

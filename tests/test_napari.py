@@ -89,10 +89,10 @@ def test_in_napari_the_plugin_opens_a_plate_and_predicts_its_fields_with_progres
 
     fit("nuclei_mse", TINY + ["trainer.max_epochs=1", "callbacks=[]", "test=false"], run_dir=tmp_path / "run")
     platetools.simulate(tmp_path / "P.zarr", wells=2, fields=1, size=48, progress=False)
-    viewer = viewer_fixture()
+    viewer = viewer_fixture(show=True)  # a hidden window renders a blank canvas
     viewer.open(str(tmp_path / "P.zarr"), plugin="labelling")
     assert {"brightfield", "nuclei"} <= {layer.name for layer in viewer.layers}
-    widget, _ = viewer.window.add_plugin_dock_widget("labelling", "Virtual staining")
+    _, widget = viewer.window.add_plugin_dock_widget("labelling", "Virtual staining")
     widget.image.value = viewer.layers["brightfield"]
     widget.model.value = tmp_path / "run"
     widget.tile.value = 32

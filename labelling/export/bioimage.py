@@ -246,12 +246,20 @@ def _training_data(cfg, deploy: dict) -> str:
             f"groups ({cfg.data.args.get('split_by', 'well')}) for validation and test." + size)
 
 
-def training_data(cfg, deploy: dict, author: str = "labelling", github_user: str | None = None) -> dict:
-    """The package's ``training_data``: an inline dataset description (simulated cells or which real data)."""
+def training_data(cfg, deploy: dict, author: str = "labelling", github_user: str | None = None,
+                  git_repo: str | None = None) -> dict | None:
+    """The package's ``training_data``: an inline dataset description (simulated cells or which real data).
+
+    Its ``source`` (asked for by the collection) is the simulator's code or the experiment file that describes
+    the real data, in `git_repo`; without a repository the README alone describes the data (None).
+    """
     from bioimageio.spec.dataset.v0_3 import DatasetDescr
 
+    if not git_repo:
+        return None
     simulated = cfg.data.name in SIMULATED
-    return {"type": "dataset", "format_version": DatasetDescr.implemented_format_version,
+    where = "labelling/data/simulate.py" if simulated else f"experiments/{cfg.name}.yaml"
+    return {"source": f"{git_repo.rstrip('/')}/blob/HEAD/{where}","type": "dataset", "format_version": DatasetDescr.implemented_format_version,
             "name": ("labelling simulated cells" if simulated else f"{cfg.name} training data")[:128],
             "description": _training_data(cfg, deploy)[:1024],
             "tags": ["simulated" if simulated else "real", "virtual-staining"],
@@ -420,7 +428,8 @@ def describe(state: dict, cfg, shape: tuple[int, ...], author: str, license_id: 
             "test_tensor": {"source": "test_output.npy"}, "sample_tensor": {"source": "sample_output.tif"},
             "data": {"type": "float32"},
             "postprocessing": postprocessing(state)}],
-        "training_data": training_data(cfg, state["deployment"], author, github_user),
+        **({"training_data": data} if (data := training_data(cfg, state["deployment"], author, github_user,
+                                                              git_repo)) else {}),
         "weights": {
             **({"pytorch_state_dict": state_dict} if state_dict else {}),
             "torchscript": {"source": "weights_torchscript.pt", "pytorch_version": torch.__version__.split("+")[0],
@@ -455,12 +464,15 @@ def validate(rdf: Path):
 def test_package(rdf: Path) -> dict:
     """Run bioimageio.core's model test (every weights format) on a package.
 
-    Returns ``{"status", "details", "warnings"}``: the failed checks and every warning, as ``bioimageio test``
-    prints them.
+    Returns ``{"status", "details", "warnings"}``: the failed checks and the warnings (severity WARNING or more).
     """
     from bioimageio.core import test_model
 
     summary = test_model(rdf)
     failed = [f"{d.name}: {'; '.join(str(e.msg) for e in d.errors)}" for d in summary.details if d.status == "failed"]
-    warned = [f"{d.name}: {'.'.join(map(str, w.loc))}: {w.msg}" for d in summary.details for w in d.warnings]
+    import logging
+
+    # severity WARNING and up, as `bioimageio test` shows them (INFO entries such as "all elements agree" are not)
+    warned = [f"{d.name}: {'.'.join(map(str, w.loc))}: {w.msg}" for d in summary.details for w in d.warnings
+              if w.severity >= logging.WARNING]
     return {"status": summary.status, "details": failed, "warnings": warned}

@@ -8,8 +8,6 @@
   exactly as ``labelling predict`` - and adds one layer per predicted channel.
 """
 
-from __future__ import annotations
-
 from functools import lru_cache
 from pathlib import Path
 
@@ -121,8 +119,9 @@ def predict_image(trained, raw: np.ndarray, tile: int, name: str, bar) -> np.nda
     return out
 
 
-def predict_widget(image: napari.layers.Image, model: Path = Path("runs"),  # noqa: F821 (napari's own type)
-                   tile: int = 256) -> list[napari.types.LayerDataTuple]:  # noqa: F821
+# The annotations magicgui builds the widget from: real classes, and napari's own types as strings it resolves
+def predict_widget(image: "napari.layers.Image", model: Path = Path("runs"),  # noqa: F821 (napari's own type)
+                   tile: int = 256) -> "list[napari.types.LayerDataTuple]":  # noqa: F821
     """Predict the stain of the active image layer with a trained run, checkpoint or export.
 
     A layer with one more leading axis than the model takes (the fields of a plate, a time series) is
