@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             for how in ("scratch", "fine-tuned"):
                 overrides = settings(args.budget, args.seed)
                 if how == "fine-tuned":
-                    overrides.update({"init.from": str(tmp / "source"), "init.normalization": "own"})
+                    overrides.update({"init.source": str(tmp / "source"), "init.normalization": "own"})
                 cfg = study_config(config.validate(config.apply_overrides(config.to_dict(target_cfg), overrides)),
                                    train_fields=n)
                 run = tmp / f"{how}_{n}"

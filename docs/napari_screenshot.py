@@ -27,6 +27,9 @@ def main() -> None:
         platetools.simulate(tmp / "P.zarr", wells=2, fields=2, size=256, progress=False)
         viewer = napari.Viewer(show=True)
         viewer.window.resize(1400, 800)
+        from qtpy.QtWidgets import QApplication
+
+        QApplication.processEvents()
         viewer.open(str(tmp / "P.zarr"), plugin="labelling")
         _, widget = viewer.window.add_plugin_dock_widget("labelling", "Virtual staining")
         widget.image.value = viewer.layers["brightfield"]
@@ -34,9 +37,17 @@ def main() -> None:
         widget()
         for layer in viewer.layers:
             layer.visible = layer.name in ("brightfield", "nuclei (predicted)")
-        viewer.layers["nuclei (predicted)"].colormap = "magenta"
-        viewer.layers["nuclei (predicted)"].blending = "additive"
-        viewer.grid.enabled = True
+        predicted = viewer.layers["nuclei (predicted)"]
+        predicted.colormap, predicted.blending = "magenta", "additive"
+        predicted.reset_contrast_limits()
+        viewer.layers["brightfield"].reset_contrast_limits()
+        viewer.grid.enabled = True  # brightfield and prediction side by side
+        from qtpy.QtWidgets import QApplication
+
+        for _ in range(3):  # let the window take its size before fitting the view to it
+            QApplication.processEvents()
+        viewer.reset_view()
+        QApplication.processEvents()
         OUT.parent.mkdir(exist_ok=True)
         Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(OUT)
         viewer.close()

@@ -52,6 +52,13 @@ def test_overrides_are_typed():
     assert cfg.data.args["augment"] == {"flip": False}
 
 
+def test_a_plane_range_on_the_command_line_stays_a_range():
+    """YAML 1.1 reads `6:7` as the base-60 number 367: a plane range must reach the data as written."""
+    cfg = config.load("isl_dapi", ["data.planes=6:7"])
+    assert cfg.data.args["planes"] == "6:7"
+    assert config.parse_value("3:10") == "3:10" and config.parse_value("12") == 12
+
+
 def test_override_without_equals_is_an_error():
     with pytest.raises(config.ConfigError, match="key=value"):
         config.load("nuclei_mse", ["optim.lr"])
