@@ -350,10 +350,7 @@ def load_raw(name_or_path: str | Path) -> dict:
 
 
 def parse_value(text: str) -> Any:
-    """`3` -> 3, `1e-3` -> 0.001, `[1,2]` -> list, `null` -> None, anything else stays a string.
-
-    `6:7` (a plane range) stays the string it reads as: YAML 1.1 would make it the base-60 number 367.
-    """
+    """`3` -> 3, `1e-3` -> 0.001, `[1,2]` -> list, `null` -> None; anything else (and `6:7`, not base-60 367) a string."""
     import re
 
     if re.fullmatch(r"\s*[-+]?\d+(:\d+)+\s*", text):
