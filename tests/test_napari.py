@@ -64,17 +64,24 @@ def _display() -> bool:
 
 
 @pytest.fixture
-def viewer_fixture(request):
-    """napari's own `make_napari_viewer` (its pytest plugin), or a skip saying what is missing."""
-    pytest.importorskip("napari")
-    pytest.importorskip("pytestqt")
+def viewer_fixture():
+    """A shown napari viewer on the (virtual) display, closed after the test; or a skip saying what is missing."""
+    napari = pytest.importorskip("napari")
     if not _display():
         import os
 
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true: no display for the napari viewer test (run under xvfb-run, as .ci/run does)")
         pytest.skip("no display: run under `xvfb-run -a` (make test does when xvfb is installed)")
-    return request.getfixturevalue("make_napari_viewer")
+    viewers = []
+
+    def make(**kwargs):
+        viewers.append(napari.Viewer(**kwargs))
+        return viewers[-1]
+
+    yield make
+    for viewer in viewers:
+        viewer.close()
 
 
 def test_in_napari_the_plugin_opens_a_plate_and_predicts_its_fields_with_progress(viewer_fixture, tmp_path):
