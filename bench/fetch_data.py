@@ -199,29 +199,30 @@ def fetch(name: str, out: Path, git: Path | None = None, overwrite: bool = False
     if final.is_dir() and (final / "PROVENANCE.md").is_file() and not overwrite:
         print(f"{name}: already at {final}")
         return final
-    staging = out / f".{name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    from labelling.data.atomic import replace_folder, sibling
+
+    staging = sibling(final)  # the project's one staged writer: the folder appears whole or not at all
     staging.mkdir(parents=True)
-    rows = []
-    for path, sha, local in spec["files"]:
-        data = get(spec["repo"], spec["commit"], path, git)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sha:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ValueError(f"{name}: {path} has SHA-256 {digest}, expected {sha} (a changed or damaged file)")
-        image = read_ics(data) if path.endswith(".ics") else tifffile.imread(_bytes_io(data))
-        tifffile.imwrite(staging / local, image)
-        rows.append(f"| `{local}` | `{path}` | {image.shape[0]} x {image.shape[1]} {image.dtype} | `{sha[:16]}...` |")
-        print(f"{name}: {local} {image.shape} {image.dtype}")
-    (staging / "PROVENANCE.md").write_text("\n".join([
-        f"# {name}", "", spec["what"], "",
-        f"Source: https://github.com/{spec['repo']} at commit `{spec['commit']}`.", "",
-        f"Licence: {spec['licence']}.", "", f"Cite: {spec['cite']}", "",
-        "Fetched by `bench/fetch_data.py` (every file checked against its SHA-256; ICS decoded to TIFF).", "",
-        "| file | source path | shape | SHA-256 of the source |", "|---|---|---|---|", *rows, ""]))
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    try:
+        rows = []
+        for path, sha, local in spec["files"]:
+            data = get(spec["repo"], spec["commit"], path, git)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != sha:
+                raise ValueError(f"{name}: {path} has SHA-256 {digest}, expected {sha} (a changed or damaged file)")
+            image = read_ics(data) if path.endswith(".ics") else tifffile.imread(_bytes_io(data))
+            tifffile.imwrite(staging / local, image)
+            rows.append(f"| `{local}` | `{path}` | {image.shape[0]} x {image.shape[1]} {image.dtype} | `{sha[:16]}...` |")
+            print(f"{name}: {local} {image.shape} {image.dtype}")
+        (staging / "PROVENANCE.md").write_text("\n".join([
+            f"# {name}", "", spec["what"], "",
+            f"Source: https://github.com/{spec['repo']} at commit `{spec['commit']}`.", "",
+            f"Licence: {spec['licence']}.", "", f"Cite: {spec['cite']}", "",
+            "Fetched by `bench/fetch_data.py` (every file checked against its SHA-256; ICS decoded to TIFF).", "",
+            "| file | source path | shape | SHA-256 of the source |", "|---|---|---|---|", *rows, ""]))
+        replace_folder(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 

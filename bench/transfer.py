@@ -30,16 +30,6 @@ import numpy as np
 OUT = Path(__file__).resolve().parent
 
 
-def seconds(budget: float) -> str:
-    s = int(budget)
-    return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def settings(budget: float, seed: int) -> dict:
-    return {"seed": seed, "data.seed": 0, "trainer.max_time": seconds(budget), "trainer.max_epochs": 10000,
-            "logger.wandb": False, "callbacks": [], "test": False, "trainer.enable_progress_bar": False}
-
-
 def score(model, images, seg: dict) -> dict:
     from quality import pearson
 
@@ -71,7 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(OUT / "transfer"))
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from quality import missing_data, seg_args
+    from quality import budget_settings, missing_data, seg_args
 
     from labelling import config
     from labelling.inference.load import load
@@ -88,16 +78,12 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        source_overrides = {**settings(args.source_budget, args.seed)}
-        for item in args.source_set:
-            key, value = config._split(item)
-            source_overrides[key] = config.parse_value(value)
-        fit(args.source, source_overrides, run_dir=tmp / "source")
+        fit(args.source, budget_settings(args.seed, args.source_budget, args.source_set), run_dir=tmp / "source")
         rows.append({"condition": "zero-shot (source as it is)", "fields": 0, **score(load(tmp / "source"), test, seg)})
         print(rows[-1]["condition"], f"pcc {rows[-1]['pcc']:.3f}", flush=True)
         for n in args.fields:
             for how in ("scratch", "fine-tuned"):
-                overrides = settings(args.budget, args.seed)
+                overrides = budget_settings(args.seed, args.budget)
                 if how == "fine-tuned":
                     overrides.update({"init.source": str(tmp / "source"), "init.normalization": "own"})
                 cfg = study_config(config.validate(config.apply_overrides(config.to_dict(target_cfg), overrides)),
