@@ -1,16 +1,16 @@
 """Experiment configuration: a pydantic schema, YAML loading with one `extends:`, dotted overrides.
 
-An experiment YAML has the top keys ``seed, data, net, loss, optim, trainer, callbacks, logger``. Each
-component is ``{name: <short name>, ...arguments}``. :func:`validate` checks the schema and every value it
-knows (choices, ranges, types: ``optim.scheduler``, ``monitor``, ``net.dropout``, ``data.crop``...);
-:func:`labelling.build.check_components` checks component names and argument names against the builders'
-signatures in :mod:`labelling.registry` and builds the net and loss against their contracts. Either way a mistake names the valid choices before training starts.
+Top keys ``seed, data, net, loss, optim, trainer, callbacks, logger``; each component is ``{name: <short name>,
+...arguments}``. :func:`validate` checks the schema and every value it knows (choices, ranges, types);
+:func:`labelling.build.check_components` checks component and argument names against the builders in
+:mod:`labelling.registry` and builds net and loss against their contracts: a mistake names the valid choices.
 """
 
 from __future__ import annotations
 
 import copy
 import numbers
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from labelling.errors import ConfigError, suggest, unknown  # noqa: F401  (ConfigError, unknown: re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS_DIR = ROOT / "experiments"
-SWEEPS_DIR = ROOT / "sweeps"
+EXPERIMENTS_DIR, SWEEPS_DIR = ROOT / "experiments", ROOT / "sweeps"
 
 SCHEDULERS = ("cosine", "plateau", None)  # valid ``optim.scheduler`` values (built in labelling.tasks.stainer)
 # valid ``data.normalize`` values; the rule itself is labelling.data.normalization
@@ -29,10 +28,8 @@ PER_IMAGE = ("percentile", "zscore", "minmax", "none")
 NORMALIZATIONS = (*PER_IMAGE, "fixed")  # fixed: dataset-level statistics of the training split
 # What each task logs (see labelling/tasks) and which direction is better: `monitor` must be one of these.
 MONITORS: dict[str, dict[str, str]] = {
-    "stainer": {"val/pcc": "max", "val/ssim": "max", "val/loss": "min", "val/mse_normalized": "min",
-                "train/loss": "min"},
-    "autoencoder": {"val/pcc": "max", "val/loss": "min", "val/mse": "min", "train/loss": "min"},
-}
+    "stainer": {"val/pcc": "max", "val/ssim": "max", "val/loss": "min", "val/mse_normalized": "min", "train/loss": "min"},
+    "autoencoder": {"val/pcc": "max", "val/loss": "min", "val/mse": "min", "train/loss": "min"}}
 SPLIT_BY = ("well", "field")
 
 
@@ -45,6 +42,12 @@ class Component(BaseModel):
     @property
     def args(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class TaskComponent(Component):
+    """The task; its name defaults to ``stainer``, so ``task.ema=0.99`` alone keeps the default task."""
+
+    name: str = "stainer"
 
 
 class OptimConfig(BaseModel):
@@ -94,17 +97,23 @@ class LoggerConfig(BaseModel):
 
 
 class InitConfig(BaseModel):
-    """Fine-tuning: start from the weights of a trained model (``init: {from: runs/nuclei_mse}``).
+    """Fine-tuning from a trained model: ``init: {from: <run, checkpoint, export or BMZ package folder>}``.
 
-    ``from`` is a run folder, a checkpoint, an export or a BMZ package folder written by labelling; its net's weights are loaded where the layers match
-    (a mismatch is an error naming the layers), its input normalization is kept unless ``normalization: own``,
-    and ``freeze_encoder`` trains only the decoder (nets that declare their encoder).
+    Matching layers are loaded (a mismatch names them), the source's input normalization is kept unless
+    ``normalization: own``; ``freeze_encoder`` trains only the decoder.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     source: str | None = Field(None, validation_alias=AliasChoices("from", "source"))
     freeze_encoder: bool = False
     normalization: str = "source"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, data):
+        if isinstance(data, dict) and "from" in data and "source" in data:
+            raise ValueError("init.from and init.source are one setting (two names): give one of them")
+        return data
 
     @model_validator(mode="after")
     def _known(self):
@@ -127,7 +136,7 @@ class Experiment(BaseModel):
     resume: bool = True  # continue from run_dir/checkpoints/last.ckpt when it exists
     checkpoint_every: int = Field(50, ge=0)  # also refresh last.ckpt every N training steps (0: epoch ends only)
     tta: bool = False  # deployed predictions average the 8 flips/rotations of each tile (labelling.inference.predict)
-    task: Component = Component(name="stainer")
+    task: TaskComponent = TaskComponent()
     data: Component
     net: Component = Component(name="unet")
     loss: Component = Component(name="mse")
@@ -152,7 +161,7 @@ class Experiment(BaseModel):
 # --------------------------------------------------------------------------- value checks
 
 def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return _count(v) and v >= 1
 
 
 def _count(v) -> bool:
@@ -164,9 +173,7 @@ def _fraction(v) -> bool:  # [0, 1)
 
 
 # Component arguments whose values are checked before anything is built: {argument: (test, what is valid)}.
-NET_ARGS = {"depth": (_positive_int, "a positive integer (>= 1)"),
-            "width": (_positive_int, "a positive integer (>= 1)"),
-            "latent_dim": (_positive_int, "a positive integer (>= 1)"), "size": (_positive_int, "a positive integer"),
+NET_ARGS = {**{k: (_positive_int, "a positive integer (>= 1)") for k in ("depth", "width", "latent_dim", "size")},
             "dropout": (_fraction, "a number in [0, 1)")}
 DATA_ARGS = {"crop": (_positive_int, "a positive integer (pixels)"),
              "val_crop": (lambda v: v is None or _positive_int(v), "a positive integer (pixels) or null"),
@@ -176,7 +183,8 @@ DATA_ARGS = {"crop": (_positive_int, "a positive integer (pixels)"),
              "field_size": (_positive_int, "a positive integer (pixels)"),
              "spatial_blocks": (_positive_int, "a positive integer"), "max_size": (_count, "an integer >= 0 (0 keeps)"),
              "num_workers": (_count, "an integer >= 0"), "val_fraction": (_fraction, "a number in [0, 1)"),
-             "test_fraction": (_fraction, "a number in [0, 1)")}
+             "test_fraction": (_fraction, "a number in [0, 1)"), 
+             "flatfield": (lambda v: isinstance(v, bool), "true or false")}
 # Known values that need no import to accept; anything else is looked up in the module that defines it.
 # the arguments of labelling.data.augment.PairedAugment besides crop and seed (a test keeps them equal)
 AUGMENT_KEYS = ("flip", "rotate", "scale", "corrupt_p", "max_severity", "corruptions")
@@ -187,13 +195,11 @@ def check_values(cfg: Experiment) -> list[str]:
 
     Rewrites what it can interpret unambiguously (a single string for a list of channels) in place.
     """
-    problems: list[str] = []
-    tables = _registry_tables()
+    problems, tables = [], _registry_tables()
     if cfg.optim.name not in tables["optim"]:
         problems.append(str(unknown("optim.name", cfg.optim.name, tables["optim"])))
     if cfg.optim.scheduler not in SCHEDULERS:
-        problems.append(str(unknown("optim.scheduler", cfg.optim.scheduler,
-                                    ["null" if s is None else s for s in SCHEDULERS])))
+        problems.append(str(unknown("optim.scheduler", cfg.optim.scheduler, ["null" if s is None else s for s in SCHEDULERS])))
     monitors = MONITORS.get(cfg.task.name)
     if monitors is not None and cfg.monitor not in monitors:
         problems.append(f"unknown monitor '{cfg.monitor}'.{suggest(cfg.monitor, monitors)} "
@@ -258,8 +264,7 @@ def _channel_list(key: str, value) -> tuple[list[str], str | None]:
         value = [value]
     if not isinstance(value, list) or not value:
         return [], f"data.{key}={value!r}: must be a non-empty list of channel names, e.g. ['w2']"
-    bad = [v for v in value if not isinstance(v, (str, int)) or isinstance(v, bool)]
-    if bad:
+    if bad := [v for v in value if not isinstance(v, (str, int)) or isinstance(v, bool)]:
         return [], f"data.{key}: channel names must be strings, got {bad!r}"
     return [str(v) for v in value], None
 
@@ -270,10 +275,8 @@ def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, val in over.items():
         if isinstance(val, dict) and isinstance(out.get(key), dict):
-            parent = out[key]
-            if "name" in val and val["name"] != parent.get("name"):
-                parent = _keep_accepted(key, val["name"], parent)
-            out[key] = _deep_merge(parent, val)
+            renamed = "name" in val and val["name"] != out[key].get("name")
+            out[key] = _deep_merge(_keep_accepted(key, val["name"], out[key]) if renamed else out[key], val)
         else:
             out[key] = copy.deepcopy(val)
     return out
@@ -351,8 +354,6 @@ def load_raw(name_or_path: str | Path) -> dict:
 
 def parse_value(text: str) -> Any:
     """`3` -> 3, `1e-3` -> 0.001, `[1,2]` -> list, `null` -> None; anything else (and `6:7`, not base-60 367) a string."""
-    import re
-
     if re.fullmatch(r"\s*[-+]?\d+(:\d+)+\s*", text):
         return text.strip()
     try:

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from labelling.config import NORMALIZATIONS
-from labelling.data.normalization import denormalize, image_stats, normalize
+from labelling.data.normalization import denormalize, flat_field, image_stats, normalize
 from labelling.errors import CheckpointError
 
 VERSION = 2
@@ -37,6 +37,8 @@ class Deployment(BaseModel):
         spatial_multiple: the net takes heights and widths that are multiples of this.
         spatial_dims: 2, or 3 for nets that convolve a z-stack.
         normalize: input normalization rule (:data:`labelling.config.NORMALIZATIONS`).
+        flatfield: divide each raw input channel by its own fitted illumination surface before normalizing
+            (``data.flatfield``; :func:`labelling.data.normalization.flat_field`).
         input_stats: (Cin, 2) dataset-level ``(offset, scale)`` of the training inputs (used by ``fixed``).
         denormalize: ``stats`` (training-target statistics), ``affine`` (calibration of a scale-free loss
             fitted on the training split) or ``none`` (probabilities of a logit loss, binary targets).
@@ -63,6 +65,7 @@ class Deployment(BaseModel):
     spatial_multiple: int = Field(1, ge=1)
     spatial_dims: Literal[2, 3] = 2
     normalize: str = "percentile"
+    flatfield: bool = False
     input_stats: list[list[float]] = Field(default_factory=lambda: [[0.0, 1.0]])
     denormalize: Literal["stats", "affine", "none"] = "stats"
     target_stats: list[list[float]] = Field(default_factory=lambda: [[0.0, 1.0]])
@@ -117,7 +120,7 @@ class Deployment(BaseModel):
 
     def normalize_input(self, raw: np.ndarray, method: str | None = None) -> np.ndarray:
         """Raw (Cin, H, W) input -> the normalization the model was trained with (or rule `method`)."""
-        raw = np.asarray(raw, np.float32)
+        raw = flat_field(raw, self.raw_channels) if self.flatfield else np.asarray(raw, np.float32)
         return normalize(raw, self.input_stats_for(raw, method))
 
     def output_stats(self) -> np.ndarray | None:

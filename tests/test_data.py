@@ -308,3 +308,50 @@ def test_flip_augmentation_is_an_exact_symmetry_shared_by_input_and_target_drawn
         drawn += [i for i, v in enumerate(views) if np.array_equal(v, xa)]
     counts = np.bincount(drawn, minlength=8)
     assert len(drawn) == 800 and counts.min() > 60 and counts.max() < 140  # 100 each expected (sd 9.4)
+
+
+def _lit(texture: np.ndarray, tilt: float = 0.1, falloff: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """`texture` under a tilted, vignetted illumination: (lit field, the illumination)."""
+    height, width = texture.shape[-2:]
+    v, u = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    light = (1 + tilt * u - tilt / 2 * v - falloff * (u * u + v * v) / 2).astype(np.float32)
+    return (texture * light).astype(np.float32), light
+
+
+def test_flat_field_divides_out_a_smooth_illumination_and_leaves_no_light_alone():
+    from labelling.data.normalization import flat_field, illumination, illumination_surface
+
+    texture = np.random.default_rng(0).gamma(20, 50, (2, 120, 90)).astype(np.float32)  # mean 1000, 22 % CV
+    lit, light = _lit(texture)
+    flat = flat_field(lit)
+    edge, centre = (slice(None), slice(0, 12), slice(0, 12)), (slice(None), slice(54, 66), slice(39, 51))
+    assert abs(lit[edge].mean() / lit[centre].mean() - 1) > 0.1  # the corner is dimmer before
+    assert abs(flat[edge].mean() / flat[centre].mean() - 1) < 0.04  # and as bright as the centre after
+    # the surface found is the illumination (up to its mean), and multiplying it back gives the field again
+    surface = illumination_surface(illumination(lit), 120, 90)
+    assert np.abs(surface / (light / light.mean()) - 1).max() < 0.03
+    assert np.allclose(flat * surface, lit, rtol=1e-4)
+    assert abs(flat.mean() / lit.mean() - 1) < 0.01  # the mean brightness is kept
+    # only the raw channels are corrected; background-subtracted or empty fields are left as they are
+    assert np.array_equal(flat_field(lit, 1)[1], lit[1])
+    for field in (np.zeros((1, 40, 40), np.float32), texture[:1] - texture[:1].mean()):
+        assert np.array_equal(flat_field(field), field)
+
+
+@pytest.mark.parametrize("norm", ["percentile", "fixed"])
+def test_flat_field_training_and_deployment_normalize_a_field_identically(norm):
+    """data.flatfield: the datamodule's normalized fields are what the deployed rule makes of the raw field,
+    raw_input() gives the camera's field back (illumination and all), and the model's deployment says so."""
+    from labelling.losses.basic import MSELoss
+    from labelling.nets.unet import UNet
+
+    dm = small_dm(normalize=norm, flatfield=True)
+    plain = small_dm(normalize=norm)
+    dep = dm.deployment(UNet(width=4, depth=2), MSELoss())
+    assert dep.flatfield and not plain.deployment(UNet(width=4, depth=2), MSELoss()).flatfield
+    for split in ("train", "test"):
+        for im, ref in zip(dm.splits[split], plain.splits[split]):
+            raw = im.raw_input()
+            assert np.allclose(raw, ref.raw_input(), rtol=1e-4, atol=1e-2)  # the camera's field
+            assert np.allclose(dep.normalize_input(raw), im.input, atol=1e-4)
+            assert not np.allclose(im.input, ref.input, atol=1e-2)  # the simulator's fields are vignetted

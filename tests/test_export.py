@@ -154,6 +154,8 @@ def test_bioimageio_steps_reproduce_our_normalization():
     assert zscore[1]["id"] == "zero_mean_unit_variance"
     with pytest.raises(ValueError, match="no bioimage.io equivalent"):
         bioimage.preprocessing({"deployment": {**dep, "normalize": "log"}})
+    with pytest.raises(ValueError, match="flat-field"):  # a package would predict otherwise than labelling
+        bioimage.preprocessing({"deployment": {**dep, "flatfield": True}})
 
 
 def test_cli_exports_and_predicts_with_the_onnx_model(run, tmp_path, capsys):

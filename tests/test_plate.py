@@ -135,6 +135,8 @@ def test_plate_data_reads_lazily_and_splits_by_well(plate_run):
     assert dm.null_level()[0] == pytest.approx(np.mean(train_means), rel=1e-6)
     with pytest.raises(ConfigError, match="not supported for plates"):
         PlateDataModule(str(path), target_transform="rolling_ball")
+    with pytest.raises(ConfigError, match="flatfield is not supported for plates"):
+        PlateDataModule(str(path), flatfield=True)
     with pytest.raises(ConfigError, match="planes"):
         PlateDataModule(str(path), planes=[0, 1])
 

@@ -20,7 +20,8 @@ from labelling import registry
 from labelling.config import unknown
 from labelling.data import cascade as cascade_runs
 from labelling.data.augment import PairedAugment
-from labelling.data.normalization import NORMALIZATIONS, dataset_stats, denormalize, image_stats, normalize
+from labelling.data.normalization import (NORMALIZATIONS, dataset_stats, denormalize, flat_field, illumination,
+                                          illumination_surface, image_stats, normalize)
 from labelling.data.simulate import CHANNELS, simulate_plate
 from labelling.data.splits import split_groups
 from labelling.deployment import Deployment
@@ -38,10 +39,15 @@ class Image:
     key: str
     extra: dict | None = None
     raw_channels: int | None = None  # with a cascade: the leading channels that are the real raw input
+    illumination: np.ndarray | None = None  # data.flatfield: the raw channels' fitted illumination, divided out
 
     def raw_input(self) -> np.ndarray:
         """The input in its own units (camera counts), as a deployed model receives it."""
-        return denormalize(self.input, self.input_stats).astype(np.float32)[: self.raw_channels]
+        raw = denormalize(self.input, self.input_stats).astype(np.float32)[: self.raw_channels]
+        if self.illumination is not None:  # the field as it came from the camera, illumination and all
+            n = len(self.illumination)
+            raw[:n] *= illumination_surface(self.illumination, *raw.shape[1:])
+        return raw
 
     def raw_target(self) -> np.ndarray:
         """The target in its own units (after the target transform): what predictions are scored against."""
@@ -197,6 +203,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         target_normalize: the targets' normalization when it differs from the input's (e.g. inputs
             ``zscore`` per image against illumination changes, targets ``fixed`` to keep intensity units).
         target_transform: ``none``, ``rolling_ball``, ``golgi_enhance`` or ``gfp_mask`` (binary, not normalized).
+        flatfield: divide each raw input field by its own fitted quadratic illumination (vignetting, tilt)
+            before normalizing it, in training and deployment alike (:func:`~labelling.data.normalization.flat_field`).
         augment: dict for :class:`PairedAugment` (flip, rotate, scale, corrupt_p, max_severity).
         foreground_crops: share of training crops drawn to contain stained foreground (at least 2 % of the
             crop above the training targets' triangle threshold); the rest are uniform. 0 samples uniformly.
@@ -209,7 +217,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
                  batch_size: int = 16,
                  crops_per_epoch: int = 512, val_fraction: float = 0.25, test_fraction: float = 0.25,
                  split_by: str = "well", normalize: str = "percentile", target_normalize: str | None = None,
-                 target_transform: str = "none",
+                 target_transform: str = "none", flatfield: bool = False,
                  augment: dict | None = None, foreground_crops: float = 0.0, num_workers: int = 0, seed: int = 0,
                  test_groups: list[str] | None = None, val_groups: list[str] | None = None,
                  n_wells: int = 16, fields_per_well: int = 6, field_size: int = 256, cascade: list[str] | None = None):
@@ -231,6 +239,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         self.val_fraction, self.test_fraction, self.split_by = val_fraction, test_fraction, split_by
         self.test_groups, self.val_groups = list(test_groups or []), list(val_groups or [])
         self.norm, self.target_transform, self.num_workers, self.seed = normalize, target_transform, num_workers, seed
+        self.flatfield = bool(flatfield)
         self.augment_args = {"flip": True, **(augment or {})}
         if not 0 <= foreground_crops <= 1:
             raise ValueError(f"foreground_crops must be a share in [0, 1], got {foreground_crops}")
@@ -256,7 +265,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
 
     input_override: np.ndarray | None = None  # dataset-level input statistics given, not computed (fine-tuning)
 
-    def keep_input_normalization(self, rule: str, stats) -> None:
+    def keep_input_normalization(self, rule: str, stats, flatfield: bool = False) -> None:
         """Normalize inputs with another model's rule and dataset-level statistics (call before setup).
 
         Fine-tuning keeps the source model's view of the input.
@@ -267,7 +276,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         if len(stats) != self.in_channels:
             raise ValueError(f"the source model normalizes {len(stats)} input channel(s), this data has "
                              f"{self.in_channels}")
-        self.norm, self.input_override = rule, stats
+        self.norm, self.input_override, self.flatfield = rule, stats, bool(flatfield)
 
     def attach_cascade(self, inputs) -> None:
         """Take the loaded cascade (:class:`labelling.inference.load.CascadeInputs`).
@@ -310,7 +319,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         self.setup("fit")
         geometry = dict(inputs=list(self.input_names), raw_channels=self.raw_channels, in_channels=net.in_channels,
                         out_channels=net.out_channels, spatial_multiple=net.spatial_multiple,
-                        spatial_dims=net.spatial_dims, normalize=self.norm,
+                        spatial_dims=net.spatial_dims, normalize=self.norm, flatfield=self.flatfield,
                         input_stats=np.asarray(self.input_stats).tolist(), max_size=int(self.max_size or 0),
                         pixel_size=self.pixel_size)
         n = net.out_channels
@@ -358,20 +367,29 @@ class FluorescenceDataModule(lightning.LightningDataModule):
 
     def prepare_image(self, x: np.ndarray, y: np.ndarray, group: str, key: str, extra=None) -> Image:
         """Normalize one raw pair (the target already transformed) with this module's normalization."""
-        x = np.asarray(x, np.float32)
+        x, illum = np.asarray(x, np.float32), None
+        if self.flatfield:
+            illum = illumination(x[: self.raw_channels])
+            x = x.copy()
+            x[: self.raw_channels] /= illumination_surface(illum, *x.shape[1:])
         xs = self.input_stats if self.norm == "fixed" else image_stats(x, self.norm)
         ys = self.target_stats if self.target_norm == "fixed" else image_stats(y, self.target_norm)
         if self.binary_target:
             ys = image_stats(y, "none")
         return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra,
-                     self.raw_channels if self.cascade else None)
+                     self.raw_channels if self.cascade else None, illum)
 
     def null_level(self) -> np.ndarray:
         """The null predictor's level: the mean training target per channel, in target units."""
         return np.mean([im.raw_target().mean((1, 2)) for im in self.splits["train"]], 0)
 
+    def flat(self, raw: np.ndarray) -> np.ndarray:
+        """`raw` with its raw channels flat-field corrected (``data.flatfield``), else unchanged."""
+        return flat_field(raw, self.raw_channels) if self.flatfield else raw
+
     def normalize_raw(self, raw: np.ndarray, image: Image) -> np.ndarray:
         """Normalize a raw input like deployment does (fixed: the stored statistics of `image`)."""
+        raw = self.flat(raw)
         stats = image.input_stats if self.norm == "fixed" else image_stats(raw, self.norm)
         return normalize(raw, stats)
 
@@ -389,7 +407,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         # Dataset-level statistics from the training split only (fixed normalization, and the fixed view
         # of the stability study); test images never contribute to anything the model uses.
         self.input_stats = self.input_override if self.input_override is not None else dataset_stats(
-            [p[0] for p in train])
+            [self.flat(p[0]) for p in train])
         self.target_stats = dataset_stats([p[1] for p in train])
         self.splits = {"train": [], "val": [], "test": []}
         for p in pairs:

@@ -11,6 +11,10 @@ Every statistic a model is trained and deployed with comes from here:
 
 Statistics are ``(offset, scale)`` rows per channel: ``normalized = (raw - offset) / scale`` and its exact
 inverse :func:`denormalize`.
+
+Flat-field correction (``data.flatfield``) comes first when a model was trained with it: each raw input
+channel is divided by a smooth quadratic illumination surface fitted to that field alone
+(:func:`illumination`, :func:`flat_field`), so a vignetted or tilted field looks evenly lit.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import numpy as np
 from labelling.config import NORMALIZATIONS, PER_IMAGE
 
 __all__ = ["GRID", "LOW", "HIGH", "NORMALIZATIONS", "PER_IMAGE", "image_stats", "sketch", "sketch_stats",
-           "pooled_stats", "pooled_percentiles", "dataset_stats", "normalize", "denormalize", "bin_factor", "bin_image"]
+           "pooled_stats", "pooled_percentiles", "dataset_stats", "normalize", "denormalize", "bin_factor", "bin_image",
+           "illumination", "illumination_surface", "flat_field"]
 
 LOW, HIGH = 1.0, 99.8  # the percentiles of ``percentile`` normalization (the only place they are written)
 # the sketch's percentiles; LOW and HIGH are among them, so a per-image percentile from a sketch is exact
@@ -118,6 +123,67 @@ def moment_matching(mean_p, sd_p, mean_t, sd_t):
     """
     gain = sd_t / sd_p
     return mean_t - gain * mean_p, gain
+
+
+FLAT_GRID = 16  # the illumination is fitted to a FLAT_GRID x FLAT_GRID grid of block means
+FLAT_FLOOR = 0.2  # a fitted surface dipping below this share of its mean is no illumination: left uncorrected
+
+
+def _quadratic(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(u), u, v, u * u, u * v, v * v], -1)
+
+
+def _axes(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.linspace(-1, 1, height), np.linspace(-1, 1, width)
+
+
+def illumination(image: np.ndarray) -> np.ndarray:
+    """(C, 6) quadratic illumination of each channel of a (C, H, W) field, fitted to its block means.
+
+    The surface ``a + b u + c v + d u^2 + e u v + f v^2`` (``u``, ``v`` in [-1, 1] across the field) is the
+    least-squares fit to a :data:`FLAT_GRID` grid of block means: smooth enough to leave cells alone and to
+    catch vignetting and tilted illumination. A channel whose fit is not a positive illumination (mean <= 0
+    or dipping below :data:`FLAT_FLOOR` of its mean: a background-subtracted or mostly empty field) gets the
+    flat surface ``(1, 0, ...)``, i.e. no correction.
+    """
+    import cv2
+
+    image = np.asarray(image, np.float32)
+    c, height, width = image.shape
+    gy, gx = min(FLAT_GRID, height), min(FLAT_GRID, width)
+    rows, cols = _axes(height, width)
+    v = cv2.resize(rows[:, None].repeat(2, 1).astype(np.float32), (1, gy), interpolation=cv2.INTER_AREA)[:, 0]
+    u = cv2.resize(cols[None].repeat(2, 0).astype(np.float32), (gx, 1), interpolation=cv2.INTER_AREA)[0]
+    design = _quadratic(*np.meshgrid(u, v)).reshape(-1, 6).astype(np.float64)
+    out = np.zeros((c, 6))
+    for k, plane in enumerate(image):
+        means = cv2.resize(plane, (gx, gy), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+        coef = np.linalg.lstsq(design, means, rcond=None)[0]
+        low, mean = _extremes(coef, rows, cols)
+        out[k] = coef / mean if mean > 0 and low >= FLAT_FLOOR * mean else (1, 0, 0, 0, 0, 0)
+    return out
+
+
+def _extremes(coef: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[float, float]:
+    """(min, mean) of a quadratic surface over the field, on a 64 x 64 grid spanning it (corners included)."""
+    grid = _quadratic(*np.meshgrid(np.linspace(-1, 1, 64), np.linspace(-1, 1, 64))) @ coef
+    full_mean = coef[0] + coef[3] * np.mean(cols ** 2) + coef[5] * np.mean(rows ** 2)  # odd terms average to 0
+    return float(grid.min()), float(full_mean)
+
+
+def illumination_surface(coeffs: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, H, W) float32 surfaces of :func:`illumination` coefficients (each of mean 1 over the field)."""
+    rows, cols = _axes(height, width)
+    terms = _quadratic(*np.meshgrid(cols, rows))
+    return np.einsum("hwk,ck->chw", terms, np.asarray(coeffs, np.float64)).astype(np.float32)
+
+
+def flat_field(image: np.ndarray, channels: int | None = None) -> np.ndarray:
+    """A (C, H, W) field with its first `channels` (all) channels divided by their :func:`illumination`."""
+    image = np.array(image, np.float32)
+    n = len(image) if channels is None else channels
+    image[:n] /= illumination_surface(illumination(image[:n]), *image.shape[1:])
+    return image
 
 
 def normalize(image: np.ndarray, stats: np.ndarray) -> np.ndarray:

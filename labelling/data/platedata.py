@@ -175,7 +175,8 @@ class PlateDataModule(FluorescenceDataModule):
                  planes: int | str | list[int] | None = None, target_plane: int | None = None,
                  wells: list[str] | None = None, crops_per_read: int = 4, **kw):
         for key, bad, why in (("target_transform", "none", "store the transformed target as a plate channel"),
-                              ("foreground_crops", 0, "use uniform crops"), ("cascade", None, "")):
+                              ("foreground_crops", 0, "use uniform crops"), ("cascade", None, ""),
+                              ("flatfield", False, "correct the fields' illumination before writing the plate")):
             if kw.get(key) and kw[key] != bad:
                 raise ConfigError(f"data.{key} is not supported for plates yet; {why or 'train without it'}")
         if (kw.get("augment") or {}).get("corrupt_p", 0):

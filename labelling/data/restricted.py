@@ -83,7 +83,7 @@ def restrict(dm, phenotypes=None, train_fields: int | None = None, train_scale: 
         return
     raw = {"train": [_scaled(dm, im, train_scale) for im in train], "val": [_scaled(dm, im, train_scale) for im in val],
            "test": [(im.raw_input(), im.raw_target(), im.group, im.key, im.extra) for im in dm.splits["test"]]}
-    dm.input_stats = dataset_stats([p[0] for p in raw["train"]])  # from what is trained on only
+    dm.input_stats = dataset_stats([dm.flat(p[0]) for p in raw["train"]])  # from what is trained on only
     dm.target_stats = dataset_stats([p[1] for p in raw["train"]])
     rebuild = ("train", "val", "test") if "fixed" in (dm.norm, getattr(dm, "target_norm", dm.norm)) else ("train", "val")
     dm.splits = {split: [dm.prepare_image(*p) for p in raw[split]] if split in rebuild else list(dm.splits[split])

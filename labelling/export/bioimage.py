@@ -51,6 +51,9 @@ TOLERANCE = {"relative_tolerance": 1e-3, "absolute_tolerance": 1e-3, "mismatched
 def preprocessing(state: dict) -> list[dict]:
     """The run's input normalization as bioimage.io preprocessing steps."""
     method = state["deployment"]["normalize"]
+    if state["deployment"].get("flatfield"):
+        raise ValueError("flat-field correction (data.flatfield) has no bioimage.io preprocessing step: a package "
+                         "would predict differently from labelling; export --format onnx or torchscript instead")
     steps: list[dict] = [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
     if method == "percentile":
         steps.append({"id": "scale_range", "kwargs": {"axes": ["y", "x"], "min_percentile": LOW,

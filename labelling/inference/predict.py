@@ -160,7 +160,7 @@ def predict(model, raw, scale: float = 1.0, tile: int = 256, overlap: float = 0.
             raise ImageError(f"{name}: the model takes {model.raw_channels} input channel(s), the field gives {channels}")
         size = fit_tile(dep.spatial_multiple, tile, max(height, width))
         streamable = (write is not None and not model.cascade and scale == 1.0 and normalization is None
-                      and bin_factor((1, height, width), dep.max_size) == 1)
+                      and not dep.flatfield and bin_factor((1, height, width), dep.max_size) == 1)
         if streamable:
             stats = dep.input_stats_for(None, "fixed") if dep.normalize == "fixed" else raw.stats(dep.normalize)
             if stats is None:

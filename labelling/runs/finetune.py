@@ -62,7 +62,7 @@ def apply_init(cfg: config.Experiment, dm, task) -> dict | None:
                           "channel counts")
     task.net.load_state_dict(state)
     if cfg.init.normalization == "source":
-        dm.keep_input_normalization(dep.normalize, dep.input_stats)
+        dm.keep_input_normalization(dep.normalize, dep.input_stats, dep.flatfield)
     if cfg.init.freeze_encoder:
         prefixes = getattr(task.net, "encoder_prefixes", None)
         if not prefixes:

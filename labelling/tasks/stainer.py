@@ -47,11 +47,18 @@ class Stainer(lightning.LightningModule):
             use the plain net. Where compiling fails (no C compiler, say), training goes on eagerly with
             a warning. ``"auto"`` compiles only runs long enough to pay the compile back
             (:data:`AUTO_COMPILE_STEPS` optimizer steps; with a ``trainer.max_time``, 4 minutes or more).
+        ema: decay of an exponential moving average of the net's weights (``task.ema``; 0: off). Validation,
+            the checkpoints' ``state_dict`` and so every deployment use the averaged weights; training goes on
+            with the live ones (kept in ``last.ckpt`` for a resume). The decay warms up as
+            ``min(ema, (1 + step) / (10 + step))``, so early averages do not drag the first weights along.
     """
 
     def __init__(self, net: nn.Module, loss: nn.Module, optim: dict | None = None, config: dict | None = None,
-                 channels_last: bool = True, compile: bool | str = False):
+                 channels_last: bool = True, compile: bool | str = False, ema: float = 0.0):
         super().__init__()
+        if not 0.0 <= float(ema) < 1.0:
+            raise ValueError(f"task.ema must be in [0, 1) (0: off), got {ema!r}")
+        self.ema, self._ema, self._ema_swapped = float(ema), None, False
         self.net, self.loss = net, loss
         # the compiled step: built on first use, not a submodule (nn.Module.compile is a method: other name)
         if compile not in (True, False, "auto"):
@@ -223,8 +230,38 @@ class Stainer(lightning.LightningModule):
             for name, value in zip(names, r):
                 self.log(f"{stage}/pcc/{name}", value)
 
+    # -- the moving average of the weights (task.ema) --------------------------------------------------
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if not self.ema:
+            return
+        live = [p.detach() for p in self.net.parameters()]
+        if self._ema is None:
+            self._ema = [p.clone() for p in live]
+            return
+        decay = min(self.ema, (1 + self.global_step) / (10 + self.global_step))
+        torch._foreach_lerp_(self._ema, live, 1.0 - decay)
+
+    @torch.no_grad()
+    def _swap_ema(self) -> None:
+        for avg, p in zip(self._ema, self.net.parameters()):
+            live = p.detach().clone()
+            p.copy_(avg)
+            avg.copy_(live)
+        self._ema_swapped = not self._ema_swapped
+
+    def on_validation_epoch_start(self) -> None:
+        if self._ema is not None and not self._ema_swapped:
+            self._swap_ema()  # validate (and so pick the best checkpoint by) the averaged weights
+
     def on_validation_epoch_end(self) -> None:
         self._log_pooled_pcc("val")
+        if self._ema_swapped:
+            self._swap_ema()
+
+    def on_train_end(self) -> None:
+        if self._ema is not None and not self._ema_swapped:
+            self._swap_ema()  # the model leaves training with the averaged weights
 
     def on_test_epoch_end(self) -> None:
         self._log_pooled_pcc("test")
@@ -245,6 +282,18 @@ class Stainer(lightning.LightningModule):
         checkpoint["labelling_config"] = self.config
         checkpoint["labelling_io"] = {"in": self.net.in_channels, "out": self.net.out_channels}
         checkpoint["labelling_deployment_version"] = DEPLOYMENT_VERSION
+        if self._ema is not None:  # state_dict: the averaged weights (what deploys); the live ones for a resume
+            averaged, live = (self.net.parameters(), self._ema) if self._ema_swapped else (self._ema, self.net.parameters())
+            names = [f"net.{name}" for name, _ in self.net.named_parameters()]
+            checkpoint["state_dict"].update({n: a.detach().clone() for n, a in zip(names, averaged)})
+            checkpoint["ema_live"] = {n: p.detach().clone() for n, p in zip(names, live)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        live = checkpoint.get("ema_live")
+        if live and self.ema:  # a resume: train on from the live weights, average on from the stored average
+            state = checkpoint["state_dict"]
+            self._ema = [state[n].detach().clone() for n in live]
+            state.update(live)
 
 
 # compile: auto - a compile costs ~50 s on a 2-core CPU and saves 20-30 % of a step: worth it past these

@@ -1,0 +1,127 @@
+"""Border vs interior error of deployed predictions on fresh simulated fields: ``python bench/border.py``.
+
+Trains a simulator experiment for ``--budget`` seconds (or takes ``--run``), simulates ``--fields`` fields it
+never saw, predicts each through :func:`labelling.inference.predict.predict` (the deployed path) with each
+``--halos`` value, and compares the mean absolute error (target units) in the outer ``--band`` pixels with
+the error more than ``2 x band`` pixels from every edge. The blind predictor (the training-mean level) is
+scored the same way: its ratio says whether the targets themselves differ between the bands. The error is
+also given by distance from the field's centre, where an uncorrected illumination falloff shows.
+
+    python bench/border.py                                   # nuclei_mse as it is, 120 s
+    python bench/border.py --set data.flatfield=false        # without flat-field correction
+    python bench/border.py --run runs/nuclei_mse --halos 0 32
+
+Writes ``bench/border.json`` and ``bench/border.md`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent
+
+
+def bands(height: int, width: int, band: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of the outer `band` pixels and of the pixels more than 2 x `band` from every edge."""
+    rows, cols = np.arange(height)[:, None], np.arange(width)[None]
+    edge = np.minimum(np.minimum(rows, height - 1 - rows), np.minimum(cols, width - 1 - cols))
+    return edge < band, edge >= 2 * band
+
+
+def border_ratio(errors: list[np.ndarray], band: int) -> dict:
+    """Pooled border and interior mean absolute error of (H, W) error maps, and their ratio."""
+    border = interior = 0.0
+    n_border = n_interior = 0
+    for err in errors:
+        outer, inner = bands(*err.shape, band)
+        border, n_border = border + float(err[outer].sum()), n_border + int(outer.sum())
+        interior, n_interior = interior + float(err[inner].sum()), n_interior + int(inner.sum())
+    border, interior = border / n_border, interior / n_interior
+    return {"border_mae": border, "interior_mae": interior, "ratio": border / interior}
+
+
+def by_radius(errors: list[np.ndarray], edges=(0, 30, 60, 90, 120, 150, 180, 400)) -> list[dict]:
+    """Mean absolute error in rings of distance from the field centre (pixels)."""
+    rows = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        values = []
+        for err in errors:
+            height, width = err.shape
+            yy, xx = np.mgrid[:height, :width]
+            radius = np.hypot(yy - (height - 1) / 2, xx - (width - 1) / 2)
+            values.append(err[(radius >= low) & (radius < high)])
+        values = np.concatenate(values)
+        if values.size:
+            rows.append({"from_px": low, "to_px": high, "mae": float(values.mean())})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="nuclei_mse", help="simulator experiment to train")
+    parser.add_argument("--run", default=None, help="score this trained run (or export) instead of training")
+    parser.add_argument("--budget", type=float, default=120.0, help="training seconds (default 120)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the experiment")
+    parser.add_argument("--fields", type=int, default=12, help="fresh simulated fields (default 12)")
+    parser.add_argument("--size", type=int, default=256, help="field side in pixels (default 256)")
+    parser.add_argument("--band", type=int, default=16, help="border band width in pixels (default 16)")
+    parser.add_argument("--halos", nargs="+", type=int, default=[0, 32], help="predict(..., halo=) values")
+    parser.add_argument("--out", default=str(OUT / "border"), help="writes OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    sys.path.insert(0, str(OUT))
+    from quality import budget_settings
+
+    from labelling.data.simulate import CHANNELS, simulate_field
+    from labelling.inference import predict
+    from labelling.inference.load import load
+    from labelling.runs import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.run
+        if run is None:
+            run = str(Path(tmp) / "run")
+            train.fit(args.experiment, budget_settings(0, args.budget, args.set), run_dir=run)
+        model = load(run)
+        dep = model.deployment
+        channels = [CHANNELS.index(name) for name in dep.targets]
+        fields = [simulate_field([9001, k], size=args.size) for k in range(args.fields)]  # never trained on
+        targets = [f.fluorescence[channels] for f in fields]
+        rows = []
+        null = [np.abs(dep.null_image(*t.shape[1:]) - t).mean(0) for t in targets]
+        rows.append({"predictor": "blind (training-mean level)", **border_ratio(null, args.band)})
+        radial = {}
+        for halo in args.halos:
+            errors = [np.abs(predict.predict(model, f.brightfield[None], halo=halo) - t).mean(0)
+                      for f, t in zip(fields, targets)]
+            rows.append({"predictor": f"model, halo {halo} px", "halo": halo, **border_ratio(errors, args.band)})
+            radial[halo] = by_radius(errors)
+    report = {"experiment": args.experiment, "run": args.run, "budget_seconds": args.budget, "overrides": args.set,
+              "flatfield": dep.flatfield, "fields": args.fields, "size": args.size, "band_px": args.band,
+              "rows": rows, "mae_by_radius": radial}
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    lines = [f"# Border vs interior error ({args.experiment}, {args.budget:.0f} s, flat-field "
+             f"{'on' if dep.flatfield else 'off'}{', ' + ' '.join(args.set) if args.set else ''})", "",
+             f"{args.fields} fresh {args.size} px simulated fields; MAE in target units; border = outer "
+             f"{args.band} px, interior = more than {2 * args.band} px from every edge. Goal: ratio <= 1.10.", "",
+             "| predictor | border MAE | interior MAE | ratio |", "|---|---|---|---|"]
+    lines += [f"| {r['predictor']} | {r['border_mae']:.1f} | {r['interior_mae']:.1f} | {r['ratio']:.2f} |" for r in rows]
+    lines += ["", "MAE by distance from the field centre (px): " + "; ".join(
+        f"halo {h}: " + ", ".join(f"{r['from_px']}-{r['to_px']}: {r['mae']:.0f}" for r in rs) for h, rs in radial.items()),
+        "", f"Command: `python bench/border.py --budget {args.budget:.0f}"
+        + (f" --set {' '.join(args.set)}" if args.set else "") + "`"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
