@@ -20,8 +20,16 @@ from labelling import registry
 from labelling.config import unknown
 from labelling.data import cascade as cascade_runs
 from labelling.data.augment import PairedAugment
-from labelling.data.normalization import (NORMALIZATIONS, dataset_stats, denormalize, flat_field, illumination,
-                                          illumination_surface, image_stats, normalize)
+from labelling.data.normalization import (
+    NORMALIZATIONS,
+    dataset_stats,
+    denormalize,
+    flat_field,
+    illumination,
+    illumination_surface,
+    image_stats,
+    normalize,
+)
 from labelling.data.simulate import CHANNELS, simulate_plate
 from labelling.data.splits import split_groups
 from labelling.deployment import Deployment
