@@ -5,7 +5,10 @@ never saw, predicts each through :func:`labelling.inference.predict.predict` (th
 ``--halos`` value, and compares the mean absolute error (target units) in the outer ``--band`` pixels with
 the error more than ``2 x band`` pixels from every edge. The blind predictor (the training-mean level) is
 scored the same way: its ratio says whether the targets themselves differ between the bands. The error is
-also given by distance from the field's centre, where an uncorrected illumination falloff shows.
+also given by distance from the field's centre, where an uncorrected illumination falloff shows, and by
+distance to the nearest edge. A paired view isolates the edge itself: the centre half of each field is
+predicted alone and its outer band's error compared with the same pixels' error when they lay inside the
+whole field (same pixels, same content, same illumination; only the image's end differs).
 
     python bench/border.py                                   # nuclei_mse as it is, 120 s
     python bench/border.py --set data.flatfield=false        # without flat-field correction
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(OUT))
     from quality import budget_settings
 
-    from labelling.analysis.border import border_ratio, by_radius
+    from labelling.analysis.border import bands, border_ratio, by_edge_distance, by_radius
     from labelling.data.simulate import CHANNELS, simulate_field
     from labelling.inference import predict
     from labelling.inference.load import load
@@ -63,15 +66,23 @@ def main(argv=None) -> int:
         rows = []
         null = [np.abs(dep.null_image(*t.shape[1:]) - t).mean(0) for t in targets]
         rows.append({"predictor": "blind (training-mean level)", **border_ratio(null, args.band)})
-        radial = {}
+        radial, edge, paired = {}, {}, {}
+        lo, hi = args.size // 4, args.size - args.size // 4  # the centre half of a field
         for halo in args.halos:
             errors = [np.abs(predict.predict(model, f.brightfield[None], halo=halo) - t).mean(0)
                       for f, t in zip(fields, targets)]
             rows.append({"predictor": f"model, halo {halo} px", "halo": halo, **border_ratio(errors, args.band)})
-            radial[halo] = by_radius(errors)
+            radial[halo], edge[halo] = by_radius(errors), by_edge_distance(errors)
+            alone = [np.abs(predict.predict(model, f.brightfield[None, lo:hi, lo:hi], halo=halo)
+                            - t[:, lo:hi, lo:hi]).mean(0) for f, t in zip(fields, targets)]
+            outer = bands(hi - lo, hi - lo, args.band)[0]
+            inside = np.mean([e[lo:hi, lo:hi][outer].mean() for e in errors])
+            at_edge = np.mean([e[outer].mean() for e in alone])
+            paired[halo] = {"band_mae_inside_field": float(inside), "band_mae_at_image_edge": float(at_edge),
+                            "ratio": float(at_edge / inside)}
     report = {"experiment": args.experiment, "run": args.run, "budget_seconds": args.budget, "overrides": args.set,
               "flatfield": dep.flatfield, "fields": args.fields, "size": args.size, "band_px": args.band,
-              "rows": rows, "mae_by_radius": radial}
+              "rows": rows, "mae_by_radius": radial, "mae_by_edge_distance": edge, "paired_edge": paired}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [f"# Border vs interior error ({args.experiment}, {args.budget:.0f} s, flat-field "
@@ -80,6 +91,11 @@ def main(argv=None) -> int:
              f"{args.band} px, interior = more than {2 * args.band} px from every edge. Goal: ratio <= 1.10.", "",
              "| predictor | border MAE | interior MAE | ratio |", "|---|---|---|---|"]
     lines += [f"| {r['predictor']} | {r['border_mae']:.1f} | {r['interior_mae']:.1f} | {r['ratio']:.2f} |" for r in rows]
+    lines += ["", "Paired (the centre half predicted alone vs inside its field; its outer band): " + "; ".join(
+        f"halo {h}: {p['band_mae_at_image_edge']:.1f} vs {p['band_mae_inside_field']:.1f}, ratio {p['ratio']:.2f}"
+        for h, p in paired.items())]
+    lines += ["", "MAE by distance to the nearest edge (px): " + "; ".join(
+        f"halo {h}: " + ", ".join(f"{r['from_px']}-{r['to_px']}: {r['mae']:.0f}" for r in rs) for h, rs in edge.items())]
     lines += ["", "MAE by distance from the field centre (px): " + "; ".join(
         f"halo {h}: " + ", ".join(f"{r['from_px']}-{r['to_px']}: {r['mae']:.0f}" for r in rs) for h, rs in radial.items()),
         "", f"Command: `python bench/border.py --budget {args.budget:.0f}"

@@ -158,6 +158,26 @@ def test_bioimageio_steps_reproduce_our_normalization():
         bioimage.preprocessing({"deployment": {**dep, "flatfield": True}})
 
 
+def test_a_flat_field_run_exports_to_onnx_with_its_correction_and_is_refused_by_bioimageio(tmp_path, capsys):
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    fit("nuclei_mse", TINY + RUN + ["data.flatfield=true"], run_dir=run)
+    out = tmp_path / "onnx"
+    export_run(run, "onnx", out)
+    bf = field((160, 128))
+    exported = load(out)
+    assert exported.deployment.flatfield
+    np.testing.assert_allclose(predict.predict(exported, bf), predict.predict(load(run), bf), rtol=1e-3, atol=1e-2)
+    # without the correction the export would predict something else: the correction is really applied
+    import dataclasses
+
+    plain = dataclasses.replace(exported, deployment=exported.deployment.model_copy(update={"flatfield": False}))
+    assert np.abs(predict.predict(plain, bf) - predict.predict(exported, bf)).max() > 1e-2
+    assert main(["export", str(run), "--format", "bioimageio", "--out", str(tmp_path / "bmz")]) == 2
+    assert "flat-field" in capsys.readouterr().err and not (tmp_path / "bmz").exists()
+
+
 def test_cli_exports_and_predicts_with_the_onnx_model(run, tmp_path, capsys):
     out = tmp_path / "d1"
     assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--no-drift"]) == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bands", "border_ratio", "by_radius"]
+__all__ = ["bands", "border_ratio", "by_radius", "by_edge_distance"]
 
 
 def bands(height: int, width: int, band: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,6 +41,22 @@ def by_radius(errors: list[np.ndarray], edges=(0, 30, 60, 90, 120, 150, 180, 400
             yy, xx = np.mgrid[:height, :width]
             radius = np.hypot(yy - (height - 1) / 2, xx - (width - 1) / 2)
             values.append(err[(radius >= low) & (radius < high)])
+        values = np.concatenate(values)
+        if values.size:
+            rows.append({"from_px": low, "to_px": high, "mae": float(values.mean())})
+    return rows
+
+
+def by_edge_distance(errors: list[np.ndarray], edges=(0, 2, 8, 16, 32, 64, 10_000)) -> list[dict]:
+    """Mean absolute error by distance to the nearest field edge (pixels)."""
+    rows = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        values = []
+        for err in errors:
+            height, width = err.shape
+            r, c = np.arange(height)[:, None], np.arange(width)[None]
+            edge = np.minimum(np.minimum(r, height - 1 - r), np.minimum(c, width - 1 - c))
+            values.append(err[(edge >= low) & (edge < high)])
         values = np.concatenate(values)
         if values.size:
             rows.append({"from_px": low, "to_px": high, "mae": float(values.mean())})
