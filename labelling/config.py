@@ -182,8 +182,8 @@ DATA_ARGS = {"crop": (_positive_int, "a positive integer (pixels)"),
              "n_wells": (_positive_int, "a positive integer"), "fields_per_well": (_positive_int, "a positive integer"),
              "field_size": (_positive_int, "a positive integer (pixels)"),
              "spatial_blocks": (_positive_int, "a positive integer"), "max_size": (_count, "an integer >= 0 (0 keeps)"),
-             "num_workers": (_count, "an integer >= 0"), "val_fraction": (_fraction, "a number in [0, 1)"),
-             "test_fraction": (_fraction, "a number in [0, 1)"), 
+             "num_workers": (_count, "an integer >= 0"), "mirror_margin": (_count, "an integer >= 0 (pixels)"),
+             **{k: (_fraction, "a number in [0, 1)") for k in ("val_fraction", "test_fraction")},
              "flatfield": (lambda v: isinstance(v, bool), "true or false")}
 # Known values that need no import to accept; anything else is looked up in the module that defines it.
 # the arguments of labelling.data.augment.PairedAugment besides crop and seed (a test keeps them equal)

@@ -355,3 +355,27 @@ def test_flat_field_training_and_deployment_normalize_a_field_identically(norm):
             assert np.allclose(raw, ref.raw_input(), rtol=1e-4, atol=1e-2)  # the camera's field
             assert np.allclose(dep.normalize_input(raw), im.input, atol=1e-4)
             assert not np.allclose(im.input, ref.input, atol=1e-2)  # the simulator's fields are vignetted
+
+
+@pytest.mark.parametrize("margin", [0, 12])
+def test_mirror_margin_crops_reach_past_the_edge_into_the_mirrored_field(margin):
+    """With data.mirror_margin every crop is a window of the field mirrored by `margin` px (the way predict's
+    halo mirrors it), input and target alike, and crops do reach the mirrored band; without it none does."""
+    from labelling.data.datamodule import Image, PairedAugment, RandomCrops
+
+    height, width = 40, 48
+    ramp = (np.arange(height)[:, None] * 1000 + np.arange(width)[None]).astype(np.float32)[None]
+    stats = np.array([[0.0, 1.0]], np.float32)
+    crops = RandomCrops([Image(ramp, ramp + 0.5, stats, stats, "g", "k")], 300, PairedAugment(16, flip=False),
+                        seed=2, mirror_margin=margin)
+    padded = np.pad(ramp[0], margin, mode="reflect")
+    outside = 0
+    for i in range(300):
+        batch = crops[i]
+        x, y = batch["input"][0].numpy(), batch["target"][0].numpy()
+        assert np.array_equal(y, x + 0.5)  # the target went through the same window
+        tops, lefts = np.nonzero(padded[: padded.shape[0] - 15, : padded.shape[1] - 15] == x[0, 0])
+        assert any(np.array_equal(padded[t:t + 16, c:c + 16], x) for t, c in zip(tops, lefts))
+        rows, cols = x[:, 0] // 1000, x[0] % 1000
+        outside += bool(np.any(np.diff(rows) < 0) or np.any(np.diff(cols) < 0))  # a mirrored seam inside
+    assert (outside > 30) if margin else (outside == 0)

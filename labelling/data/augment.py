@@ -19,6 +19,15 @@ import numpy as np
 from labelling.analysis.corruptions import CORRUPTIONS, UNSIGNED, corrupt
 
 
+def reflect_index(index: np.ndarray, size: int) -> np.ndarray:
+    """Map positions outside [0, size) into it by mirror reflection without repeating the edge (numpy 'reflect')."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    index = np.mod(index, period)
+    return np.where(index >= size, period - index, index)
+
+
 class PairedAugment:
     """Random geometric augmentation shared by input and target, plus input-only corruptions.
 

@@ -1,7 +1,7 @@
 """Paired transmitted-light -> fluorescence DataModule with grouped splits and invertible normalization.
 
-A batch is a dict: ``input`` (B, Cin, h, w), ``target`` (B, Cout, h, w), ``target_stats`` (B, Cout, 2)
-to invert the target normalization, ``input_stats`` likewise, and ``index`` of the source image.
+Fields become :class:`~labelling.data.crops.Image` objects, served as random training crops and grid
+validation/test crops (:mod:`labelling.data.crops`).
 
 Splits are drawn over *groups* (wells by default), never over crops, so neighbouring tiles of a field can
 never end up on both sides of a split.
@@ -9,21 +9,19 @@ never end up on both sides of a split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lightning
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from labelling import registry
 from labelling.config import unknown
 from labelling.data import cascade as cascade_runs
 from labelling.data.augment import PairedAugment
+from labelling.data.crops import GridCrops, Image, RandomCrops, foreground_threshold, to_batch  # noqa: F401
 from labelling.data.normalization import (
     NORMALIZATIONS,
     dataset_stats,
-    denormalize,
     flat_field,
     illumination,
     illumination_surface,
@@ -33,160 +31,6 @@ from labelling.data.normalization import (
 from labelling.data.simulate import CHANNELS, simulate_plate
 from labelling.data.splits import split_groups
 from labelling.deployment import Deployment
-
-
-@dataclass
-class Image:
-    """One normalized field: input (Cin,H,W), target (Cout,H,W), their stats and split group."""
-
-    input: np.ndarray
-    target: np.ndarray
-    input_stats: np.ndarray
-    target_stats: np.ndarray
-    group: str
-    key: str
-    extra: dict | None = None
-    raw_channels: int | None = None  # with a cascade: the leading channels that are the real raw input
-    illumination: np.ndarray | None = None  # data.flatfield: the raw channels' fitted illumination, divided out
-
-    def raw_input(self) -> np.ndarray:
-        """The input in its own units (camera counts), as a deployed model receives it."""
-        raw = denormalize(self.input, self.input_stats).astype(np.float32)[: self.raw_channels]
-        if self.illumination is not None:  # the field as it came from the camera, illumination and all
-            n = len(self.illumination)
-            raw[:n] *= illumination_surface(self.illumination, *raw.shape[1:])
-        return raw
-
-    def raw_target(self) -> np.ndarray:
-        """The target in its own units (after the target transform): what predictions are scored against."""
-        return denormalize(self.target, self.target_stats).astype(np.float32)
-
-
-def to_batch(x, y, xs, ys, index) -> dict:
-    """The typed batch dict: input, target, their normalization statistics and the image index."""
-    return {"input": torch.from_numpy(x), "target": torch.from_numpy(y), "input_stats": torch.from_numpy(xs),
-            "target_stats": torch.from_numpy(ys), "index": index}
-
-
-class RandomCrops(Dataset):
-    """`length` random crops per epoch from a list of images, augmented with :class:`PairedAugment`."""
-
-    def __init__(self, images: list[Image], length: int, augment: PairedAugment, seed: int = 0,
-                 renormalize=None, foreground: float = 0.0, min_fraction: float = 0.02):
-        self.images, self.length, self.augment, self.seed = images, length, augment, seed
-        self.renormalize = renormalize  # raw (C, H, W) -> normalized, for corruption augmentation
-        self.rng = np.random.default_rng(seed)
-        self._worker = None
-        # Foreground-aware sampling: on sparse real images most uniform crops hold only background (43 % of
-        # mlcp_dna's, 69 % of isl_dapi's), so a share `foreground` of the crops is drawn until one holds at
-        # least `min_fraction` foreground pixels (the target above the training split's triangle threshold).
-        self.foreground, self.min_fraction = float(foreground), float(min_fraction)
-        self.tables: list[np.ndarray] = []
-        self.pixels: list[np.ndarray] = []
-        self.cumulative = None  # cumulative image weights of the foreground draw
-        if self.foreground > 0:
-            threshold = foreground_threshold(images)
-            for img in images:  # summed-area tables: the foreground count of any crop in O(1)
-                mask = (img.target > threshold).any(0)
-                self.tables.append(np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0))).astype(np.int64))
-                self.pixels.append(np.flatnonzero(mask).astype(np.int64))
-            counts = np.array([len(p) for p in self.pixels], float)
-            self.cumulative = np.cumsum(counts / counts.sum()) if counts.sum() > 0 else None
-
-    def _position(self, H: int, W: int, s: int) -> tuple[int, int]:
-        return int(self.rng.integers(H - s + 1)), int(self.rng.integers(W - s + 1))
-
-    def _foreground_crop(self, s: int) -> tuple[int, int, int] | None:
-        """(image, top, left) of a crop with enough foreground, or None after 10 tries."""
-        for _ in range(10):  # a crop around a random foreground pixel (at a random place in the crop)
-            k = min(int(np.searchsorted(self.cumulative, self.rng.random(), side="right")), len(self.images) - 1)
-            H, W = self.images[k].input.shape[1:]
-            if H < s or W < s:
-                return None
-            y, x = divmod(int(self.pixels[k][self.rng.integers(len(self.pixels[k]))]), W)
-            top = int(np.clip(y - self.rng.integers(s), 0, H - s))
-            left = int(np.clip(x - self.rng.integers(s), 0, W - s))
-            t = self.tables[k]
-            count = t[top + s, left + s] - t[top, left + s] - t[top + s, left] + t[top, left]
-            if count >= self.min_fraction * s * s:
-                return k, top, left
-        return None
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict:
-        # One random stream per (DDP rank, worker): ranks and workers draw different crops, reproducibly.
-        info = get_worker_info()
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        key = (rank, info.id if info else -1, info.seed if info else 0)
-        if key != self._worker:
-            self._worker = key
-            seed = [self.seed, rank, (info.seed % 2**31) if info else 0]
-            self.rng = np.random.default_rng(seed)
-            self.augment.reseed(int(np.random.default_rng(seed).integers(2**31)))
-        s = self.augment.source
-        chosen = None
-        if self.cumulative is not None and self.rng.random() < self.foreground:
-            chosen = self._foreground_crop(s)
-        k = chosen[0] if chosen else int(self.rng.integers(len(self.images)))
-        img = self.images[k]
-        H, W = img.input.shape[1:]
-        x, y = img.input, img.target
-        if self.augment.corrupt_p > 0 and self.renormalize is not None:
-            # Corrupt the raw field, then normalize it as deployment would: a contrast or brightness change
-            # that per-image normalization cancels is cancelled here too.
-            raw = img.raw_input()
-            corrupted = self.augment.corrupt_raw(raw)
-            if corrupted is not raw:
-                x = self.renormalize(corrupted, img)
-        if H < s or W < s:  # small images: reflect-pad up to the source crop
-            pad = ((0, 0), (0, max(0, s - H)), (0, max(0, s - W)))
-            x, y = np.pad(x, pad, mode="reflect"), np.pad(y, pad, mode="reflect")
-            H, W = x.shape[1:]
-        top, left = chosen[1:] if chosen else self._position(H, W, s)
-        xc, yc = self.augment(x[:, top:top + s, left:left + s], y[:, top:top + s, left:left + s])
-        return to_batch(xc, yc, img.input_stats, img.target_stats, k)
-
-
-def foreground_threshold(images: list[Image], samples: int = 200_000, seed: int = 0) -> float:
-    """Triangle threshold of the pooled (normalized) targets of `images`: what counts as stained foreground.
-
-    The triangle method suits fluorescence, where a dominant background peak hides rare bright objects
-    (Otsu's threshold then lands inside the background noise).
-    """
-    from skimage.filters import threshold_triangle
-
-    rng = np.random.default_rng(seed)
-    per = max(1, samples // max(1, len(images)))
-    pooled = np.concatenate([rng.choice(img.target.ravel(), min(per, img.target.size), replace=False)
-                             for img in images])
-    return float(threshold_triangle(pooled)) if np.ptp(pooled) > 0 else float(pooled.max())
-
-
-class GridCrops(Dataset):
-    """Deterministic non-overlapping crops (val/test); `crop=None` yields whole images cut to a multiple."""
-
-    def __init__(self, images: list[Image], crop: int | None, multiple: int = 16):
-        self.images, self.items = images, []
-        for k, img in enumerate(images):
-            H, W = img.input.shape[1:]
-            if crop is None:
-                self.items.append((k, 0, 0, H - H % multiple, W - W % multiple))
-            elif H < crop or W < crop:  # a field smaller than the crop is still validated, whole
-                self.items.append((k, 0, 0, max(multiple, H - H % multiple), max(multiple, W - W % multiple)))
-            else:
-                self.items += [(k, t, l, crop, crop) for t in range(0, H - crop + 1, crop)
-                               for l in range(0, W - crop + 1, crop)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        k, t, l, h, w = self.items[i]
-        img = self.images[k]
-        return to_batch(np.ascontiguousarray(img.input[:, t:t + h, l:l + w]),
-                        np.ascontiguousarray(img.target[:, t:t + h, l:l + w]), img.input_stats, img.target_stats, k)
 
 
 class FluorescenceDataModule(lightning.LightningDataModule):
@@ -216,6 +60,9 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         augment: dict for :class:`PairedAugment` (flip, rotate, scale, corrupt_p, max_severity).
         foreground_crops: share of training crops drawn to contain stained foreground (at least 2 % of the
             crop above the training targets' triangle threshold); the rest are uniform. 0 samples uniformly.
+        mirror_margin: uniform training crops may reach this many pixels past the field's edge, the field
+            (input and target) mirrored there as ``predict(..., halo=)`` mirrors it, so the net learns the
+            border the way it is deployed (0: crops stay inside the field).
         num_workers: DataLoader workers.
         n_wells, fields_per_well, field_size: simulated plate geometry (the default test split holds 4
             wells x 6 fields = 24 fields, both phenotypes).
@@ -226,7 +73,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
                  crops_per_epoch: int = 512, val_fraction: float = 0.25, test_fraction: float = 0.25,
                  split_by: str = "well", normalize: str = "percentile", target_normalize: str | None = None,
                  target_transform: str = "none", flatfield: bool = False,
-                 augment: dict | None = None, foreground_crops: float = 0.0, num_workers: int = 0, seed: int = 0,
+                 augment: dict | None = None, foreground_crops: float = 0.0, mirror_margin: int = 0,
+                 num_workers: int = 0, seed: int = 0,
                  test_groups: list[str] | None = None, val_groups: list[str] | None = None,
                  n_wells: int = 16, fields_per_well: int = 6, field_size: int = 256, cascade: list[str] | None = None):
         super().__init__()
@@ -251,7 +99,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         self.augment_args = {"flip": True, **(augment or {})}
         if not 0 <= foreground_crops <= 1:
             raise ValueError(f"foreground_crops must be a share in [0, 1], got {foreground_crops}")
-        self.foreground_crops = foreground_crops
+        self.foreground_crops, self.mirror_margin = foreground_crops, mirror_margin
         self.cascade = cascade_runs.resolve(cascade)
         self.cascade_inputs = None  # the loaded cascade (labelling.build.build_data attaches it)
         if self.cascade and self.augment_args.get("corrupt_p", 0):
@@ -438,7 +286,8 @@ class FluorescenceDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         aug = PairedAugment(self.crop, seed=self.seed, **self.augment_args)
         return self._train_loader(RandomCrops(self.splits["train"], self.crops_per_epoch, aug, self.seed,
-                                              renormalize=self.normalize_raw, foreground=self.foreground_crops))
+                                              renormalize=self.normalize_raw, foreground=self.foreground_crops,
+                                              mirror_margin=self.mirror_margin))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(GridCrops(self.splits["val"], self.val_crop))

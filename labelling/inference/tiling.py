@@ -20,6 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from labelling.data.augment import reflect_index  # the halo mirrors fields as mirrored training crops do
+
 BLENDS = ("gaussian", "linear", "constant")
 
 
@@ -51,15 +53,6 @@ def tile_starts(size: int, tile: int, stride: int) -> list[int]:
 def fit_tile(multiple: int, tile: int, side: int) -> int:
     """Largest multiple of the net's ``spatial_multiple`` that is <= min(tile, side) (at least one multiple)."""
     return max(multiple, min(tile, side) // multiple * multiple)
-
-
-def reflect_index(index: np.ndarray, size: int) -> np.ndarray:
-    """Map positions outside [0, size) into it by mirror reflection without repeating the edge (numpy 'reflect')."""
-    if size == 1:
-        return np.zeros_like(index)
-    period = 2 * (size - 1)
-    index = np.mod(index, period)
-    return np.where(index >= size, period - index, index)
 
 
 @torch.no_grad()
