@@ -233,8 +233,8 @@ class Stainer(lightning.LightningModule):
     # -- the moving average of the weights (task.ema) --------------------------------------------------
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if not self.ema:
-            return
+        if not self.ema or (batch_idx + 1) % (self.trainer.accumulate_grad_batches if self._trainer else 1):
+            return  # off, or between the batches of one accumulated optimizer step
         live = [p.detach() for p in self.net.parameters()]
         if self._ema is None:
             self._ema = [p.clone() for p in live]
