@@ -112,7 +112,10 @@ class Deployment(BaseModel):
 
     # -- the rules ---------------------------------------------------------------------------------
     def input_stats_for(self, raw: np.ndarray, method: str | None = None) -> np.ndarray:
-        """(Cin, 2) statistics that normalize `raw` as in training (or with rule `method`)."""
+        """(Cin, 2) statistics that normalize `raw` as in training (or with rule `method`).
+
+        `raw` as :meth:`normalize_input` hands it on: flat-field corrected already when ``flatfield``.
+        """
         method = method or self.normalize
         if method == "fixed":
             return np.asarray(self.input_stats, np.float32)

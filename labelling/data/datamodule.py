@@ -23,8 +23,7 @@ from labelling.data.normalization import (
     NORMALIZATIONS,
     dataset_stats,
     flat_field,
-    illumination,
-    illumination_surface,
+    flatten,
     image_stats,
     normalize,
 )
@@ -223,11 +222,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
 
     def prepare_image(self, x: np.ndarray, y: np.ndarray, group: str, key: str, extra=None) -> Image:
         """Normalize one raw pair (the target already transformed) with this module's normalization."""
-        x, illum = np.asarray(x, np.float32), None
-        if self.flatfield:
-            illum = illumination(x[: self.raw_channels])
-            x = x.copy()
-            x[: self.raw_channels] /= illumination_surface(illum, *x.shape[1:])
+        x, illum = flatten(x, self.raw_channels) if self.flatfield else (np.asarray(x, np.float32), None)
         xs = self.input_stats if self.norm == "fixed" else image_stats(x, self.norm)
         ys = self.target_stats if self.target_norm == "fixed" else image_stats(y, self.target_norm)
         if self.binary_target:

@@ -25,7 +25,7 @@ from labelling.config import NORMALIZATIONS, PER_IMAGE
 
 __all__ = ["GRID", "LOW", "HIGH", "NORMALIZATIONS", "PER_IMAGE", "image_stats", "sketch", "sketch_stats",
            "pooled_stats", "pooled_percentiles", "dataset_stats", "normalize", "denormalize", "bin_factor", "bin_image",
-           "illumination", "illumination_surface", "flat_field"]
+           "illumination", "illumination_surface", "flatten", "flat_field"]
 
 LOW, HIGH = 1.0, 99.8  # the percentiles of ``percentile`` normalization (the only place they are written)
 # the sketch's percentiles; LOW and HIGH are among them, so a per-image percentile from a sketch is exact
@@ -178,12 +178,22 @@ def illumination_surface(coeffs: np.ndarray, height: int, width: int) -> np.ndar
     return np.einsum("hwk,ck->chw", terms, np.asarray(coeffs, np.float64)).astype(np.float32)
 
 
-def flat_field(image: np.ndarray, channels: int | None = None) -> np.ndarray:
-    """A (C, H, W) field with its first `channels` (all) channels divided by their :func:`illumination`."""
+def flatten(image: np.ndarray, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the field with its first `channels` (all) channels divided by their illumination, that illumination).
+
+    The illumination is :func:`illumination`'s coefficients (channels, 6); multiplying by their
+    :func:`illumination_surface` gives the field back.
+    """
     image = np.array(image, np.float32)
     n = len(image) if channels is None else channels
-    image[:n] /= illumination_surface(illumination(image[:n]), *image.shape[1:])
-    return image
+    coeffs = illumination(image[:n])
+    image[:n] /= illumination_surface(coeffs, *image.shape[1:])
+    return image, coeffs
+
+
+def flat_field(image: np.ndarray, channels: int | None = None) -> np.ndarray:
+    """A (C, H, W) field with its first `channels` (all) channels divided by their :func:`illumination`."""
+    return flatten(image, channels)[0]
 
 
 def normalize(image: np.ndarray, stats: np.ndarray) -> np.ndarray:

@@ -93,10 +93,10 @@ def export_run(run: str | Path, fmt: str, out: str | Path, drift: bool = True, o
         raise ExportError(f"unknown export format '{fmt}'.{suggest(fmt, FORMATS)} Valid: {', '.join(FORMATS)}")
     task, cfg = load_task(run)
     deployed.check_exportable(task)
-    if fmt == "bioimageio" and task.deployment.flatfield:  # before anything is written
-        raise ExportError(f"{run}: flat-field correction (data.flatfield) has no bioimage.io preprocessing step, "
-                          "so a package would predict otherwise than labelling; export --format onnx or "
-                          "torchscript, or train with data.flatfield=false to share the model on bioimage.io")
+    if fmt == "bioimageio":  # what the package's preprocessing cannot express is refused before anything is written
+        from labelling.export import bioimage
+
+        bioimage.preprocessing({"deployment": task.deployment.to_dict()})
     final = Path(out)
     out = _staging(final, overwrite)
     try:

@@ -52,8 +52,9 @@ def preprocessing(state: dict) -> list[dict]:
     """The run's input normalization as bioimage.io preprocessing steps."""
     method = state["deployment"]["normalize"]
     if state["deployment"].get("flatfield"):
-        raise ValueError("flat-field correction (data.flatfield) has no bioimage.io preprocessing step: a package "
-                         "would predict differently from labelling; export --format onnx or torchscript instead")
+        raise ExportError("flat-field correction (data.flatfield) has no bioimage.io preprocessing step, so a package "
+                          "would predict otherwise than labelling; export --format onnx or torchscript, or train "
+                          "with data.flatfield=false to share the model on bioimage.io")
     steps: list[dict] = [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
     if method == "percentile":
         steps.append({"id": "scale_range", "kwargs": {"axes": ["y", "x"], "min_percentile": LOW,
