@@ -13,11 +13,15 @@ and these four are benched with its recipe as it is (``bench/quality.md`` says w
 | ``yeast_yfp`` | budding yeast (S. cerevisiae) | brightfield | Far1-NeonGreen (YFP) | 6 x 1040 x 1392 (2 positions x 3 times) |
 | ``ecoli_fluo`` | E. coli | brightfield | cytoplasmic fluorescence | 12 x 512 x 512 |
 
+And one pretrained segmenter for the bench's second object-level score (``bench/quality.py``): bioimage.io's
+``unet2d_nuclei_broad`` (a small 2D U-Net for fluorescence nuclei, MIT, EMBL Heidelberg), its ONNX weights
+only (data, not code), as ``~/.cache/labelling/data/unet2d_nuclei_broad/weights.onnx``.
+
 Nothing is redistributed by this project: the files are read from GitHub (``raw.githubusercontent.com``) at
 the pinned commits, or with ``--git DIR`` from local clones (``DIR/<owner>+<name>`` or ``DIR/<name>``, bare or
 not) when this machine cannot reach GitHub. Licences are the repositories' own (see each ``PROVENANCE.md``).
 
-    python bench/fetch_data.py                       # all four into ~/.cache/labelling/data
+    python bench/fetch_data.py                       # all four and the segmenter into ~/.cache/labelling/data
     python bench/fetch_data.py --only frm_hoechst --out /data/bench
     python bench/fetch_data.py --git /mirrors        # from local clones of the repositories
 """
@@ -151,6 +155,23 @@ DATASETS: dict[str, dict] = {
                 "9e1ea909e3e9326b6fb97ebee0a6feeebd079115da28c2c6c37d20f31a50c38d",
                 "a9e85971488953eb3f25cf66a3b34830ed745bf5f6d5709638b7d8ac11e6e153",
                 "de29232eb735830ca7fdafa4ec6d6d7dfeb28cac9e4ba859875337ab4838b4cd"])]},
+    "unet2d_nuclei_broad": {
+        "kind": "model",
+        "repo": "bioimage-io/spec-bioimage-io",
+        "commit": "63a2ea093d29277ba168635b6f322123b1da4ada",
+        "licence": "MIT (the repository's LICENSE and the model's bioimageio.yaml)",
+        "cite": "Ronneberger O et al. U-net: Convolutional networks for biomedical image segmentation. MICCAI "
+                "2015; model by C. Pape and F. Beuttenmueller (EMBL Heidelberg), bioimage.io example "
+                "`unet2d_nuclei_broad`.",
+        "what": "A 2D U-Net (3 levels, 16-128 channels) trained on a broad fluorescence-nuclei dataset: input "
+                "one channel, zero-mean unit-variance per image; output one channel of logits (a sigmoid gives "
+                "the nucleus probability). ONNX opset 20, fixed 1x1x512x512 in the file (the net is fully "
+                "convolutional: `labelling.studies.segmenters` frees the sizes). The model's reference tensors "
+                "(`test_input.npy`, `test_output.npy`) come along to check a runner against.",
+        "files": [(f"example_descriptions/models/unet2d_nuclei_broad/{name}", sha, name) for name, sha in (
+            ("weights.onnx", "85f5ac80fa977fea3562ef97c8c5950288be2c4f4cdb5d994807df97008ce088"),
+            ("test_input.npy", "92768a2e0f2643c80b57afa5494019a5aafe5b0d92fe36ae740763adf3594a57"),
+            ("test_output.npy", "39925fb38bc74530902e44bf8e43a8bd0a9e3675aab758d89f47dc66cb9818ed"))]},
 }
 
 
@@ -210,6 +231,11 @@ def fetch(name: str, out: Path, git: Path | None = None, overwrite: bool = False
             digest = hashlib.sha256(data).hexdigest()
             if digest != sha:
                 raise ValueError(f"{name}: {path} has SHA-256 {digest}, expected {sha} (a changed or damaged file)")
+            if spec.get("kind") == "model":  # weights and reference tensors: kept byte for byte
+                (staging / local).write_bytes(data)
+                rows.append(f"| `{local}` | `{path}` | {len(data)} bytes | `{sha[:16]}...` |")
+                print(f"{name}: {local} ({len(data)} bytes)")
+                continue
             image = read_ics(data) if path.endswith(".ics") else tifffile.imread(_bytes_io(data))
             tifffile.imwrite(staging / local, image)
             rows.append(f"| `{local}` | `{path}` | {image.shape[0]} x {image.shape[1]} {image.dtype} | `{sha[:16]}...` |")
@@ -219,7 +245,7 @@ def fetch(name: str, out: Path, git: Path | None = None, overwrite: bool = False
             f"Source: https://github.com/{spec['repo']} at commit `{spec['commit']}`.", "",
             f"Licence: {spec['licence']}.", "", f"Cite: {spec['cite']}", "",
             "Fetched by `bench/fetch_data.py` (every file checked against its SHA-256; ICS decoded to TIFF).", "",
-            "| file | source path | shape | SHA-256 of the source |", "|---|---|---|---|", *rows, ""]))
+            "| file | source path | shape or size | SHA-256 of the source |", "|---|---|---|---|", *rows, ""]))
         replace_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

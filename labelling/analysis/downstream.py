@@ -213,7 +213,7 @@ def segmentation_warnings(table: pd.DataFrame, shape: tuple[int, int], max_fract
 
 
 def object_agreement(real_images, pred_images, seg_args: dict | None = None, iou: float = 0.5,
-                     n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+                     n_boot: int = 1000, seed: int = 0, segmenter=None) -> dict[str, float]:
     """Object-level agreement pooled over every object of every image (what a biologist counts and measures).
 
     Each real and predicted image is segmented the same way; objects match at IoU > `iou` (unique matches).
@@ -222,6 +222,9 @@ def object_agreement(real_images, pred_images, seg_args: dict | None = None, iou
     objects' mean intensities (real vs predicted, pooled over all matches). The 95 % intervals
     (``object_f1_ci``, ``object_intensity_ccc_ci``) resample whole images, not objects: objects of one image
     are not independent (one focus or exposure error moves them all).
+
+    `segmenter` (image -> labels) replaces our segmentation with `seg_args`, e.g. a pretrained net
+    (:class:`labelling.studies.segmenters.OnnxNuclei`).
     """
     from scipy import ndimage
 
@@ -229,7 +232,8 @@ def object_agreement(real_images, pred_images, seg_args: dict | None = None, iou
 
     per_image = []  # (tp, n_real, n_pred, real means, predicted means) of each image
     for real, pred in zip(real_images, pred_images):
-        lr, lp, pairs = matched_objects(segment(real, **(seg_args or {})), segment(pred, **(seg_args or {})), iou)
+        cut = segmenter or (lambda image: segment(image, **(seg_args or {})))
+        lr, lp, pairs = matched_objects(cut(real), cut(pred), iou)
         means = (list(ndimage.mean(real, lr, [i for i, _ in pairs])), list(ndimage.mean(pred, lp, [j for _, j in pairs]))) \
             if pairs else ([], [])
         per_image.append((len(pairs), int(lr.max()), int(lp.max()), *means))

@@ -69,6 +69,19 @@ def segment(image: np.ndarray, method: str = "mean", block_size: int = 51, offse
     return segmentation.relabel_sequential(labels)[0].astype(np.int32)
 
 
+def labels_from_probability(probability: np.ndarray, threshold: float = 0.5, min_size: int = 30,
+                            watershed: bool = True, min_distance: int = 5) -> np.ndarray:
+    """Instance labels from a segmenter's foreground probability (a pretrained net's output).
+
+    Threshold, fill holes, split touching objects by the watershed of :func:`split_touching`, drop regions
+    smaller than `min_size` pixels: the tail of :func:`segment` after its thresholds.
+    """
+    mask = ndi.binary_fill_holes(np.asarray(probability) > threshold)
+    labels = split_touching(mask, min_distance) if watershed else measure.label(mask)
+    labels = morphology.remove_small_objects(labels, max_size=min_size - 1)
+    return segmentation.relabel_sequential(labels)[0].astype(np.int32)
+
+
 def contours(labels: np.ndarray) -> list[np.ndarray]:
     """Outline polygon (N, 2) of every labelled object, for overlays."""
     out = []
