@@ -26,6 +26,7 @@ SCHEDULERS = ("cosine", "plateau", None)  # valid ``optim.scheduler`` values (bu
 # valid ``data.normalize`` values; the rule itself is labelling.data.normalization
 PER_IMAGE = ("percentile", "zscore", "minmax", "none")
 NORMALIZATIONS = (*PER_IMAGE, "fixed")  # fixed: dataset-level statistics of the training split
+TARGET_NORMALIZATIONS = (*NORMALIZATIONS, "balanced")  # balanced: halfway between per image and dataset-level
 # What each task logs (see labelling/tasks) and which direction is better: `monitor` must be one of these.
 MONITORS: dict[str, dict[str, str]] = {
     "stainer": {"val/pcc": "max", "val/ssim": "max", "val/loss": "min", "val/mse_normalized": "min", "train/loss": "min"},
@@ -237,9 +238,9 @@ def _check_data(data: Component) -> list[str]:
                         "(something must be left to train on)")
     if "split_by" in args and args["split_by"] not in SPLIT_BY:
         problems.append(str(unknown("data.split_by", args["split_by"], SPLIT_BY)))
-    for key in ("normalize", "target_normalize"):
-        if args.get(key) is not None and args[key] not in NORMALIZATIONS:
-            problems.append(str(unknown(f"data.{key}", args[key], NORMALIZATIONS)))
+    for key, valid in (("normalize", NORMALIZATIONS), ("target_normalize", TARGET_NORMALIZATIONS)):
+        if args.get(key) is not None and args[key] not in valid:
+            problems.append(str(unknown(f"data.{key}", args[key], valid)))
     transforms = _registry_tables()["transform"]
     if "target_transform" in args and args["target_transform"] not in transforms:
         problems.append(str(unknown("data.target_transform", args["target_transform"], sorted(transforms))))

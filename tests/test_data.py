@@ -277,6 +277,36 @@ def test_inputs_per_image_and_targets_dataset_level_normalization():
         small_dm(target_normalize="fixd")
 
 
+def test_balanced_targets_equalize_fields_but_never_stretch_a_nearly_empty_one():
+    """target_normalize=balanced: each target on its own mean, its scale the geometric mean of its own SD (floored
+    at a quarter of the median training field's) and the median's: a dim field is stretched halfway towards the
+    median field, a nearly empty one at most 2x."""
+    from labelling.data.normalization import BALANCE, balanced_floor, balanced_stats
+
+    dm = small_dm(normalize="fixed", target_normalize="balanced")
+    train_sd = np.array([image_stats(im.raw_target(), "zscore")[:, 1] for im in dm.splits["train"]])
+    np.testing.assert_allclose(dm.target_floor, BALANCE * np.median(train_sd, 0), rtol=1e-6)
+    for im in (im for split in ("train", "val", "test") for im in dm.splits[split]):
+        own = image_stats(im.raw_target(), "zscore")
+        np.testing.assert_allclose(im.target_stats[:, 0], own[:, 0], rtol=1e-5)
+        median = dm.target_floor / BALANCE
+        np.testing.assert_allclose(im.target_stats[:, 1], np.sqrt(np.maximum(own[:, 1], dm.target_floor) * median),
+                                   rtol=1e-5)
+        assert np.array_equal(im.input_stats, dm.input_stats)  # inputs stay dataset-level
+    # the rule on known fields: a bright, a dim and a nearly empty one
+    rng = np.random.default_rng(0)
+    fields = [rng.normal(100, sd, (1, 32, 32)) for sd in (40.0, 10.0, 0.5)]
+    floor = balanced_floor([image_stats(f, "zscore")[:, 1] for f in fields])
+    scales = [balanced_stats(image_stats(f, "zscore"), floor)[0, 1] for f in fields]
+    sd = [f.std() for f in fields]  # the median field is the dim one (10): it keeps its own SD
+    assert scales[1] == pytest.approx(sd[1], rel=1e-4)
+    assert scales[0] == pytest.approx(np.sqrt(sd[0] * sd[1]), rel=1e-4)  # 4x brighter: shrunk to 2x
+    assert scales[2] == pytest.approx(sd[1] / 2, rel=1e-4)  # nearly empty (1/20): stretched 2x only, not 20x
+    assert sd[1] / scales[2] <= 1 / np.sqrt(BALANCE) + 1e-6
+    with pytest.raises(ValueError, match="normalization"):
+        small_dm(normalize="balanced")  # a target rule only: inputs have no training targets to floor by
+
+
 def test_folder_fields_with_the_same_key_in_two_wells_are_both_kept(tmp_path):
     """Fault: a key without its well (`s0` in wells A1 and B2) kept only one of the two fields."""
     from labelling.data.readers import find_pairs

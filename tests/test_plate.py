@@ -133,6 +133,18 @@ def test_plate_data_reads_lazily_and_splits_by_well(plate_run):
     np.testing.assert_allclose(im.raw_target(), dm.opened.read(im.field, ["nuclei", "er"]))
     train_means = [dm.opened.sketch(f.field, "nuclei")["mean"][0] for f in dm.splits["train"]]
     assert dm.null_level()[0] == pytest.approx(np.mean(train_means), rel=1e-6)
+    # balanced targets from the stored sketches: the same numbers as the rule on the whole field
+    from labelling.data.normalization import balanced_floor, balanced_stats, image_stats
+
+    dm = PlateDataModule(str(path), inputs=["brightfield"], targets=["nuclei", "er"], crop=32, batch_size=4,
+                         crops_per_epoch=8, val_fraction=0.2, test_fraction=0.2, normalize="fixed",
+                         target_normalize="balanced")
+    dm.setup("fit")
+    fields = {s: [dm.opened.read(im.field, ["nuclei", "er"]) for im in dm.splits[s]] for s in dm.splits}
+    floor = balanced_floor([image_stats(y, "zscore")[:, 1] for y in fields["train"]])
+    for split, images in dm.splits.items():
+        for im, y in zip(images, fields[split]):
+            np.testing.assert_allclose(im.target_stats, balanced_stats(image_stats(y, "zscore"), floor), rtol=1e-4)
     with pytest.raises(ConfigError, match="not supported for plates"):
         PlateDataModule(str(path), target_transform="rolling_ball")
     with pytest.raises(ConfigError, match="flatfield is not supported for plates"):

@@ -21,6 +21,9 @@ from labelling.data.augment import PairedAugment
 from labelling.data.crops import GridCrops, Image, RandomCrops, foreground_threshold, to_batch  # noqa: F401
 from labelling.data.normalization import (
     NORMALIZATIONS,
+    TARGET_NORMALIZATIONS,
+    balanced_floor,
+    balanced_stats,
     dataset_stats,
     flat_field,
     flatten,
@@ -52,7 +55,9 @@ class FluorescenceDataModule(lightning.LightningDataModule):
             ``none``) or ``fixed`` (percentile statistics of the whole training split, stored with the
             model: contrast and brightness changes of the microscope then reach the network).
         target_normalize: the targets' normalization when it differs from the input's (e.g. inputs
-            ``zscore`` per image against illumination changes, targets ``fixed`` to keep intensity units).
+            ``zscore`` per image against illumination changes, targets ``fixed`` to keep intensity units),
+            or ``balanced``: each target's own mean, and a scale halfway (geometric mean) between its own SD
+            and the median training field's (:func:`~labelling.data.normalization.balanced_stats`).
         target_transform: ``none``, ``rolling_ball``, ``golgi_enhance`` or ``gfp_mask`` (binary, not normalized).
         flatfield: divide each raw input field by its own fitted quadratic illumination (vignetting, tilt)
             before normalizing it, in training and deployment alike (:func:`~labelling.data.normalization.flat_field`).
@@ -83,9 +88,9 @@ class FluorescenceDataModule(lightning.LightningDataModule):
                 raise unknown("organelle", o, CHANNELS)
         if target_transform not in registry.TABLES["transform"]:
             raise unknown("target_transform", target_transform, registry.names("transform"))
-        for method in (normalize, target_normalize or normalize):
-            if method not in NORMALIZATIONS:
-                raise unknown("normalization", method, NORMALIZATIONS)
+        for method, valid in ((normalize, NORMALIZATIONS), (target_normalize or normalize, TARGET_NORMALIZATIONS)):
+            if method not in valid:
+                raise unknown("normalization", method, valid)
         self.target_norm = target_normalize or normalize
         if split_by not in ("well", "field"):
             raise ValueError(f"split_by must be 'well' or 'field', got {split_by!r}")
@@ -109,6 +114,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         self.splits: dict[str, list[Image]] = {}
         self.input_stats: np.ndarray | None = None  # dataset-level (fixed) statistics of the training inputs
         self.target_stats: np.ndarray | None = None
+        self.target_floor: np.ndarray | None = None  # ``balanced`` targets' smallest scale (training split)
 
     @property
     def input_names(self) -> list[str]:
@@ -224,7 +230,9 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         """Normalize one raw pair (the target already transformed) with this module's normalization."""
         x, illum = flatten(x, self.raw_channels) if self.flatfield else (np.asarray(x, np.float32), None)
         xs = self.input_stats if self.norm == "fixed" else image_stats(x, self.norm)
-        ys = self.target_stats if self.target_norm == "fixed" else image_stats(y, self.target_norm)
+        ys = self.target_stats if self.target_norm == "fixed" else \
+            balanced_stats(image_stats(y, "zscore"), self.target_floor) if self.target_norm == "balanced" else \
+            image_stats(y, self.target_norm)
         if self.binary_target:
             ys = image_stats(y, "none")
         return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra,
@@ -260,6 +268,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         self.input_stats = self.input_override if self.input_override is not None else dataset_stats(
             [self.flat(p[0]) for p in train])
         self.target_stats = dataset_stats([p[1] for p in train])
+        self.target_floor = balanced_floor([image_stats(p[1], "zscore")[:, 1] for p in train])
         self.splits = {"train": [], "val": [], "test": []}
         for p in pairs:
             self.splits[where[p[2]]].append(self.prepare_image(*p))
