@@ -15,7 +15,10 @@ bacteria, fetched by ``bench/fetch_data.py``; ``"tuned": false`` in the results)
 
 Both are scored on the same raw test targets: pixel Pearson per test block (mean over blocks, the worst
 block) and the Pearson r of per-block nucleus/object counts (our segmentation with the experiment's
-settings on real and predicted images). Results: ``bench/quality.json`` and ``bench/quality.md``, with
+settings on real and predicted images), and object F1 / intensity CCC pooled over every test object, cut by
+our segmentation and, for the nuclear stains, also by a pretrained nucleus net nobody here tuned
+(:class:`labelling.studies.segmenters.OnnxNuclei`, fetched by ``bench/fetch_data.py``; skipped when absent).
+Results: ``bench/quality.json`` and ``bench/quality.md``, with
 ``ratio_pcc`` = ours / MONAI mean test Pearson (mean over seeds).
 
     python bench/quality.py --budget 300 --seeds 0 1            # the default (about 1 h on 2 cores)

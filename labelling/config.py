@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR, SWEEPS_DIR = ROOT / "experiments", ROOT / "sweeps"
 
 SCHEDULERS = ("cosine", "plateau", None)  # valid ``optim.scheduler`` values (built in labelling.tasks.stainer)
-# valid ``data.normalize`` values; the rule itself is labelling.data.normalization
-PER_IMAGE = ("percentile", "zscore", "minmax", "none")
+PER_IMAGE = ("percentile", "zscore", "minmax", "none")  # ``data.normalize``; the rule: labelling.data.normalization
 NORMALIZATIONS = (*PER_IMAGE, "fixed")  # fixed: dataset-level statistics of the training split
 TARGET_NORMALIZATIONS = (*NORMALIZATIONS, "balanced")  # balanced: halfway between per image and dataset-level
 # What each task logs (see labelling/tasks) and which direction is better: `monitor` must be one of these.

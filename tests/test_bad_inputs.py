@@ -48,6 +48,9 @@ CONFIG_CASES = [
     (["data.augment={flp: true}"], 2, "unknown data.augment key 'flp'. Did you mean 'flip'? Valid: "),
     (["data.augment=flip"], 2, "data.augment='flip': must be a mapping"),
     (["data.normalize=percentil"], 2, "Did you mean 'percentile'? Valid: fixed, minmax, none, percentile, zscore"),
+    (["data.normalize=balanced"], 2, "unknown data.normalize 'balanced'"),  # a target rule only
+    (["data.target_normalize=balancd"], 2, "Did you mean 'balanced'?"),
+    (["data.target_normalize=balanced"], 0, ""),
     (["data.split_by=wel"], 2, "unknown data.split_by 'wel'. Did you mean 'well'? Valid: field, well"),
     (["data.val_fraction=0.6", "data.test_fraction=0.5"], 2, "must be < 1"),
     (["data.inputs=brightfield"], 2, "unknown argument of data 'golgi' 'inputs'"),  # simulated data has no inputs

@@ -76,7 +76,9 @@ def balanced_stats(stats: np.ndarray, floor: np.ndarray) -> np.ndarray:
     score weighs every block alike, so the dim well goes unlearned (``worm_gfp``: 0.59 vs 0.67 test r). A
     full per-image z-score equalizes them but stretches a nearly empty field (background, padding) to full
     contrast and costs where fields differ only in content (``isl_dapi`` 0.79 vs 0.83). Halfway (the square
-    root) kept both; the floor stops the stretch of a nearly empty field at 2x (docs/quality.md).
+    root) kept both; the floor stops the stretch of a nearly empty field at 2x. The price: the net learns
+    each field's relative intensities, so its calibrated output loses the brightness differences between
+    fields (matched objects' intensity CCC falls; docs/quality.md). Not the real-data default for that reason.
     """
     stats = np.array(stats, np.float32)
     median = np.asarray(floor, np.float64) / BALANCE
