@@ -230,9 +230,9 @@ def object_agreement(real_images, pred_images, seg_args: dict | None = None, iou
 
     from labelling.analysis.segmentation import matched_objects
 
+    cut = segmenter or (lambda image: segment(image, **(seg_args or {})))
     per_image = []  # (tp, n_real, n_pred, real means, predicted means) of each image
     for real, pred in zip(real_images, pred_images):
-        cut = segmenter or (lambda image: segment(image, **(seg_args or {})))
         lr, lp, pairs = matched_objects(cut(real), cut(pred), iou)
         means = (list(ndimage.mean(real, lr, [i for i, _ in pairs])), list(ndimage.mean(pred, lp, [j for _, j in pairs]))) \
             if pairs else ([], [])

@@ -63,7 +63,11 @@ def segment(image: np.ndarray, method: str = "mean", block_size: int = 51, offse
         watershed: split touching objects.
         min_distance: minimum distance between object centres for the watershed split.
     """
-    mask = foreground(image, method, block_size, offset, opening, blur)
+    return instances(foreground(image, method, block_size, offset, opening, blur), min_size, watershed, min_distance)
+
+
+def instances(mask: np.ndarray, min_size: int = 30, watershed: bool = True, min_distance: int = 5) -> np.ndarray:
+    """Instance labels of a binary foreground: watershed split (or connected components), small regions dropped."""
     labels = split_touching(mask, min_distance) if watershed else measure.label(mask)
     labels = morphology.remove_small_objects(labels, max_size=min_size - 1)  # drops size < min_size
     return segmentation.relabel_sequential(labels)[0].astype(np.int32)
@@ -73,13 +77,9 @@ def labels_from_probability(probability: np.ndarray, threshold: float = 0.5, min
                             watershed: bool = True, min_distance: int = 5) -> np.ndarray:
     """Instance labels from a segmenter's foreground probability (a pretrained net's output).
 
-    Threshold, fill holes, split touching objects by the watershed of :func:`split_touching`, drop regions
-    smaller than `min_size` pixels: the tail of :func:`segment` after its thresholds.
+    Threshold, fill holes, then the tail :func:`segment` ends with (:func:`instances`).
     """
-    mask = ndi.binary_fill_holes(np.asarray(probability) > threshold)
-    labels = split_touching(mask, min_distance) if watershed else measure.label(mask)
-    labels = morphology.remove_small_objects(labels, max_size=min_size - 1)
-    return segmentation.relabel_sequential(labels)[0].astype(np.int32)
+    return instances(ndi.binary_fill_holes(np.asarray(probability) > threshold), min_size, watershed, min_distance)
 
 
 def contours(labels: np.ndarray) -> list[np.ndarray]:

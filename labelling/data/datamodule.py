@@ -23,12 +23,12 @@ from labelling.data.normalization import (
     NORMALIZATIONS,
     TARGET_NORMALIZATIONS,
     balanced_floor,
-    balanced_stats,
     dataset_stats,
     flat_field,
     flatten,
     image_stats,
     normalize,
+    target_rule_stats,
 )
 from labelling.data.simulate import CHANNELS, simulate_plate
 from labelling.data.splits import split_groups
@@ -230,13 +230,17 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         """Normalize one raw pair (the target already transformed) with this module's normalization."""
         x, illum = flatten(x, self.raw_channels) if self.flatfield else (np.asarray(x, np.float32), None)
         xs = self.input_stats if self.norm == "fixed" else image_stats(x, self.norm)
-        ys = self.target_stats if self.target_norm == "fixed" else \
-            balanced_stats(image_stats(y, "zscore"), self.target_floor) if self.target_norm == "balanced" else \
-            image_stats(y, self.target_norm)
+        ys = target_rule_stats(self.target_norm, lambda rule: image_stats(y, rule), self.target_stats, self.target_floor)
         if self.binary_target:
             ys = image_stats(y, "none")
         return Image(normalize(x, xs), normalize(y, ys), xs, ys, group, key, extra,
                      self.raw_channels if self.cascade else None, illum)
+
+    def fit_target_statistics(self, targets: list[np.ndarray]) -> None:
+        """Dataset-level statistics of the training targets, and the ``balanced`` floor when that is the rule."""
+        self.target_stats = dataset_stats(targets)
+        self.target_floor = balanced_floor([image_stats(y, "zscore")[:, 1] for y in targets]) \
+            if self.target_norm == "balanced" else None
 
     def null_level(self) -> np.ndarray:
         """The null predictor's level: the mean training target per channel, in target units."""
@@ -267,8 +271,7 @@ class FluorescenceDataModule(lightning.LightningDataModule):
         # of the stability study); test images never contribute to anything the model uses.
         self.input_stats = self.input_override if self.input_override is not None else dataset_stats(
             [self.flat(p[0]) for p in train])
-        self.target_stats = dataset_stats([p[1] for p in train])
-        self.target_floor = balanced_floor([image_stats(p[1], "zscore")[:, 1] for p in train])
+        self.fit_target_statistics([p[1] for p in train])
         self.splits = {"train": [], "val": [], "test": []}
         for p in pairs:
             self.splits[where[p[2]]].append(self.prepare_image(*p))

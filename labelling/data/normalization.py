@@ -24,7 +24,7 @@ import numpy as np
 from labelling.config import NORMALIZATIONS, PER_IMAGE, TARGET_NORMALIZATIONS
 
 __all__ = ["GRID", "LOW", "HIGH", "NORMALIZATIONS", "PER_IMAGE", "TARGET_NORMALIZATIONS", "image_stats",
-           "balanced_floor", "balanced_stats", "sketch", "sketch_stats",
+           "balanced_floor", "balanced_stats", "target_rule_stats", "sketch", "sketch_stats",
            "pooled_stats", "pooled_percentiles", "dataset_stats", "normalize", "denormalize", "bin_factor", "bin_image",
            "illumination", "illumination_surface", "flatten", "flat_field"]
 
@@ -84,6 +84,19 @@ def balanced_stats(stats: np.ndarray, floor: np.ndarray) -> np.ndarray:
     median = np.asarray(floor, np.float64) / BALANCE
     stats[:, 1] = np.sqrt(np.maximum(stats[:, 1], floor) * median)
     return stats
+
+
+def target_rule_stats(method: str, own, fixed: np.ndarray | None, floor: np.ndarray | None) -> np.ndarray:
+    """(Cout, 2) statistics of one target under ``target_normalize`` rule `method` (folders and plates alike).
+
+    `own(rule)` gives the field's own per-image statistics for a per-image rule (from its pixels or its
+    sketch); `fixed` the training split's dataset-level ones; `floor` the :func:`balanced_floor`.
+    """
+    if method == "fixed":
+        return fixed
+    if method == "balanced":
+        return balanced_stats(own("zscore"), floor)
+    return own(method)
 
 
 def sketch(plane: np.ndarray) -> dict:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, get_worker_info
 from labelling.data import plate as plates
 from labelling.data.augment import PairedAugment
 from labelling.data.datamodule import FluorescenceDataModule, GridCrops, to_batch
-from labelling.data.normalization import balanced_floor, balanced_stats, pooled_stats, sketch_stats
+from labelling.data.normalization import balanced_floor, pooled_stats, sketch_stats, target_rule_stats
 from labelling.data.readers import parse_planes
 from labelling.data.splits import split_groups
 from labelling.errors import ConfigError
@@ -244,13 +244,13 @@ class PlateDataModule(FluorescenceDataModule):
         if self.input_override is not None:  # fine-tuning: the source model's statistics
             self.input_stats = self.input_override
         self.means = np.array([[s[c]["mean"][z] for c, z in out_rows] for s in train])
-        floor = balanced_floor([self._stats("zscore", [], out_rows, s)[:, 1] for s in train])
+        floor = balanced_floor([self._stats("zscore", [], out_rows, s)[:, 1] for s in train]) \
+            if self.target_norm == "balanced" else None
         self.splits = {"train": [], "val": [], "test": []}
         for f, s, g, m in zip(self.fields, sketches, groups, meta):
             xs = self.input_stats if self.norm == "fixed" else self._stats(self.norm, [], in_rows, s)
-            ys = self.target_stats if self.target_norm == "fixed" else \
-                balanced_stats(self._stats("zscore", [], out_rows, s), floor) if self.target_norm == "balanced" else \
-                self._stats(self.target_norm, [], out_rows, s)
+            ys = target_rule_stats(self.target_norm, lambda rule, s=s: self._stats(rule, [], out_rows, s),
+                                   self.target_stats, floor)
             extra = {"well": f.well, "field": f.path, **({"phenotype": m["phenotype"]} if "phenotype" in m else {})}
             self.splits[where[g]].append(PlateField(self.path, f, self.inputs, self.planes, self.targets,
                                                     self.target_plane, xs, ys, g, extra))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from labelling import config, registry
-from labelling.data.normalization import MAX_SCALE, balanced_floor, dataset_stats, image_stats, rescale
+from labelling.data.normalization import MAX_SCALE, dataset_stats, rescale
 
 STUDY_DATA = "study"
 STUDY_KEYS = ("base", "phenotypes", "train_fields", "train_scale")
@@ -84,8 +84,7 @@ def restrict(dm, phenotypes=None, train_fields: int | None = None, train_scale: 
     raw = {"train": [_scaled(dm, im, train_scale) for im in train], "val": [_scaled(dm, im, train_scale) for im in val],
            "test": [(im.raw_input(), im.raw_target(), im.group, im.key, im.extra) for im in dm.splits["test"]]}
     dm.input_stats = dataset_stats([dm.flat(p[0]) for p in raw["train"]])  # from what is trained on only
-    dm.target_stats = dataset_stats([p[1] for p in raw["train"]])
-    dm.target_floor = balanced_floor([image_stats(p[1], "zscore")[:, 1] for p in raw["train"]])
+    dm.fit_target_statistics([p[1] for p in raw["train"]])
     target_norm = getattr(dm, "target_norm", dm.norm)
     rebuild = ("train", "val", "test") if dm.norm == "fixed" or target_norm in ("fixed", "balanced") else ("train", "val")
     dm.splits = {split: [dm.prepare_image(*p) for p in raw[split]] if split in rebuild else list(dm.splits[split])
